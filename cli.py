@@ -1,0 +1,326 @@
+"""``gtnkit``: the command line over the gtnkit library.
+
+Every command maps its options to the library's config objects, calls one library function and
+writes ``config.json``, ``results.json`` and its artefacts atomically into ``--out``. Library
+errors become one-line usage errors; nothing is written when a command is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import logging
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import click
+
+log = logging.getLogger("gtnkit")
+
+
+# --------------------------------------------------------------------------- plumbing
+def _library_errors() -> tuple[type[BaseException], ...]:
+    from distill.augment import AugmentError
+    from distill.data import DataError
+    from distill.devices import DeviceError
+    from distill.models import ModelError
+    from distill.store import StoreError
+    from selection import SelectionError
+
+    return (DataError, StoreError, SelectionError, ModelError, DeviceError, AugmentError)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn the library's typed errors into one-line click usage errors."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _library_errors() as exc:
+            raise click.UsageError(str(exc)) from None
+
+    return wrapper
+
+
+class ClickProgress:
+    """:class:`distill.progress.Progress` drawn with click progress bars on stderr."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int) -> Iterator[Any]:
+        if not self.enabled:
+            from distill.progress import NullProgress
+
+            with NullProgress().task(description, total) as t:
+                yield t
+            return
+        with click.progressbar(length=total, label=description, file=sys.stderr,
+                               show_eta=True, show_percent=True) as bar:
+            yield bar
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _provenance() -> dict:
+    import torch
+
+    return {"gtnkit": _version("gtnkit"), "torch": torch.__version__,
+            "python": sys.version.split()[0]}
+
+
+def write_run(out: Path, command: str, config: dict, results: dict) -> None:
+    from distill.store import atomic_write_json
+
+    atomic_write_json(out / "config.json", {"command": command, **config, **_provenance()})
+    atomic_write_json(out / "results.json", results)
+
+
+def parse_options(pairs: tuple[str, ...]) -> dict:
+    """``("space=pixels", "iters=20")`` -> ``{"space": "pixels", "iters": 20}`` (JSON values)."""
+    options = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--option")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        options[key.strip().replace("-", "_")] = value
+    return options
+
+
+# shared options
+def data_options(fn: Callable) -> Callable:
+    fn = click.option("--download", is_flag=True,
+                      help="Fetch missing files with torchvision (needs internet).")(fn)
+    fn = click.option("--data-root", type=click.Path(file_okay=False), envvar="GTNKIT_DATA",
+                      help="Folder with the torchvision layouts (MNIST/raw, "
+                           "cifar-10-batches-py, ...). Default: $GTNKIT_DATA.")(fn)
+    return fn
+
+
+def run_options(fn: Callable) -> Callable:
+    fn = click.option("--force", is_flag=True,
+                      help="Overwrite an output folder that already holds a run.")(fn)
+    fn = click.option("--device", default="auto", show_default=True,
+                      help="auto (CUDA when present), cpu, cuda or cuda:N.")(fn)
+    fn = click.option("--seed", type=int, default=0, show_default=True,
+                      help="Seed for every random choice of the run.")(fn)
+    fn = click.option("--out", type=click.Path(file_okay=True), required=True,
+                      help="Output folder (config.json, results.json, artefacts).")(fn)
+    return fn
+
+
+def _progress(ctx: click.Context) -> ClickProgress:
+    return ClickProgress(enabled=ctx.obj.get("verbosity", 0) >= 0)
+
+
+# --------------------------------------------------------------------------- commands
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Less output: no progress bars, warnings only.")
+@click.version_option(_version("gtnkit"), prog_name="gtnkit")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: int) -> None:
+    """gtnkit: make a tiny training set that trains a network almost as well as the full data.
+
+    Select a coreset (`select`), score any saved set by training fresh students (`evaluate`),
+    look at it (`show`), and list the data sets found offline (`datasets`).
+    """
+    level = verbose - quiet
+    ctx.ensure_object(dict)["verbosity"] = level
+    logging.basicConfig(level={-1: logging.WARNING, 0: logging.INFO}.get(
+        level, logging.DEBUG if level > 0 else logging.ERROR), format="%(message)s",
+        stream=sys.stderr)
+
+
+@main.command()
+@click.option("--data-root", type=click.Path(file_okay=False), envvar="GTNKIT_DATA",
+              help="Folder to look in. Default: $GTNKIT_DATA.")
+@handle_errors
+def datasets(data_root: str | None) -> None:
+    """List the supported data sets and whether each is present and valid under the root."""
+    from distill.data import available_datasets, dataset_status, resolve_root
+
+    root = resolve_root(data_root)
+    click.echo(f"data root: {root}")
+    for name in available_datasets():
+        ok, message = dataset_status(name, root)
+        click.echo(f"  {name:<14} {'ok     ' if ok else 'missing'}  {message}")
+
+
+@main.command()
+@click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
+@click.option("--method", required=True, help="Selection rule (see --list-methods).")
+@click.option("--ipc", type=click.IntRange(min=1), required=True,
+              help="Images per class to select.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Rule option, repeatable (e.g. space=pixels).")
+@click.option("--feature-model", default="convnet", show_default=True,
+              help="Network whose training gives embeddings and scores.")
+@click.option("--signal-epochs", type=int, default=10, show_default=True,
+              help="Epochs of that network on the candidate pool.")
+@click.option("--pool-per-class", type=int, default=None,
+              help="Draw candidates from this many random images per class (default: all).")
+@data_options
+@run_options
+@click.pass_context
+@handle_errors
+def select(ctx, dataset, method, ipc, options, feature_model, signal_epochs, pool_per_class,
+           data_root, download, out, seed, device, force) -> None:
+    """Select IPC real images per class of DATASET with a coreset rule; save them as a set.
+
+    Writes OUT/set.pt (images, labels, indices, metadata), config.json and results.json.
+    Rules: random, herding, kcenter, forgetting, gradnorm, entropy, kmeans, dbscan.
+    """
+    from dataclasses import asdict, replace
+
+    from distill.data import load_dataset
+    from distill.devices import resolve_device
+    from distill.models import parse_model_spec
+    from distill.store import SavedSet, check_run_dir, save_set
+    from selection import SignalConfig, SignalProvider, get_method
+    from selection import select as run_select
+    from selection.driver import check_ipc
+
+    out_dir = check_run_dir(out, force)
+    rule_options = parse_options(options)
+    rule = get_method(method, **rule_options)
+    parse_model_spec(feature_model)
+    if signal_epochs < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--signal-epochs")
+    dev = resolve_device(device)
+    base = SignalConfig()
+    signal_config = SignalConfig(model=feature_model, pool_per_class=pool_per_class,
+                                 train=replace(base.train, epochs=signal_epochs))
+    data = load_dataset(dataset, "train", root=data_root, download=download)
+    provider = SignalProvider(data, signal_config, seed=seed, device=dev, progress=_progress(ctx))
+    check_ipc(ipc, data.labels[provider.pool].bincount(minlength=data.info.num_classes))
+    start = time.perf_counter()
+    sel = run_select(data, rule, ipc, seed=seed, signals=provider)
+    seconds = time.perf_counter() - start
+    meta = {"dataset": data.info.name, "method": sel.method, "ipc": ipc, "seed": seed,
+            "options": sel.options, "indices": sel.indices.tolist(), "kind": "selection"}
+    save_set(out_dir / "set.pt", SavedSet(data.images[sel.indices], sel.labels, meta))
+    config = {"dataset": data.info.name, "method": method, "ipc": ipc, "options": rule_options,
+              "seed": seed, "device": str(dev), "signal_config": asdict(signal_config)}
+    write_run(out_dir, "select", config, {"seconds": seconds, "n_images": len(sel),
+                                          "indices": sel.indices.tolist(),
+                                          "set": str(out_dir / "set.pt")})
+    click.echo(f"selected {len(sel)} images ({ipc} per class) of {data.info.name} with "
+               f"{sel.method} in {seconds:.1f} s -> {out_dir / 'set.pt'}")
+
+
+@main.command()
+@click.argument("set_path", metavar="SET.pt", type=click.Path(dir_okay=False))
+@click.option("--model", default="convnet", show_default=True,
+              help="Student: convnet, mlp, lenet, alexnet, vgg11, resnet18; options as "
+                   "convnet:width=64,depth=4,norm=batch.")
+@click.option("--students", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Fresh students to train (mean ± std over them).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Training epochs (default: 300, or 1000 with --augment: the DC protocol).")
+@click.option("--augment", is_flag=True, help="Train with DSA augmentation.")
+@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--test-limit", type=click.IntRange(min=1), default=None,
+              help="Score on a fixed subset of this many test images (default: all).")
+@data_options
+@run_options
+@click.pass_context
+@handle_errors
+def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, test_limit,
+             data_root, download, out, seed, device, force) -> None:
+    """Train fresh students on a saved set and report their test accuracy (mean ± std)."""
+    from dataclasses import asdict
+
+    from distill.data import load_dataset
+    from distill.devices import resolve_device
+    from distill.engine import EvalProtocol, TrainConfig, evaluate_set
+    from distill.models import parse_model_spec
+    from distill.store import check_run_dir, load_set
+
+    out_dir = check_run_dir(out, force)
+    parse_model_spec(model)
+    saved = load_set(set_path)
+    dev = resolve_device(device)
+    train_cfg = TrainConfig(epochs=epochs or (1000 if augment else 300), lr=lr,
+                            batch_size=batch_size, augment=augment)
+    protocol = EvalProtocol(model=model, n_students=students, train=train_cfg,
+                            test_limit=test_limit)
+    test = load_dataset(saved.dataset, "test", root=data_root, download=download)
+    if tuple(saved.images.shape[1:]) != (test.info.channels, *test.info.im_size):
+        raise click.UsageError(f"{set_path} holds images of shape {tuple(saved.images.shape[1:])}"
+                               f", not those of {test.info.name}")
+    result = evaluate_set(saved.images.to(dev), saved.labels.to(dev), test.images.to(dev),
+                          test.labels.to(dev), protocol, seed, num_classes=test.info.num_classes,
+                          progress=_progress(ctx))
+    config = {"set": str(set_path), "set_meta": {k: v for k, v in saved.meta.items()
+                                                 if k != "indices"},
+              "protocol": asdict(protocol), "seed": seed, "device": str(dev)}
+    write_run(out_dir, "evaluate", config, result.as_dict())
+    click.echo(f"{saved.meta.get('method', 'set')} ({len(saved.labels)} images) -> {model}: "
+               f"{result.mean:.2f} ± {result.std:.2f} % test accuracy over {students} "
+               f"student(s) [{result.seconds:.0f} s]")
+
+
+@main.command()
+@click.argument("set_path", metavar="SET.pt", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(), required=True, help="Output folder (grid.png).")
+@click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Images shown per class (one row per class).")
+@click.option("--force", is_flag=True, help="Overwrite an output folder that holds a run.")
+@handle_errors
+def show(set_path, out, per_class, force) -> None:
+    """Draw a saved set as a PNG grid, one row per class."""
+    import torch
+    from torchvision.utils import save_image
+
+    from distill.data import get_info
+    from distill.store import atomic_write_bytes, check_run_dir, load_set
+
+    out_dir = check_run_dir(out, force)
+    saved = load_set(set_path)
+    info = get_info(saved.dataset)
+    labels = saved.labels if saved.labels.dim() == 1 else saved.labels.argmax(1)
+    rows, shown = [], 0
+    ncol = min(per_class, max(int((labels == c).sum()) for c in range(info.num_classes)))
+    for c in range(info.num_classes):
+        imgs = saved.images[labels == c][:ncol]
+        pad = torch.zeros((ncol - imgs.shape[0], *saved.images.shape[1:]))
+        rows.append(torch.cat([imgs, pad + _blank(info)]))
+        shown += imgs.shape[0]
+    grid = torch.cat(rows)
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    buf = io.BytesIO()
+    save_image((grid * std + mean).clamp(0, 1), buf, nrow=ncol, padding=2, format="png")
+    atomic_write_bytes(out_dir / "grid.png", buf.getvalue())
+    write_run(out_dir, "show", {"set": str(set_path), "per_class": per_class},
+              {"png": str(out_dir / "grid.png"), "images_shown": shown})
+    click.echo(f"wrote {out_dir / 'grid.png'} ({shown} images, {ncol} per class)")
+
+
+def _blank(info) -> "Any":
+    """The normalised value of a black pixel, so padding cells render black."""
+    import torch
+
+    return (-torch.tensor(info.mean) / torch.tensor(info.std)).view(1, -1, 1, 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

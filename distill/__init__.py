@@ -1,0 +1,20 @@
+"""gtnkit's core: data sets, the student zoo, the one training/evaluation loop, augmentation,
+explicit randomness and atomic result files. Nothing here imports ``selection`` or ``gtn``."""
+
+from .data import DATASETS, DataError, DatasetInfo, ImageSet, get_info, load_dataset
+from .devices import DeviceError, resolve_device
+from .engine import (EvalProtocol, EvalResult, TrainConfig, accuracy, evaluate_set, mean_std,
+                     predict, train)
+from .models import ModelError, available_models, build_model, parse_model_spec
+from .rng import child_seed, generator
+from .store import SavedSet, StoreError, load_set, save_set
+
+__all__ = [
+    "DATASETS", "DataError", "DatasetInfo", "ImageSet", "get_info", "load_dataset",
+    "DeviceError", "resolve_device",
+    "EvalProtocol", "EvalResult", "TrainConfig", "accuracy", "evaluate_set", "mean_std",
+    "predict", "train",
+    "ModelError", "available_models", "build_model", "parse_model_spec",
+    "child_seed", "generator",
+    "SavedSet", "StoreError", "load_set", "save_set",
+]

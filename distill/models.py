@@ -1,0 +1,297 @@
+"""The student zoo, built by name for any data set's shape.
+
+Every model is a plain ``nn.Module`` (usable with ``higher`` and ``torch.func``) with
+``embed(x) -> (N, feature_dim)`` (what the last linear layer sees) and
+``forward(x) = classifier(embed(x))``. Specs are strings so the CLI can pass them through:
+``"convnet"``, ``"convnet:width=64,depth=4,norm=batch,act=leakyrelu,pool=max"``.
+
+References:
+    ConvNet: Gidaris & Komodakis, CVPR 2018; as the DC student in Zhao, Mopuri & Bilen, ICLR
+    2021. LeNet: LeCun et al., Proc. IEEE 1998. AlexNet: Krizhevsky, Sutskever & Hinton,
+    NeurIPS 2012. VGG: Simonyan & Zisserman, ICLR 2015. ResNet: He et al., CVPR 2016.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["ModelError", "available_models", "parse_model_spec", "build_model",
+           "init_parameters", "ConvNet"]
+
+
+class ModelError(ValueError):
+    """Unknown model, option or option value. One line."""
+
+
+NORMS = ("none", "batch", "instance", "group", "layer")
+ACTS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "leakyrelu": lambda: nn.LeakyReLU(0.01),
+        "tanh": nn.Tanh, "gelu": nn.GELU, "elu": nn.ELU}
+POOLS = ("avg", "max", "none")
+
+
+def _norm(kind: str, channels: int, hw: tuple[int, int]) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":  # instance norm with a learnable affine, as the DC code does
+        return nn.GroupNorm(channels, channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(4, channels), channels, affine=True)
+    if kind == "layer":
+        return nn.LayerNorm([channels, *hw])
+    raise ModelError(f"unknown norm {kind!r}; choose one of: {', '.join(NORMS)}")
+
+
+def _act(kind: str) -> nn.Module:
+    if kind not in ACTS:
+        raise ModelError(f"unknown act {kind!r}; choose one of: {', '.join(ACTS)}")
+    return ACTS[kind]()
+
+
+class _Student(nn.Module):
+    """features -> flatten -> linear; subclasses build ``self.features`` and call ``_finish``."""
+
+    features: nn.Module
+
+    def _finish(self, channels: int, num_classes: int, im_size: tuple[int, int]) -> None:
+        with torch.no_grad():
+            dim = self.features(torch.zeros(1, channels, *im_size)).flatten(1).shape[1]
+        self.feature_dim = int(dim)
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class ConvNet(_Student):
+    """The DC ConvNet: ``depth`` x [conv3x3(width) -> norm -> act -> 2x2 pool] -> linear.
+
+    Input (N, C, H, W); with the defaults on 1x28x28 the embedding is 128*3*3 = 1152-d.
+    """
+
+    def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int],
+                 width: int = 128, depth: int = 3, norm: str = "instance", act: str = "relu",
+                 pool: str = "avg"):
+        super().__init__()
+        if pool not in POOLS:
+            raise ModelError(f"unknown pool {pool!r}; choose one of: {', '.join(POOLS)}")
+        if width < 1 or depth < 1:
+            raise ModelError(f"width and depth must be >= 1, got {width}, {depth}")
+        layers: list[nn.Module] = []
+        hw, ch = tuple(im_size), channels
+        for _ in range(depth):
+            layers += [nn.Conv2d(ch, width, 3, padding=1), _norm(norm, width, hw), _act(act)]
+            if pool != "none":
+                if min(hw) < 2:
+                    raise ModelError(f"depth {depth} pools {im_size} images below 1 pixel")
+                layers.append(nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2))
+                hw = (hw[0] // 2, hw[1] // 2)
+            ch = width
+        self.features = nn.Sequential(*layers)
+        self._finish(channels, num_classes, im_size)
+
+
+class MLP(_Student):
+    """flatten -> width -> act -> width -> act -> linear (DC's MLP: 128, 128, ReLU)."""
+
+    def __init__(self, channels, num_classes, im_size, width: int = 128, act: str = "relu"):
+        super().__init__()
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(channels * im_size[0] * im_size[1],
+                                                               width), _act(act),
+                                      nn.Linear(width, width), _act(act))
+        self._finish(channels, num_classes, im_size)
+
+
+class LeNet(_Student):
+    """LeNet-5: conv5(6) relu maxpool, conv5(16) relu maxpool, fc 120, fc 84 (padding 2 on 28 px)."""
+
+    def __init__(self, channels, num_classes, im_size, act: str = "relu"):
+        super().__init__()
+        pad = 2 if tuple(im_size) == (28, 28) else 0
+        conv = nn.Sequential(nn.Conv2d(channels, 6, 5, padding=pad), _act(act), nn.MaxPool2d(2),
+                             nn.Conv2d(6, 16, 5), _act(act), nn.MaxPool2d(2), nn.Flatten())
+        with torch.no_grad():
+            flat = conv(torch.zeros(1, channels, *im_size)).shape[1]
+        self.features = nn.Sequential(conv, nn.Linear(flat, 120), _act(act), nn.Linear(120, 84),
+                                      _act(act))
+        self._finish(channels, num_classes, im_size)
+
+
+class AlexNet(_Student):
+    """The small 32-px AlexNet of the DC code: five convs (128,192,256,192,192), three pools."""
+
+    def __init__(self, channels, num_classes, im_size, norm: str = "none"):
+        super().__init__()
+        pad = 4 if (channels == 1 and tuple(im_size) == (28, 28)) else 2
+        hw = [im_size[0] + 2 * pad - 4, im_size[1] + 2 * pad - 4]
+
+        def block(cin, cout, k, p, pool):
+            nonlocal hw
+            mods = [nn.Conv2d(cin, cout, k, padding=p), _norm(norm, cout, tuple(hw)),
+                    nn.ReLU()]
+            if pool:
+                mods.append(nn.MaxPool2d(2))
+                hw = [hw[0] // 2, hw[1] // 2]
+            return mods
+
+        layers = block(channels, 128, 5, pad, True)
+        layers += block(128, 192, 5, 2, True)
+        layers += block(192, 256, 3, 1, False) + block(256, 192, 3, 1, False)
+        layers += block(192, 192, 3, 1, True)
+        self.features = nn.Sequential(*layers)
+        self._finish(channels, num_classes, im_size)
+
+
+class VGG11(_Student):
+    """VGG-11 (cfg A) with a configurable norm (DC default: instance); 28 px inputs padded to 32."""
+
+    def __init__(self, channels, num_classes, im_size, width: int = 64, norm: str = "instance"):
+        super().__init__()
+        cfg = [1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"]
+        layers: list[nn.Module] = []
+        pad = 3 if tuple(im_size) == (28, 28) else 1
+        hw = (im_size[0] + 2 * pad - 2, im_size[1] + 2 * pad - 2)
+        ch, first = channels, True
+        for v in cfg:
+            if v == "M":
+                if min(hw) < 2:
+                    break
+                layers.append(nn.MaxPool2d(2))
+                hw = (hw[0] // 2, hw[1] // 2)
+                continue
+            out = width * v
+            layers += [nn.Conv2d(ch, out, 3, padding=pad if first else 1),
+                       _norm(norm, out, hw), nn.ReLU()]
+            ch, first = out, False
+        self.features = nn.Sequential(*layers)
+        self._finish(channels, num_classes, im_size)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride, norm, hw):
+        super().__init__()
+        out_hw = ((hw[0] - 1) // stride + 1, (hw[1] - 1) // stride + 1)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.n1 = _norm(norm, cout, out_hw)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.n2 = _norm(norm, cout, out_hw)
+        self.short = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                       _norm(norm, cout, out_hw))
+        self.out_hw = out_hw
+
+    def forward(self, x):
+        y = torch.relu(self.n1(self.conv1(x)))
+        return torch.relu(self.n2(self.conv2(y)) + self.short(x))
+
+
+class ResNet18(_Student):
+    """CIFAR-style ResNet-18: 3x3 stem, BasicBlocks [2, 2, 2, 2], no max pool."""
+
+    def __init__(self, channels, num_classes, im_size, width: int = 64, norm: str = "instance"):
+        super().__init__()
+        hw = tuple(im_size)
+        layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, 1, 1, bias=False),
+                                   _norm(norm, width, hw), nn.ReLU()]
+        cin = width
+        for stage, mult in enumerate((1, 2, 4, 8)):
+            for b in range(2):
+                block = _BasicBlock(cin, width * mult, 2 if (b == 0 and stage > 0) else 1,
+                                    norm, hw)
+                layers.append(block)
+                hw, cin = block.out_hw, width * mult
+        layers.append(nn.AdaptiveAvgPool2d(1))
+        self.features = nn.Sequential(*layers)
+        self._finish(channels, num_classes, im_size)
+
+
+_ZOO: dict[str, Callable[..., nn.Module]] = {
+    "alexnet": AlexNet, "convnet": ConvNet, "lenet": LeNet, "mlp": MLP, "resnet18": ResNet18,
+    "vgg11": VGG11,
+}
+
+
+def available_models() -> list[str]:
+    return sorted(_ZOO)
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict]:
+    """``"convnet:width=64,norm=batch"`` -> ``("convnet", {"width": 64, "norm": "batch"})``."""
+    name, _, rest = str(spec).partition(":")
+    name = name.strip().lower()
+    if name not in _ZOO:
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(available_models())}")
+    options = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ModelError(f"bad model option {item!r} in {spec!r}; expected KEY=VALUE")
+        options[key.strip()] = _value(raw.strip())
+    return name, options
+
+
+def build_model(spec: str, channels: int, num_classes: int, im_size: tuple[int, int],
+                generator: torch.Generator | None = None, **overrides) -> nn.Module:
+    """Build a zoo model for inputs (N, channels, *im_size) and ``num_classes`` outputs.
+
+    Args:
+        spec: ``name`` or ``name:key=value,...`` (see module docstring).
+        generator: when given, parameters are initialised from it (torch's default
+            distributions), so the global RNG is never touched; otherwise torch's default init.
+        overrides: options that take precedence over the spec's.
+
+    Raises:
+        ModelError: unknown model, option or option value.
+    """
+    name, options = parse_model_spec(spec)
+    options.update(overrides)
+    try:
+        model = _ZOO[name](channels, num_classes, tuple(im_size), **options)
+    except TypeError as exc:
+        raise ModelError(f"bad option for model {name!r}: {exc}") from None
+    except RuntimeError as exc:  # e.g. a shape that pools away
+        raise ModelError(f"model {spec!r} does not fit {channels}x{im_size[0]}x{im_size[1]} "
+                         f"inputs: {str(exc).splitlines()[0]}") from None
+    if generator is not None:
+        init_parameters(model, generator)
+    return model
+
+
+@torch.no_grad()
+def init_parameters(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Re-initialise ``module`` from ``generator`` with torch's default distributions.
+
+    Conv / linear weights: kaiming-uniform with a = sqrt(5), i.e. U(-b, b) with
+    b = 1 / sqrt(fan_in); biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); norm scales 1, shifts 0.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            bound = 1.0 / math.sqrt(fan_in)
+            m.weight.copy_(torch.rand(m.weight.shape, generator=generator) * 2 * bound - bound)
+            if m.bias is not None:
+                m.bias.copy_(torch.rand(m.bias.shape, generator=generator) * 2 * bound - bound)
+        elif isinstance(m, (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm)):
+            if getattr(m, "weight", None) is not None:
+                m.weight.fill_(1.0)
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+    return module

@@ -1,0 +1,156 @@
+"""Files a run leaves behind, always written atomically.
+
+* A **saved set** is one ``.pt`` file: images (N, C, H, W) in the data set's normalised space,
+  labels (N,) and a metadata dict (data set, method, IPC, seed, config, ...). Selected,
+  condensed and generated sets share the format, so ``evaluate`` / ``show`` take any of them.
+* A **run folder** (``--out``) holds ``config.json``, ``results.json`` and the artefacts. A folder
+  that already holds a run is refused unless the caller forces it.
+
+Every file is written to a temporary name in the same folder, flushed to disk and renamed over
+the target, so a killed process never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "StoreError",
+    "SavedSet",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "save_set",
+    "load_set",
+    "check_run_dir",
+    "RUN_MARKERS",
+]
+
+SET_FORMAT = "gtnkit.set"
+SET_VERSION = 1
+#: Files whose presence means a folder already holds a run.
+RUN_MARKERS = ("config.json", "results.json")
+
+
+class StoreError(Exception):
+    """An unreadable or invalid file, or an output folder that may not be written. One line."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)  # JSON has no inf/nan; keep them readable
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Pretty, key-sorted JSON written atomically; tensors become lists, inf/nan strings."""
+    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class SavedSet:
+    """A small training set and where it came from.
+
+    Attributes:
+        images: (N, C, H, W) float32, normalised like the source data set.
+        labels: (N,) int64 hard labels, or (N, K) float soft labels.
+        meta: provenance; at least ``dataset`` (registry name). Conventionally also
+            ``method``, ``ipc``, ``seed``, ``config`` and, for selections, ``indices``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.dim() != 4:
+            raise StoreError(f"images must be (N, C, H, W), got shape {tuple(self.images.shape)}")
+        if self.labels.shape[0] != self.images.shape[0]:
+            raise StoreError(
+                f"{self.images.shape[0]} images but {self.labels.shape[0]} labels")
+
+    @property
+    def dataset(self) -> str:
+        return str(self.meta.get("dataset", "?"))
+
+
+def save_set(path: str | os.PathLike, saved: SavedSet) -> Path:
+    """Write a :class:`SavedSet` as one ``.pt`` file, atomically."""
+    buf = io.BytesIO()
+    torch.save({"format": SET_FORMAT, "version": SET_VERSION,
+                "images": saved.images.detach().cpu().float().contiguous(),
+                "labels": saved.labels.detach().cpu().contiguous(),
+                "meta": _jsonable(saved.meta)}, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_set(path: str | os.PathLike) -> SavedSet:
+    """Read a saved set; any problem is a one-line :class:`StoreError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"no saved set at {path}")
+    try:
+        # weights_only: a set file holds tensors and plain metadata, never code to run.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors come in many types
+        raise StoreError(f"{path} is not a readable gtnkit set ({type(exc).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") != SET_FORMAT:
+        raise StoreError(f"{path} is not a gtnkit set file (missing format tag {SET_FORMAT!r})")
+    if obj.get("version") != SET_VERSION:
+        raise StoreError(f"{path} has set format version {obj.get('version')}; "
+                         f"this gtnkit reads version {SET_VERSION}")
+    try:
+        return SavedSet(images=obj["images"], labels=obj["labels"], meta=dict(obj.get("meta", {})))
+    except KeyError as exc:
+        raise StoreError(f"{path} lacks the {exc.args[0]!r} entry") from None
+
+
+def check_run_dir(out: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse an output folder that already holds a run (unless ``force``); creates nothing.
+
+    Call before any work so that a refused run writes nothing at all.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"output path {out} exists and is not a folder")
+    if not force and out.is_dir() and any((out / m).exists() for m in RUN_MARKERS):
+        raise StoreError(f"{out} already holds a run; pass --force to overwrite it")
+    return out

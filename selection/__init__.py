@@ -1,0 +1,34 @@
+"""Coreset selection: pick ``ipc`` real images per class with a registered rule.
+
+>>> from distill.data import load_dataset
+>>> from selection import select
+>>> sel = select(load_dataset("mnist"), "herding", ipc=10, seed=0)   # doctest: +SKIP
+
+Rules (one per module, see :func:`available_methods`): random, herding, k-center greedy,
+forgetting events, gradient norm (EL2N / GraNd), entropy, k-means and DBSCAN representatives.
+"""
+
+from __future__ import annotations
+
+from .base import (SIGNALS, Selection, SelectionError, SelectionMethod, available_methods,
+                   check_choice, get_method, register)
+from .signals import SignalConfig, SignalProvider
+from .driver import select
+
+# Importing the rule modules registers them.
+from . import (dbscan, entropy, forgetting, gradnorm, herding, kcenter,  # noqa: F401,E402
+               kmeans, random_subset)
+
+__all__ = [
+    "SIGNALS",
+    "Selection",
+    "SelectionError",
+    "SelectionMethod",
+    "SignalConfig",
+    "SignalProvider",
+    "available_methods",
+    "check_choice",
+    "get_method",
+    "register",
+    "select",
+]

@@ -1,0 +1,137 @@
+"""The selection contract: a registry of per-class selection rules and the typed result.
+
+A selection method is a *rule* that, given what it needs to know about the members of one class
+(raw pixels, an embedding, a per-example score), returns the positions of ``k`` of them. The
+driver :func:`selection.select` loops over classes, asks the signal provider for exactly the
+signal the rule declares, calls the rule and maps positions back to data-set indices. Rules are
+therefore pure functions of tensors and are tested as such (oracle tests on tiny inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Protocol
+
+import torch
+
+__all__ = [
+    "Selection",
+    "SelectionError",
+    "SelectionMethod",
+    "SIGNALS",
+    "register",
+    "get_method",
+    "available_methods",
+]
+
+#: Signals a rule may ask for, per class member:
+#:  ``none``       nothing (the rule only needs the count),
+#:  ``pixels``     flattened normalised images, shape (n, C*H*W),
+#:  ``embedding``  penultimate features of a network trained on the data, shape (n, d),
+#:  ``forgetting`` forgetting-event counts over training, shape (n,) (never-learned = +inf),
+#:  ``el2n``       mean L2 norm of the error vector early in training, shape (n,),
+#:  ``grand``      mean per-example gradient norm early in training, shape (n,),
+#:  ``entropy``    predictive entropy of the trained network, shape (n,).
+SIGNALS = ("none", "pixels", "embedding", "forgetting", "el2n", "grand", "entropy")
+
+
+class SelectionError(ValueError):
+    """Bad selection request: unknown method, impossible budget, wrong option. One line."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The result of a selection: indices into a data set, class by class.
+
+    Attributes:
+        indices: (ipc * num_classes,) int64 indices into the source data set, grouped by class
+            in increasing class order, each group in the rule's pick order.
+        labels: (ipc * num_classes,) int64 class of each picked example.
+        method: registry name of the rule that produced it.
+        ipc: images per class.
+        seed: the seed the selection was drawn with.
+        options: the rule's options, for provenance (written into saved sets).
+    """
+
+    indices: torch.Tensor
+    labels: torch.Tensor
+    method: str
+    ipc: int
+    seed: int
+    options: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+
+class SelectionMethod(Protocol):
+    """What a registered rule provides.
+
+    ``signal`` names what :meth:`choose` receives (one of :data:`SIGNALS`). Options are
+    keyword-only constructor arguments with defaults; :func:`get_method` forwards user options.
+    """
+
+    name: ClassVar[str]
+    signal: ClassVar[str]
+
+    def choose(self, values: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+        """Pick ``k`` distinct positions out of ``values.shape[0]`` class members.
+
+        Args:
+            values: the class members' signal, (n, d) for feature signals, (n,) for scores,
+                (n,) zeros for ``none``. On CPU, float32 (scores may hold +inf).
+            k: how many to pick, 1 <= k <= n.
+            generator: the only source of randomness (CPU generator).
+
+        Returns:
+            (k,) int64 tensor of distinct positions in [0, n), in pick order.
+        """
+        ...
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: add a rule to the registry under ``cls.name``."""
+    name = cls.name
+    if name in _REGISTRY:
+        raise RuntimeError(f"selection method {name!r} registered twice")
+    if cls.signal not in SIGNALS:
+        raise RuntimeError(f"selection method {name!r} asks for unknown signal {cls.signal!r}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str, **options) -> SelectionMethod:
+    """Instantiate a registered rule with its options.
+
+    Raises:
+        SelectionError: unknown name (the message lists the valid ones) or unknown option.
+    """
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise SelectionError(
+            f"unknown selection method {name!r}; choose one of: {', '.join(available_methods())}"
+        ) from None
+    try:
+        return cls(**options)
+    except TypeError as exc:  # unexpected keyword
+        raise SelectionError(f"bad option for selection method {name!r}: {exc}") from None
+
+
+def check_choice(picked: torch.Tensor, n: int, k: int, name: str) -> torch.Tensor:
+    """Validate a rule's output (distinct, in range, right count); returns it as int64 CPU."""
+    picked = torch.as_tensor(picked).to(device="cpu", dtype=torch.int64).flatten()
+    if picked.numel() != k or picked.unique().numel() != k or (picked < 0).any() or (picked >= n).any():
+        raise RuntimeError(f"selection rule {name!r} returned an invalid choice of {k} out of {n}")
+    return picked
+
+
+ProgressFn = Callable[[str, int, int], None]

@@ -1,0 +1,77 @@
+"""Saved sets round-trip; writes are atomic; a folder holding a run is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from distill.store import (SavedSet, StoreError, atomic_write_bytes, atomic_write_json,
+                           check_run_dir, load_set, save_set)
+
+
+def test_saved_set_round_trip(tmp_path):
+    s = SavedSet(torch.randn(4, 1, 5, 5), torch.tensor([0, 1, 1, 0]),
+                 {"dataset": "mnist", "method": "herding", "ipc": 2, "indices": [3, 1, 7, 9]})
+    save_set(tmp_path / "a.pt", s)
+    t = load_set(tmp_path / "a.pt")
+    assert torch.equal(t.images, s.images) and torch.equal(t.labels, s.labels)
+    assert t.meta == s.meta and t.dataset == "mnist"
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    atomic_write_bytes(tmp_path / "x.bin", b"abc")
+    atomic_write_json(tmp_path / "r.json", {"acc": float("inf"), "t": torch.tensor([1, 2])})
+    assert sorted(os.listdir(tmp_path)) == ["r.json", "x.bin"]
+    assert json.loads((tmp_path / "r.json").read_text()) == {"acc": "inf", "t": [1, 2]}
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "keep.json"
+    atomic_write_json(target, {"v": 1})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_json(target, {"v": 2})
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert os.listdir(tmp_path) == ["keep.json"]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file", None])
+def test_unreadable_set_is_one_line_error(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    if content is None:
+        torch.save({"images": torch.zeros(1)}, path)  # readable but not our format
+    else:
+        path.write_bytes(content)
+    with pytest.raises(StoreError) as err:
+        load_set(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_missing_set(tmp_path):
+    with pytest.raises(StoreError, match="no saved set"):
+        load_set(tmp_path / "nope.pt")
+
+
+def test_inconsistent_set_refused():
+    with pytest.raises(StoreError):
+        SavedSet(torch.zeros(3, 1, 2, 2), torch.zeros(2, dtype=torch.int64))
+
+
+def test_run_dir_guard(tmp_path):
+    assert check_run_dir(tmp_path / "new") == tmp_path / "new"
+    assert not (tmp_path / "new").exists()  # nothing created by the check
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{}")
+    with pytest.raises(StoreError, match="--force"):
+        check_run_dir(tmp_path / "run")
+    assert check_run_dir(tmp_path / "run", force=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="not a folder"):
+        check_run_dir(tmp_path / "file")
