@@ -1,0 +1,98 @@
+"""The student zoo: shapes on every data set shape, seeded init, spec parsing, and use under
+torch.func and higher (which later meta-gradient strategies need)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.models import (ModelError, available_models, build_model, init_parameters,
+                            parse_model_spec)
+
+SHAPES = [(1, 28, 28), (3, 32, 32)]
+
+
+@pytest.mark.parametrize("name", available_models())
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shapes_and_gradients(name, shape):
+    model = build_model(name, shape[0], 10, shape[1:], generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, *shape)
+    assert model(x).shape == (2, 10)
+    assert model.embed(x).shape == (2, model.feature_dim)
+    F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_every_model_of_the_brief_is_there():
+    assert set(available_models()) == {"convnet", "mlp", "lenet", "alexnet", "vgg11", "resnet18"}
+
+
+@pytest.mark.parametrize("norm", ["none", "batch", "instance", "group", "layer"])
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "leakyrelu"])
+@pytest.mark.parametrize("pool", ["avg", "max", "none"])
+def test_convnet_variants(norm, act, pool):
+    model = build_model(f"convnet:width=8,depth=2,norm={norm},act={act},pool={pool}", 3, 4, (16, 16))
+    assert model(torch.randn(3, 3, 16, 16)).shape == (3, 4)
+    assert model.feature_dim == 8 * (4 * 4 if pool != "none" else 16 * 16)
+
+
+def test_convnet_parameter_count_closed_form():
+    w = 128
+    conv = (1 * 9 * w + w) + 2 * (w * 9 * w + w)       # three 3x3 convs with bias
+    norm = 3 * 2 * w                                   # instance norm affine
+    head = w * 3 * 3 * 10 + 10                          # 28 -> 14 -> 7 -> 3
+    model = build_model("convnet", 1, 10, (28, 28))
+    assert sum(p.numel() for p in model.parameters()) == conv + norm + head
+
+
+def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a = build_model("convnet:width=8", 1, 10, (28, 28), generator=torch.Generator().manual_seed(1))
+    b = build_model("convnet:width=8", 1, 10, (28, 28), generator=torch.Generator().manual_seed(1))
+    c = build_model("convnet:width=8", 1, 10, (28, 28), generator=torch.Generator().manual_seed(2))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+    torch.random.set_rng_state(state)
+
+
+def test_init_matches_torch_default_bounds():
+    lin = torch.nn.Linear(400, 3)
+    init_parameters(lin, torch.Generator().manual_seed(0))
+    bound = 1 / 400 ** 0.5
+    assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.9 * bound
+    assert lin.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+
+
+def test_spec_parsing_and_errors():
+    assert parse_model_spec("ConvNet:width=64, depth=4,norm=batch") == (
+        "convnet", {"width": 64, "depth": 4, "norm": "batch"})
+    with pytest.raises(ModelError, match="convnet"):
+        build_model("gpt", 1, 10, (28, 28))
+    with pytest.raises(ModelError, match="bad option"):
+        build_model("convnet:colour=red", 1, 10, (28, 28))
+    with pytest.raises(ModelError, match="norm"):
+        build_model("convnet:norm=foo", 1, 10, (28, 28))
+    with pytest.raises(ModelError, match="KEY=VALUE"):
+        parse_model_spec("convnet:width")
+    with pytest.raises(ModelError, match="pixel"):
+        build_model("convnet:depth=6", 1, 10, (28, 28))
+
+
+@pytest.mark.parametrize("name", ["convnet:width=8", "mlp"])
+def test_functional_call_and_higher(name):
+    import higher
+    from torch.func import functional_call
+
+    model = build_model(name, 1, 10, (28, 28), generator=torch.Generator().manual_seed(0))
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    params = dict(model.named_parameters())
+    torch.testing.assert_close(functional_call(model, params, (x,)), model(x))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = x.clone().requires_grad_()
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        diffopt.step(F.cross_entropy(fmodel(xs), y))
+        meta = F.cross_entropy(fmodel(x), y)
+        (g,) = torch.autograd.grad(meta, xs)
+    assert g.shape == xs.shape and g.abs().sum() > 0  # gradient flows through the SGD step
