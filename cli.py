@@ -165,7 +165,9 @@ def datasets(data_root: str | None) -> None:
 
 @main.command()
 @click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
-@click.option("--method", required=True, help="Selection rule (see --list-methods).")
+@click.option("--method", required=True,
+              help="Selection rule: random, herding, kcenter, forgetting, gradnorm, entropy, "
+                   "kmeans or dbscan.")
 @click.option("--ipc", type=click.IntRange(min=1), required=True,
               help="Images per class to select.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
@@ -213,11 +215,12 @@ def select(ctx, dataset, method, ipc, options, feature_model, signal_epochs, poo
     start = time.perf_counter()
     sel = run_select(data, rule, ipc, seed=seed, signals=provider)
     seconds = time.perf_counter() - start
-    meta = {"dataset": data.info.name, "method": sel.method, "ipc": ipc, "seed": seed,
-            "options": sel.options, "indices": sel.indices.tolist(), "kind": "selection"}
-    save_set(out_dir / "set.pt", SavedSet(data.images[sel.indices], sel.labels, meta))
     config = {"dataset": data.info.name, "method": method, "ipc": ipc, "options": rule_options,
               "seed": seed, "device": str(dev), "signal_config": asdict(signal_config)}
+    meta = {"dataset": data.info.name, "method": sel.method, "ipc": ipc, "seed": seed,
+            "options": sel.options, "indices": sel.indices.tolist(), "kind": "selection",
+            "config": config}
+    save_set(out_dir / "set.pt", SavedSet(data.images[sel.indices], sel.labels, meta))
     write_run(out_dir, "select", config, {"seconds": seconds, "n_images": len(sel),
                                           "indices": sel.indices.tolist(),
                                           "set": str(out_dir / "set.pt")})

@@ -84,6 +84,8 @@ def test_evaluate_refuses_bad_set_and_model(tmp_path):
     assert_one_line_error(run("evaluate", bad, "--out", tmp_path / "o"), "bad.pt")
     assert_one_line_error(run("evaluate", tmp_path / "none.pt", "--out", tmp_path / "o"),
                           "no saved set")
+    assert_one_line_error(run("evaluate", bad, "--model", "gpt", "--out", tmp_path / "o"),
+                          "convnet")
     assert not (tmp_path / "o").exists()
 
 
