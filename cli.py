@@ -88,6 +88,37 @@ def write_run(out: Path, command: str, config: dict, results: dict) -> None:
     atomic_write_json(out / "results.json", results)
 
 
+class Checkpoint:
+    """Partial results of a long command in ``path``, resumable when the config matches."""
+
+    def __init__(self, path: Path, config: dict, resume: bool):
+        from distill.store import StoreError, to_jsonable
+
+        self.path, self.config = path, to_jsonable(config)
+        self.state: dict = {}
+        if resume:
+            if not path.is_file():
+                raise StoreError(f"nothing to resume: {path} does not exist")
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                raise StoreError(f"{path} is unreadable; rerun without --resume") from None
+            if saved.get("config") != self.config:
+                raise StoreError(f"{path} belongs to a run with other options; rerun without "
+                                 f"--resume or with the same options")
+            self.state = saved.get("state", {})
+            log.info("resuming from %s", path)
+
+    def append(self, key: str, value: Any) -> None:
+        from distill.store import atomic_write_json
+
+        self.state.setdefault(key, []).append(value)
+        atomic_write_json(self.path, {"config": self.config, "state": self.state})
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def parse_options(pairs: tuple[str, ...]) -> dict:
     """``("space=pixels", "iters=20")`` -> ``{"space": "pixels", "iters": 20}`` (JSON values)."""
     options = {}
@@ -242,13 +273,19 @@ def select(ctx, dataset, method, ipc, options, feature_model, signal_epochs, poo
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--test-limit", type=click.IntRange(min=1), default=None,
               help="Score on a fixed subset of this many test images (default: all).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run in --out: finished students are kept.")
 @data_options
 @run_options
 @click.pass_context
 @handle_errors
 def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, test_limit,
-             data_root, download, out, seed, device, force) -> None:
-    """Train fresh students on a saved set and report their test accuracy (mean ± std)."""
+             resume, data_root, download, out, seed, device, force) -> None:
+    """Train fresh students on a saved set and report their test accuracy (mean ± std).
+
+    Each finished student is checkpointed in OUT/progress.json; after a kill, the same
+    command with --resume trains only the missing students and gives the same result.
+    """
     from dataclasses import asdict
 
     from distill.data import load_dataset
@@ -269,13 +306,16 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
     if tuple(saved.images.shape[1:]) != (test.info.channels, *test.info.im_size):
         raise click.UsageError(f"{set_path} holds images of shape {tuple(saved.images.shape[1:])}"
                                f", not those of {test.info.name}")
-    result = evaluate_set(saved.images.to(dev), saved.labels.to(dev), test.images.to(dev),
-                          test.labels.to(dev), protocol, seed, num_classes=test.info.num_classes,
-                          progress=_progress(ctx))
     config = {"set": str(set_path), "set_meta": {k: v for k, v in saved.meta.items()
                                                  if k != "indices"},
               "protocol": asdict(protocol), "seed": seed, "device": str(dev)}
+    checkpoint = Checkpoint(out_dir / "progress.json", config, resume)
+    result = evaluate_set(saved.images.to(dev), saved.labels.to(dev), test.images.to(dev),
+                          test.labels.to(dev), protocol, seed, num_classes=test.info.num_classes,
+                          progress=_progress(ctx), done=checkpoint.state.get("accuracies", []),
+                          on_student=lambda i, acc: checkpoint.append("accuracies", acc))
     write_run(out_dir, "evaluate", config, result.as_dict())
+    checkpoint.finish()
     click.echo(f"{saved.meta.get('method', 'set')} ({len(saved.labels)} images) -> {model}: "
                f"{result.mean:.2f} ± {result.std:.2f} % test accuracy over {students} "
                f"student(s) [{result.seconds:.0f} s]")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -244,6 +244,8 @@ def evaluate_set(
     seed: int,
     num_classes: int | None = None,
     progress: Progress | None = None,
+    done: Sequence[float] = (),
+    on_student: Callable[[int, float], None] | None = None,
 ) -> EvalResult:
     """Train ``protocol.n_students`` fresh students on a set and score each on the test data.
 
@@ -252,6 +254,10 @@ def evaluate_set(
         test_images / test_labels: the real test set, on the same device as ``images``.
         seed: student ``i`` is initialised and trained from ``child_seed(seed, "student", i)``.
         num_classes: classifier size; defaults to the soft-label width or ``max(test label)+1``.
+        done: accuracies of students ``0..len(done)-1`` from an interrupted run; they are kept
+            and not retrained (student seeds do not depend on order, so the result equals an
+            uninterrupted run's).
+        on_student: called with ``(i, accuracy)`` after each student, e.g. to checkpoint.
 
     Returns:
         :class:`EvalResult` with every student's accuracy (in %), their mean and std.
@@ -266,15 +272,17 @@ def evaluate_set(
     channels, height, width = images.shape[1:]
     if num_classes is None:
         num_classes = int(labels.shape[1]) if labels.dim() == 2 else int(test_labels.max()) + 1
-    accs: list[float] = []
+    accs: list[float] = [float(a) for a in done][:protocol.n_students]
     start = time.perf_counter()
-    for i in range(protocol.n_students):
+    for i in range(len(accs), protocol.n_students):
         g = make_generator(seed, "student", i)
         model = build_model(protocol.model, channels, num_classes, (height, width),
                             generator=g).to(device)
         train(model, images, labels, protocol.train, g, progress=progress,
               description=f"student {i + 1}/{protocol.n_students}")
         accs.append(100.0 * accuracy(model, test_images, test_labels))
+        if on_student is not None:
+            on_student(i, accs[-1])
     mean, std = mean_std(accs)
     return EvalResult(model=protocol.model, accuracies=tuple(accs), mean=mean, std=std,
                       seconds=time.perf_counter() - start, train_size=int(images.shape[0]))

@@ -29,6 +29,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "to_jsonable",
     "save_set",
     "load_set",
     "check_run_dir",
@@ -66,23 +67,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
-def _jsonable(obj: Any) -> Any:
+def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)  # JSON has no inf/nan; keep them readable
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [to_jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
+        return to_jsonable(obj.tolist())
     return obj
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Pretty, key-sorted JSON written atomically; tensors become lists, inf/nan strings."""
-    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -118,7 +119,7 @@ def save_set(path: str | os.PathLike, saved: SavedSet) -> Path:
     torch.save({"format": SET_FORMAT, "version": SET_VERSION,
                 "images": saved.images.detach().cpu().float().contiguous(),
                 "labels": saved.labels.detach().cpu().contiguous(),
-                "meta": _jsonable(saved.meta)}, buf)
+                "meta": to_jsonable(saved.meta)}, buf)
     return atomic_write_bytes(path, buf.getvalue())
 
 

@@ -134,3 +134,37 @@ def test_datasets_lists_what_is_there(data_root):
     lines = {line.split()[0]: line for line in r.output.splitlines()[1:]}
     assert "ok" in lines["mnist"] and "ok" in lines["cifar10"]
     assert "missing" in lines["fashion_mnist"]
+
+
+@pytest.mark.realdata
+def test_evaluate_resumes_after_a_kill(tmp_path, data_root, monkeypatch):
+    import distill.engine as engine
+
+    sel = tmp_path / "sel"
+    assert run("-q", "select", "--dataset", "mnist", "--method", "random", "--ipc", 1,
+               "--pool-per-class", 5, "--data-root", data_root, "--out", sel).exit_code == 0
+    args = ["-q", "evaluate", sel / "set.pt", "--model", "mlp:width=16", "--students", 3,
+            "--epochs", 3, "--test-limit", 200, "--data-root", data_root]
+    assert run(*args, "--out", tmp_path / "full").exit_code == 0
+
+    real_accuracy, calls = engine.accuracy, []
+
+    def dies_on_second_student(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the process were killed
+        return real_accuracy(*a, **k)
+
+    monkeypatch.setattr(engine, "accuracy", dies_on_second_student)
+    assert run(*args, "--out", tmp_path / "cut").exit_code != 0  # click: "Aborted!"
+    monkeypatch.setattr(engine, "accuracy", real_accuracy)
+    assert not (tmp_path / "cut" / "results.json").exists()
+    assert len(json.loads((tmp_path / "cut" / "progress.json").read_text())["state"]
+               ["accuracies"]) == 1
+    assert run(*args, "--out", tmp_path / "cut", "--resume").exit_code == 0
+    full = json.loads((tmp_path / "full" / "results.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert cut["accuracies"] == full["accuracies"]
+    assert not (tmp_path / "cut" / "progress.json").exists()
+    r = run(*args, "--out", tmp_path / "other", "--resume")
+    assert_one_line_error(r, "nothing to resume")

@@ -134,3 +134,15 @@ def test_evaluate_set_learns_and_is_reproducible(tiny_set):
     assert r1.accuracies == r2.accuracies
     assert len(r1.accuracies) == 2 and r1.mean > 50.0  # chance is 10 %
     assert r1.mean == pytest.approx(float(np.mean(r1.accuracies)))
+
+
+def test_resumed_evaluation_equals_uninterrupted(tiny_set):
+    protocol = EvalProtocol(model="convnet:width=8,depth=2", n_students=3,
+                            train=TrainConfig(epochs=3, batch_size=32))
+    x, y = tiny_set.images, tiny_set.labels
+    seen = []
+    full = evaluate_set(x, y, x, y, protocol, seed=4, num_classes=10,
+                        on_student=lambda i, a: seen.append(i))
+    resumed = evaluate_set(x, y, x, y, protocol, seed=4, num_classes=10,
+                           done=full.accuracies[:1])
+    assert seen == [0, 1, 2] and resumed.accuracies == full.accuracies
