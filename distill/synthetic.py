@@ -1,0 +1,106 @@
+"""``SyntheticSet``: the learnable-pixel teacher of dataset condensation.
+
+``ipc`` images per class stored as one learnable tensor, class by class, optionally with
+learnable soft labels (Sucholutsky & Schonlau, "Soft-Label Dataset Distillation", IJCNN 2021)
+and a learnable student learning rate (Wang, Zhu, Torralba & Efros, "Dataset Distillation",
+2018). It is initialised from Gaussian noise, from random real images, or from any given
+indices into the real set: the latter is how a coreset (herding, k-center, forgetting, ...)
+seeds condensation, the initialisation study of Zhao, Mopuri & Bilen (ICLR 2021). The caller
+(CLI or ``selection``) computes the indices; ``distill`` never imports ``selection``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ImageSet
+from .store import SavedSet
+
+__all__ = ["SyntheticSet"]
+
+
+class SyntheticSet(nn.Module):
+    """Learnable images (N, C, H, W) with labels grouped by class (``ipc`` per class).
+
+    Attributes:
+        images: ``nn.Parameter`` (num_classes * ipc, C, H, W), class ``c`` in rows
+            ``c*ipc .. (c+1)*ipc-1``, in the data set's normalised space.
+        labels: (N,) int64 buffer.
+        label_logits: optional ``nn.Parameter`` (N, num_classes) for learnable soft labels.
+        log_lr: optional ``nn.Parameter`` () for a learnable student learning rate.
+    """
+
+    def __init__(self, images: torch.Tensor, num_classes: int, learn_labels: bool = False,
+                 lr: float | None = None):
+        super().__init__()
+        n = images.shape[0]
+        if n % num_classes:
+            raise ValueError(f"{n} images do not split into {num_classes} equal classes")
+        self.num_classes, self.ipc = num_classes, n // num_classes
+        self.images = nn.Parameter(images.detach().clone().float())
+        self.register_buffer("labels", torch.arange(num_classes).repeat_interleave(self.ipc))
+        self.label_logits = None
+        if learn_labels:  # start at a sharp version of the hard labels
+            self.label_logits = nn.Parameter(
+                F.one_hot(self.labels, num_classes).float() * math.log(100.0))
+        self.log_lr = nn.Parameter(torch.tensor(math.log(lr))) if lr is not None else None
+
+    # ------------------------------------------------------------------ initialisation
+    @classmethod
+    def from_noise(cls, shape: tuple[int, int, int], num_classes: int, ipc: int,
+                   generator: torch.Generator, **kw) -> "SyntheticSet":
+        """Standard-normal pixels (in the normalised space)."""
+        images = torch.randn(num_classes * ipc, *shape, generator=generator)
+        return cls(images, num_classes, **kw)
+
+    @classmethod
+    def from_real(cls, dataset: ImageSet, ipc: int, generator: torch.Generator,
+                  **kw) -> "SyntheticSet":
+        """``ipc`` random real images of every class."""
+        idx = []
+        for c in range(dataset.info.num_classes):
+            members = dataset.class_indices(c).cpu()
+            if members.numel() < ipc:
+                raise ValueError(f"class {c} has {members.numel()} images, fewer than ipc {ipc}")
+            idx.append(members[torch.randperm(members.numel(), generator=generator)[:ipc]])
+        return cls.from_indices(dataset, torch.cat(idx), **kw)
+
+    @classmethod
+    def from_indices(cls, dataset: ImageSet, indices: torch.Tensor, **kw) -> "SyntheticSet":
+        """Copies of ``dataset`` images at ``indices`` (grouped by class, ipc per class)."""
+        indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
+        labels = dataset.labels.cpu()[indices]
+        k = dataset.info.num_classes
+        ipc = indices.numel() // k
+        expected = torch.arange(k).repeat_interleave(ipc)
+        if indices.numel() != k * ipc or not torch.equal(labels, expected):
+            raise ValueError("indices must hold the same number of images of every class, "
+                             "grouped by class in increasing order")
+        return cls(dataset.images[indices.to(dataset.images.device)].cpu(), k, **kw)
+
+    # ------------------------------------------------------------------ views
+    def class_images(self, c: int) -> torch.Tensor:
+        """(ipc, C, H, W) view of class ``c`` (differentiable)."""
+        return self.images[c * self.ipc:(c + 1) * self.ipc]
+
+    def targets(self) -> torch.Tensor:
+        """(N,) hard labels, or (N, num_classes) soft labels when they are learned."""
+        if self.label_logits is None:
+            return self.labels
+        return F.softmax(self.label_logits, dim=1)
+
+    @property
+    def lr(self) -> float | None:
+        return None if self.log_lr is None else float(self.log_lr.detach().exp())
+
+    # ------------------------------------------------------------------ files
+    def to_saved(self, meta: dict) -> SavedSet:
+        """A :class:`SavedSet` of the current images and (hard or soft) labels."""
+        meta = {**meta, "ipc": self.ipc, "kind": "synthetic"}
+        if self.lr is not None:
+            meta["lr"] = self.lr
+        return SavedSet(self.images.detach().cpu(), self.targets().detach().cpu(), meta)
