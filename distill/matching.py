@@ -1,0 +1,65 @@
+"""Per-class gradient matching: the meta-gradient of DC and DSA.
+
+Zhao, Mopuri & Bilen, "Dataset Condensation with Gradient Matching", ICLR 2021: for a student
+network θ, make the gradient of the loss on the synthetic images of class c match the gradient
+on a real batch of class c, summed over classes:
+
+    D = Σ_c d(∇_θ ℓ(S_c), ∇_θ ℓ(T_c)),
+
+with ``d`` from :mod:`distill.distances`. The real gradients are constants; the synthetic ones
+keep their graph, so ``D.backward()`` reaches the synthetic images (or whatever produced them,
+e.g. a generator). With an augmentation (DSA: Zhao & Bilen, ICML 2021), one set of parameters
+is drawn per class and applied to both sides (the siamese property).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distances import gradient_distance
+
+__all__ = ["class_gradient", "matching_loss"]
+
+
+def class_gradient(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                   create_graph: bool = False) -> list[torch.Tensor]:
+    """∇_θ of the mean cross-entropy on a batch (hard (B,) or soft (B, K) targets)."""
+    logits = model(images)
+    if targets.dim() == 2:
+        loss = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+    else:
+        loss = F.cross_entropy(logits, targets)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+    return list(grads) if create_graph else [g.detach() for g in grads]
+
+
+def matching_loss(model: nn.Module, real: Sequence[torch.Tensor],
+                  synthetic: Sequence[torch.Tensor], synthetic_targets: Sequence[torch.Tensor],
+                  distance: str = "layerwise", augment=None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Σ_c d(∇ℓ(S_c), ∇ℓ(T_c)) over classes; differentiable w.r.t. the synthetic images.
+
+    Args:
+        model: the current student (its parameters are not updated here).
+        real: per class c, a (B_c, C, H, W) batch of real images of class c.
+        synthetic: per class c, the (ipc, C, H, W) synthetic images (with graph).
+        synthetic_targets: per class c, hard labels (ipc,) or soft labels (ipc, K).
+        augment: optional :class:`distill.augment.DiffAugment`; its parameters are sampled
+            once per class from ``generator`` and applied to the real and synthetic batch.
+    """
+    total = None
+    for c, (xr, xs, ys) in enumerate(zip(real, synthetic, synthetic_targets)):
+        if augment is not None:
+            params = augment.sample(1, generator)
+            xr, xs = augment.apply(xr, params), augment.apply(xs, params)
+        yr = torch.full((xr.shape[0],), c, dtype=torch.int64, device=xr.device)
+        g_real = class_gradient(model, xr, yr)
+        g_syn = class_gradient(model, xs, ys, create_graph=True)
+        d = gradient_distance(g_syn, g_real, distance)
+        total = d if total is None else total + d
+    return total
