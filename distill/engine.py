@@ -37,6 +37,7 @@ __all__ = [
     "predict",
     "evaluate_set",
     "mean_std",
+    "classification_loss",
 ]
 
 
@@ -93,6 +94,13 @@ class TrainStats:
     final_loss: float
 
 
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy for hard (B,) int64 targets or soft (B, K) probability targets."""
+    if targets.dim() == 2:
+        return torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+    return F.cross_entropy(logits, targets)
+
+
 def _call(hook: object, name: str, *args) -> None:
     fn = getattr(hook, name, None)
     if fn is not None:
@@ -132,7 +140,6 @@ def train(
         from .augment import AugmentConfig, DiffAugment  # only when asked for
 
         augment = DiffAugment(AugmentConfig(per_sample=True))
-    soft = labels.dim() == 2
     model.train()
     steps, loss_value, start = 0, float("nan"), time.perf_counter()
     batches_per_epoch = math.ceil(n / config.batch_size)
@@ -149,10 +156,7 @@ def train(
                 if augment is not None:
                     x = augment(x, generator)
                 logits = model(x)
-                if soft:
-                    loss = torch.sum(-y * F.log_softmax(logits, dim=1), dim=1).mean()
-                else:
-                    loss = F.cross_entropy(logits, y)
+                loss = classification_loss(logits, y)
                 for hook in hooks:
                     _call(hook, "on_batch", epoch, idx, logits.detach(), y)
                 opt.zero_grad(set_to_none=True)

@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .distances import gradient_distance
+from .engine import classification_loss
 
 __all__ = ["class_gradient", "matching_loss"]
 
@@ -28,11 +28,7 @@ __all__ = ["class_gradient", "matching_loss"]
 def class_gradient(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                    create_graph: bool = False) -> list[torch.Tensor]:
     """∇_θ of the mean cross-entropy on a batch (hard (B,) or soft (B, K) targets)."""
-    logits = model(images)
-    if targets.dim() == 2:
-        loss = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
-    else:
-        loss = F.cross_entropy(logits, targets)
+    loss = classification_loss(model(images), targets)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, create_graph=create_graph)
     return list(grads) if create_graph else [g.detach() for g in grads]
