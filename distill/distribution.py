@@ -1,0 +1,43 @@
+"""Distribution matching (DM): match mean embeddings of real and synthetic images per class.
+
+Zhao & Bilen, "Dataset Condensation with Distribution Matching", WACV 2023: for a randomly
+initialised network ψ (a new one every iteration, never trained), minimise
+
+    Σ_c || mean_{x ∈ T_c} ψ(x) − mean_{s ∈ S_c} ψ(s) ||²,
+
+optionally with the same DSA augmentation on both sides. No bi-level optimisation: one
+forward pass per side, which is why DM scales to large IPC.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["distribution_loss"]
+
+
+def distribution_loss(embed: nn.Module, real: Sequence[torch.Tensor],
+                      synthetic: Sequence[torch.Tensor], augment=None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Σ_c ||mean ψ(T_c) − mean ψ(S_c)||², differentiable w.r.t. the synthetic images.
+
+    Args:
+        embed: the feature map ψ, e.g. ``model.embed`` of a freshly built zoo model.
+        real: per class, (B_c, C, H, W) real images (constants).
+        synthetic: per class, (ipc, C, H, W) synthetic images (with graph).
+        augment: optional :class:`distill.augment.DiffAugment`; one draw per class from
+            ``generator``, applied to both sides (siamese).
+    """
+    total = None
+    for xr, xs in zip(real, synthetic):
+        if augment is not None:
+            params = augment.sample(1, generator)
+            xr, xs = augment.apply(xr, params), augment.apply(xs, params)
+        with torch.no_grad():
+            mean_real = embed(xr).mean(0)
+        d = ((mean_real - embed(xs).mean(0)) ** 2).sum()
+        total = d if total is None else total + d
+    return total
