@@ -26,13 +26,15 @@ log = logging.getLogger("gtnkit")
 # --------------------------------------------------------------------------- plumbing
 def _library_errors() -> tuple[type[BaseException], ...]:
     from distill.augment import AugmentError
+    from distill.condense import ConfigError, NonFiniteError
     from distill.data import DataError
     from distill.devices import DeviceError
     from distill.models import ModelError
     from distill.store import StoreError
     from selection import SelectionError
 
-    return (DataError, StoreError, SelectionError, ModelError, DeviceError, AugmentError)
+    return (DataError, StoreError, SelectionError, ModelError, DeviceError, AugmentError,
+            ConfigError, NonFiniteError)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -320,6 +322,202 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
                f"{result.mean:.2f} ± {result.std:.2f} % test accuracy over {students} "
                f"student(s) [{result.seconds:.0f} s]")
 
+@main.command(name="distill")
+@click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
+@click.option("--method", required=True, type=click.Choice(["dc", "dsa", "dm", "dd", "ift"]),
+              help="dc/dsa: gradient matching (dsa with siamese augmentation); dm: "
+                   "distribution matching; dd: unrolled backprop; ift: implicit function theorem.")
+@click.option("--ipc", type=click.IntRange(min=1), required=True, help="Images per class.")
+@click.option("--init", "init", default="real", show_default=True,
+              help="noise, real (random real images) or a selection method (herding, kcenter, "
+                   "forgetting, ...) whose coreset seeds the synthetic set.")
+@click.option("--model", default="convnet", show_default=True,
+              help="Student meta-trained against (zoo spec, e.g. convnet:width=32).")
+@click.option("--iterations", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--lr", "image_lr", type=float, default=None,
+              help="Teacher (image) lr. Default: 0.1 dc/dsa, 1.0 dm (SGD, momentum 0.5); "
+                   "0.01 dd/ift (Adam).")
+@click.option("--real-batch", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Real images per class per step (dd/ift: the scoring batch).")
+@click.option("--outer-loop", type=click.IntRange(min=1), default=None,
+              help="DC outer loop (default by IPC: 1->1, 10->10, 50->50).")
+@click.option("--inner-loop", type=click.IntRange(min=1), default=None,
+              help="DC inner loop (default by IPC: 1->1, 10->50, 50->10).")
+@click.option("--distance", type=click.Choice(["layerwise", "mse", "cosine"]),
+              default="layerwise", show_default=True, help="Gradient distance (dc/dsa).")
+@click.option("--inner-steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Student steps T of dd/ift.")
+@click.option("--inner-lr", type=float, default=0.01, show_default=True,
+              help="Student lr of dd/ift (initial value with --learn-lr).")
+@click.option("--truncate", type=click.IntRange(min=1), default=None,
+              help="dd: differentiate only the last K student steps.")
+@click.option("--checkpoint-steps", type=click.IntRange(min=1), default=None,
+              help="dd: gradient checkpointing, segments of this many steps.")
+@click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--neumann-alpha", type=float, default=0.01, show_default=True)
+@click.option("--learn-labels", is_flag=True, help="Also learn soft labels.")
+@click.option("--learn-lr", is_flag=True, help="dd: also learn the student lr.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Evaluate one student every N iterations (0: only at the end).")
+@click.option("--students", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Fresh students of the final evaluation (0: skip it).")
+@click.option("--eval-model", default=None, help="Evaluation student (default: --model).")
+@click.option("--eval-epochs", type=click.IntRange(min=1), default=None,
+              help="Default: 300, or 1000 for dsa/dm (trained with augmentation).")
+@click.option("--test-limit", type=click.IntRange(min=1), default=None,
+              help="Score on a fixed subset of this many test images (default: all).")
+@click.option("--signal-epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Selection init: epochs of the network that gives the selection signals.")
+@click.option("--pool-per-class", type=click.IntRange(min=1), default=None,
+              help="Selection init: candidates per class (default: all).")
+@click.option("--fast/--eager", default=True, show_default=True,
+              help="Real-data side through torch.compile in batches of 64 (same result up to "
+                   "float rounding), or plain eager PyTorch.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run in --out from its checkpoint.")
+@data_options
+@run_options
+@click.pass_context
+@handle_errors
+def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, real_batch,
+                outer_loop, inner_loop, distance, inner_steps, inner_lr, truncate,
+                checkpoint_steps, neumann_terms, neumann_alpha, learn_labels, learn_lr,
+                checkpoint_every, eval_every, students, eval_model, eval_epochs, test_limit,
+                signal_epochs, pool_per_class, fast, resume, data_root, download, out, seed,
+                device, force) -> None:
+    """Condense DATASET into IPC learnable images per class (DC, DSA, DM, DD or IFT).
+
+    Writes OUT/set.pt, grid.png, config.json and results.json (final accuracy, loss history,
+    seconds per iteration, peak memory); OUT/checkpoint.pt every --checkpoint-every
+    iterations, from which --resume continues to the same result as an uninterrupted run.
+    """
+    from dataclasses import asdict, replace
+
+    from distill.condense import condense, condense_config
+    from distill.data import load_dataset
+    from distill.devices import resolve_device
+    from distill.engine import EvalProtocol, evaluate_set
+    from distill.models import parse_model_spec
+    from distill.store import check_run_dir, save_set
+    from selection import available_methods
+
+    out_dir = check_run_dir(out, force and not resume)
+    parse_model_spec(model)
+    parse_model_spec(eval_model or model)
+    if init not in ("noise", "real") and init not in available_methods():
+        raise click.BadParameter(f"{init!r} is not noise, real or a selection method "
+                                 f"({', '.join(available_methods())})", param_hint="--init")
+    if learn_lr and method != "dd":
+        raise click.BadParameter("only dd learns the student lr", param_hint="--learn-lr")
+    if checkpoint_steps and method != "dd" or truncate and method != "dd":
+        raise click.UsageError("--truncate and --checkpoint-steps apply to --method dd only")
+    config = condense_config(
+        method, iterations=iterations, lr=image_lr, real_batch=real_batch,
+        outer_loop=outer_loop, inner_loop=inner_loop, distance=distance,
+        inner_steps=inner_steps, inner_lr=inner_lr, truncate=truncate,
+        checkpoint_every=checkpoint_every, eval_every=eval_every,
+        neumann_terms=neumann_terms, neumann_alpha=neumann_alpha,
+        checkpoint_steps=checkpoint_steps, compile=fast, real_chunk=64 if fast else None)
+    dev = resolve_device(device)
+    data = load_dataset(dataset, "train", root=data_root, download=download)
+    counts = data.class_counts()
+    if ipc > int(counts.min()):
+        raise click.BadParameter(f"{ipc} exceeds the smallest class ({int(counts.min())})",
+                                 param_hint="--ipc")
+    test = load_dataset(dataset, "test", root=data_root, download=download)
+    augment = method in ("dsa", "dm")
+    protocol = EvalProtocol.dc(model=eval_model or model, n_students=max(students, 1),
+                               augment=augment)
+    if eval_epochs:
+        protocol = replace(protocol, train=replace(protocol.train, epochs=eval_epochs))
+    protocol = replace(protocol, test_limit=test_limit)
+    init_value: Any = init
+    if init not in ("noise", "real"):  # a coreset seeds the synthetic set
+        from selection import SignalConfig, SignalProvider, get_method
+        from selection import select as run_select
+
+        base = SignalConfig()
+        provider = SignalProvider(data, replace(base, pool_per_class=pool_per_class,
+                                                train=replace(base.train, epochs=signal_epochs)),
+                                  seed=seed, device=dev, progress=_progress(ctx))
+        init_value = run_select(data, get_method(init), ipc, seed=seed, signals=provider).indices
+    test_x, test_y = test.images.to(dev), test.labels.to(dev)
+
+    def periodic(teacher, iteration):
+        r = evaluate_set(teacher.images.detach(), teacher.targets().detach(), test_x, test_y,
+                         replace(protocol, n_students=1), seed=seed, num_classes=
+                         data.info.num_classes)
+        log.info("iteration %d: %.2f %%", iteration, r.mean)
+        return {"accuracy": r.mean}
+
+    run_config = {"dataset": data.info.name, "method": method, "ipc": ipc, "init": init,
+                  "model": model, "seed": seed, "device": str(dev),
+                  "learn_labels": learn_labels, "learn_lr": learn_lr,
+                  "meta": asdict(config), "protocol": asdict(protocol),
+                  "students": students}
+    start = time.perf_counter()
+    teacher, meta = condense(data, method, ipc, init=init_value, model=model, config=config,
+                             seed=seed, device=dev, learn_labels=learn_labels,
+                             learn_lr=learn_lr, checkpoint=out_dir / "checkpoint.pt",
+                             resume=resume, progress=_progress(ctx),
+                             evaluate=periodic if eval_every else None)
+    saved = teacher.to_saved({"dataset": data.info.name, "method": method, "init": init,
+                              "seed": seed, "config": run_config})
+    results: dict = {"label": f"{method} init={init}", "method": method, "init": init,
+                     "ipc": ipc, "meta": meta.as_dict(),
+                     "seconds_per_iteration": meta.seconds_per_iteration,
+                     "memory": meta.memory}
+    if students:
+        ev = evaluate_set(saved.images.to(dev), saved.labels.to(dev), test_x, test_y, protocol,
+                          seed=seed, num_classes=data.info.num_classes, progress=_progress(ctx))
+        results.update(ev.as_dict())
+    results["wall_seconds"] = time.perf_counter() - start
+    save_set(out_dir / "set.pt", saved)
+    write_grid(out_dir / "grid.png", saved)
+    write_run(out_dir, "distill", run_config, results)
+    acc = (f"{results['mean']:.2f} ± {results['std']:.2f} % test accuracy over {students} "
+           f"student(s)") if students else "not evaluated"
+    click.echo(f"{method} ({ipc} per class, init {init}) -> {acc}; "
+               f"{meta.seconds_per_iteration:.2f} s/iteration; set in {out_dir / 'set.pt'}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--by", type=click.Choice(["label", "method", "init", "run"]), default="label",
+              show_default=True, help="What groups the runs: their label (method and init), "
+                                      "method, init, or each run on its own.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the Markdown table to this file.")
+@handle_errors
+def compare(runs, by, out) -> None:
+    """Mean ± std per group of RUN folders and Welch's t-test between every pair (Markdown).
+
+    Every student's accuracy of every run counts as one observation of its group.
+    """
+    from distill.stats import comparison_markdown
+    from distill.store import StoreError, atomic_write_text
+
+    groups: dict[str, list[float]] = {}
+    for run in runs:
+        try:
+            results = json.loads((Path(run) / "results.json").read_text())
+            config = json.loads((Path(run) / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise StoreError(f"{run} holds no readable results.json/config.json") from None
+        accs = results.get("accuracies")
+        if not accs:
+            raise StoreError(f"{run} has no student accuracies (run it with --students > 0)")
+        meta = config.get("set_meta", config)
+        key = {"label": results.get("label") or meta.get("method", Path(run).name),
+               "method": meta.get("method", "?"), "init": meta.get("init", "?"),
+               "run": Path(run).name}[by]
+        groups.setdefault(str(key), []).extend(float(a) for a in accs)
+    text = comparison_markdown(groups)
+    if out:
+        atomic_write_text(out, text)
+    click.echo(text, nl=False)
+
 
 @main.command()
 @click.argument("set_path", metavar="SET.pt", type=click.Path(dir_okay=False))
@@ -330,20 +528,30 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
 @handle_errors
 def show(set_path, out, per_class, force) -> None:
     """Draw a saved set as a PNG grid, one row per class."""
+    from distill.store import check_run_dir, load_set
+
+    out_dir = check_run_dir(out, force)
+    saved = load_set(set_path)
+    shown, ncol = write_grid(out_dir / "grid.png", saved, per_class)
+    write_run(out_dir, "show", {"set": str(set_path), "per_class": per_class},
+              {"png": str(out_dir / "grid.png"), "images_shown": shown})
+    click.echo(f"wrote {out_dir / 'grid.png'} ({shown} images, {ncol} per class)")
+
+
+def write_grid(path: Path, saved: Any, per_class: int = 10) -> tuple[int, int]:
+    """Write a saved set as a PNG grid (one row per class); returns (images shown, columns)."""
     import torch
     from torchvision.utils import save_image
 
     from distill.data import get_info
-    from distill.store import atomic_write_bytes, check_run_dir, load_set
+    from distill.store import atomic_write_bytes
 
-    out_dir = check_run_dir(out, force)
-    saved = load_set(set_path)
     info = get_info(saved.dataset)
     labels = saved.labels if saved.labels.dim() == 1 else saved.labels.argmax(1)
     rows, shown = [], 0
     ncol = min(per_class, max(int((labels == c).sum()) for c in range(info.num_classes)))
     for c in range(info.num_classes):
-        imgs = saved.images[labels == c][:ncol]
+        imgs = saved.images[labels == c][:ncol].detach().cpu()
         pad = torch.zeros((ncol - imgs.shape[0], *saved.images.shape[1:]))
         rows.append(torch.cat([imgs, pad + _blank(info)]))
         shown += imgs.shape[0]
@@ -352,10 +560,8 @@ def show(set_path, out, per_class, force) -> None:
     std = torch.tensor(info.std).view(1, -1, 1, 1)
     buf = io.BytesIO()
     save_image((grid * std + mean).clamp(0, 1), buf, nrow=ncol, padding=2, format="png")
-    atomic_write_bytes(out_dir / "grid.png", buf.getvalue())
-    write_run(out_dir, "show", {"set": str(set_path), "per_class": per_class},
-              {"png": str(out_dir / "grid.png"), "images_shown": shown})
-    click.echo(f"wrote {out_dir / 'grid.png'} ({shown} images, {ncol} per class)")
+    atomic_write_bytes(path, buf.getvalue())
+    return shown, ncol
 
 
 def _blank(info) -> "Any":

@@ -21,7 +21,8 @@ __all__ = ["distribution_loss"]
 
 def distribution_loss(embed: nn.Module, real: Sequence[torch.Tensor],
                       synthetic: Sequence[torch.Tensor], augment=None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None,
+                      embed_real: nn.Module | None = None) -> torch.Tensor:
     """Σ_c ||mean ψ(T_c) − mean ψ(S_c)||², differentiable w.r.t. the synthetic images.
 
     Args:
@@ -30,6 +31,7 @@ def distribution_loss(embed: nn.Module, real: Sequence[torch.Tensor],
         synthetic: per class, (ipc, C, H, W) synthetic images (with graph).
         augment: optional :class:`distill.augment.DiffAugment`; one draw per class from
             ``generator``, applied to both sides (siamese).
+        embed_real: computes the real embeddings (e.g. a compiled ``embed``); default ``embed``.
     """
     total = None
     for xr, xs in zip(real, synthetic):
@@ -37,7 +39,7 @@ def distribution_loss(embed: nn.Module, real: Sequence[torch.Tensor],
             params = augment.sample(1, generator)
             xr, xs = augment.apply(xr, params), augment.apply(xs, params)
         with torch.no_grad():
-            mean_real = embed(xr).mean(0)
+            mean_real = (embed if embed_real is None else embed_real)(xr).mean(0)
         d = ((mean_real - embed(xs).mean(0)) ** 2).sum()
         total = d if total is None else total + d
     return total

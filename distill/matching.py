@@ -26,18 +26,35 @@ __all__ = ["class_gradient", "matching_loss"]
 
 
 def class_gradient(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                   create_graph: bool = False) -> list[torch.Tensor]:
-    """∇_θ of the mean cross-entropy on a batch (hard (B,) or soft (B, K) targets)."""
-    loss = classification_loss(model(images), targets)
+                   create_graph: bool = False, chunk: int | None = None) -> list[torch.Tensor]:
+    """∇_θ of the mean cross-entropy on a batch (hard (B,) or soft (B, K) targets).
+
+    ``chunk`` splits the batch into pieces of that size whose gradients are summed with
+    weights ``len(piece) / B``: the same gradient (up to float rounding), in the batch shapes
+    a CPU's caches may prefer.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, params, create_graph=create_graph)
-    return list(grads) if create_graph else [g.detach() for g in grads]
+    n = images.shape[0]
+    if chunk is None or chunk >= n:
+        loss = classification_loss(model(images), targets)
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        return list(grads) if create_graph else [g.detach() for g in grads]
+    total: list[torch.Tensor] | None = None
+    for i in range(0, n, chunk):
+        x, y = images[i:i + chunk], targets[i:i + chunk]
+        loss = classification_loss(model(x), y) * (x.shape[0] / n)
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        grads = list(grads) if create_graph else [g.detach() for g in grads]
+        total = grads if total is None else [a + b for a, b in zip(total, grads)]
+    return total
 
 
 def matching_loss(model: nn.Module, real: Sequence[torch.Tensor],
                   synthetic: Sequence[torch.Tensor], synthetic_targets: Sequence[torch.Tensor],
                   distance: str = "layerwise", augment=None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None,
+                  real_model: nn.Module | None = None,
+                  real_chunk: int | None = None) -> torch.Tensor:
     """Σ_c d(∇ℓ(S_c), ∇ℓ(T_c)) over classes; differentiable w.r.t. the synthetic images.
 
     Args:
@@ -47,6 +64,11 @@ def matching_loss(model: nn.Module, real: Sequence[torch.Tensor],
         synthetic_targets: per class c, hard labels (ipc,) or soft labels (ipc, K).
         augment: optional :class:`distill.augment.DiffAugment`; its parameters are sampled
             once per class from ``generator`` and applied to the real and synthetic batch.
+        real_model: the module that computes the real gradients, e.g. a ``torch.compile``
+            wrapper of ``model`` sharing its parameters (no double backward is needed on the
+            real side); default ``model``.
+        real_chunk: compute each real gradient in pieces of this size (see
+            :func:`class_gradient`).
     """
     total = None
     for c, (xr, xs, ys) in enumerate(zip(real, synthetic, synthetic_targets)):
@@ -54,7 +76,8 @@ def matching_loss(model: nn.Module, real: Sequence[torch.Tensor],
             params = augment.sample(1, generator)
             xr, xs = augment.apply(xr, params), augment.apply(xs, params)
         yr = torch.full((xr.shape[0],), c, dtype=torch.int64, device=xr.device)
-        g_real = class_gradient(model, xr, yr)
+        g_real = class_gradient(model if real_model is None else real_model, xr, yr,
+                                chunk=real_chunk)
         g_syn = class_gradient(model, xs, ys, create_graph=True)
         d = gradient_distance(g_syn, g_real, distance)
         total = d if total is None else total + d

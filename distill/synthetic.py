@@ -87,6 +87,29 @@ class SyntheticSet(nn.Module):
         """(ipc, C, H, W) view of class ``c`` (differentiable)."""
         return self.images[c * self.ipc:(c + 1) * self.ipc]
 
+    def class_targets(self, c: int) -> torch.Tensor:
+        """Targets of class ``c``'s images: (ipc,) hard or (ipc, K) soft."""
+        return self.targets()[c * self.ipc:(c + 1) * self.ipc]
+
+    def class_batch(self, c: int, generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher protocol: every image of class ``c`` and its targets (with graph)."""
+        return self.class_images(c), self.class_targets(c)
+
+    def batch(self, size: int | None, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher protocol: ``size`` random images of any class (all when ``None``)."""
+        x, y = self.images, self.targets()
+        n = x.shape[0]
+        if size is None or size >= n:
+            return x, y
+        idx = torch.randperm(n, generator=generator)[:size].to(x.device)
+        return x[idx], y[idx]
+
+    def lr_tensor(self) -> torch.Tensor | None:
+        """The learnable student learning rate as a tensor with graph (or ``None``)."""
+        return None if self.log_lr is None else self.log_lr.exp()
+
     def targets(self) -> torch.Tensor:
         """(N,) hard labels, or (N, num_classes) soft labels when they are learned."""
         if self.label_logits is None:

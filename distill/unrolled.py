@@ -2,46 +2,164 @@
 
 Wang, Zhu, Torralba & Efros, "Dataset Distillation", 2018 (and Maclaurin, Duvenaud & Adams,
 ICML 2015): train a fresh student for T steps on the teacher's data with a differentiable
-optimiser (``higher``: Grefenstette et al., 2019), evaluate it on real data, and differentiate
-that loss with respect to the teacher's data through every step. Memory grows linearly in T
-(every step's activations are kept). Truncation and gradient checkpointing, which trade that
-memory for time, are the condensation issue's next step.
+optimiser, evaluate it on real data, and differentiate that loss with respect to the teacher's
+data (and a learnable student learning rate) through every step.
+
+Memory grows linearly in T: every step's activations and its gradient graph are kept. Two
+ways to trade that memory for time:
+
+* ``truncate=K``: only the last K steps are differentiated (truncated backprop through time,
+  Shaban, Cheng, Hatch & Boots, AISTATS 2019); the first T − K run as plain SGD.
+* ``checkpoint_every=S``: the unroll is cut into segments of S steps; only the student state
+  at segment boundaries is kept and each segment is recomputed during the backward pass
+  (gradient checkpointing, Chen, Xu, Zhang & Guestrin, 2016). Same gradient, memory about
+  O(T/S + S) steps instead of O(T), one extra forward of the unroll.
+
+The default path goes through ``higher`` (Grefenstette et al., 2019). The checkpointed path
+is our own functional SGD (``torch.func.functional_call``); it reproduces ``higher``'s
+result, which the tests check.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import higher
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .engine import classification_loss
 
 __all__ = ["unrolled_loss"]
 
+Batch = tuple[torch.Tensor, torch.Tensor]
 
-def unrolled_loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                  real_images: torch.Tensor, real_labels: torch.Tensor, lr: float | torch.Tensor,
-                  momentum: float = 0.0, weight_decay: float = 0.0) -> torch.Tensor:
+
+def unrolled_loss(model: nn.Module, batches: Sequence[Batch], real_images: torch.Tensor,
+                  real_labels: torch.Tensor, lr: float | torch.Tensor, momentum: float = 0.0,
+                  weight_decay: float = 0.0, truncate: int | None = None,
+                  checkpoint_every: int | None = None) -> torch.Tensor:
     """Train ``model`` on ``batches`` with differentiable SGD and return the real-data loss.
 
     Args:
         model: a fresh student; its own parameters are not modified.
         batches: T (images, targets) pairs from the teacher, with graphs to the teacher.
         real_images / real_labels: the real batch the trained student is scored on.
-        lr: the student's learning rate (a tensor makes it learnable).
+        lr: the student's learning rate (a tensor with a graph makes it learnable).
         momentum, weight_decay: as in ``torch.optim.SGD`` (weight decay makes the inner
             problem strongly convex for a linear student).
+        truncate: differentiate only the last ``truncate`` steps (``None``: all).
+        checkpoint_every: recompute segments of this many steps in the backward pass
+            instead of storing them (``None``: store everything).
 
     Returns:
         The scalar real-data loss after T steps; ``backward()`` reaches the teacher.
     """
-    opt = torch.optim.SGD(model.parameters(), lr=float(lr) if not torch.is_tensor(lr) else 1.0,
-                          momentum=momentum, weight_decay=weight_decay)
+    batches = list(batches)
+    if truncate is not None and truncate < 1:
+        raise ValueError(f"truncate must be >= 1, got {truncate}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    lr_value = float(lr.detach()) if torch.is_tensor(lr) else float(lr)
+    opt_model = model
+    if truncate is not None and truncate < len(batches):
+        head, batches = batches[:len(batches) - truncate], batches[len(batches) - truncate:]
+        opt_model = copy.deepcopy(model)
+        opt = torch.optim.SGD(opt_model.parameters(), lr=lr_value, momentum=momentum,
+                              weight_decay=weight_decay)
+        for x, y in head:  # plain SGD: no graph to the teacher
+            opt.zero_grad(set_to_none=True)
+            classification_loss(opt_model(x.detach()), y.detach()).backward()
+            opt.step()
+    else:
+        opt = torch.optim.SGD(opt_model.parameters(), lr=lr_value, momentum=momentum,
+                              weight_decay=weight_decay)
+    if checkpoint_every is not None:
+        return _functional_unroll(opt_model, opt, batches, real_images, real_labels, lr,
+                                  momentum, weight_decay, checkpoint_every)
     override = {"lr": [lr]} if torch.is_tensor(lr) else None
-    with higher.innerloop_ctx(model, opt, copy_initial_weights=True,
+    with higher.innerloop_ctx(opt_model, opt, copy_initial_weights=True,
                               track_higher_grads=True) as (fmodel, diffopt):
         for x, y in batches:
             diffopt.step(classification_loss(fmodel(x), y), override=override)
         return classification_loss(fmodel(real_images), real_labels)
+
+
+# ------------------------------------------------------------------ functional, checkpointed
+def _sgd_steps(model: nn.Module, names: list[str], params: list[torch.Tensor],
+               bufs: list[torch.Tensor], batches: Sequence[Batch], lr: torch.Tensor,
+               momentum: float, weight_decay: float, create_graph: bool):
+    """``len(batches)`` SGD steps as torch.optim.SGD takes them (buffer starts at d_p)."""
+    for x, y in batches:
+        loss = classification_loss(functional_call(model, dict(zip(names, params)), (x,)), y)
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        new_p, new_b = [], []
+        for p, b, g in zip(params, bufs, grads):
+            d = g + weight_decay * p if weight_decay else g
+            b = momentum * b + d if momentum else d
+            new_p.append(p - lr * b)
+            new_b.append(b)
+        params, bufs = new_p, new_b
+    return params, bufs
+
+
+class _Segment(torch.autograd.Function):
+    """S student steps whose graph is rebuilt in the backward pass (reentrant checkpoint)."""
+
+    @staticmethod
+    def forward(ctx, spec, *flat):
+        model, names, n_steps, momentum, weight_decay = spec
+        k = len(names)
+        params, bufs = list(flat[:k]), list(flat[k:2 * k])
+        xs, ys, lr = flat[2 * k:2 * k + n_steps], flat[2 * k + n_steps:2 * k + 2 * n_steps], flat[-1]
+        ctx.spec = spec
+        ctx.save_for_backward(*flat)
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_() for p in params]
+            out_p, out_b = _sgd_steps(model, names, leaves, [b.detach() for b in bufs],
+                                      [(x.detach(), y.detach()) for x, y in zip(xs, ys)],
+                                      lr.detach(), momentum, weight_decay, create_graph=False)
+        return tuple(t.detach() for t in out_p + out_b)
+
+    @staticmethod
+    def backward(ctx, *grad_out):
+        model, names, n_steps, momentum, weight_decay = ctx.spec
+        k = len(names)
+        flat = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(t.dtype.is_floating_point) for t in flat]
+            params, bufs = inputs[:k], inputs[k:2 * k]
+            xs, ys = inputs[2 * k:2 * k + n_steps], inputs[2 * k + n_steps:2 * k + 2 * n_steps]
+            out_p, out_b = _sgd_steps(model, names, params, bufs, list(zip(xs, ys)), inputs[-1],
+                                      momentum, weight_decay, create_graph=True)
+            wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
+            grads = torch.autograd.grad(out_p + out_b, [inputs[i] for i in wanted], grad_out,
+                                        allow_unused=True)
+        result: list = [None] * len(inputs)
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        return (None, *result)
+
+
+def _functional_unroll(model: nn.Module, opt: torch.optim.SGD, batches: Sequence[Batch],
+                       real_images: torch.Tensor, real_labels: torch.Tensor,
+                       lr: float | torch.Tensor, momentum: float, weight_decay: float,
+                       every: int) -> torch.Tensor:
+    named = [(n, p) for n, p in model.named_parameters()]
+    names = [n for n, _ in named]
+    params = [p.detach() for _, p in named]
+    bufs = [opt.state.get(p, {}).get("momentum_buffer") for _, p in named]
+    bufs = [torch.zeros_like(p) if b is None else b.detach() for p, b in zip(params, bufs)]
+    lr_t = lr if torch.is_tensor(lr) else torch.tensor(float(lr))
+    lr_t = lr_t.to(params[0].device, params[0].dtype) if not lr_t.requires_grad else lr_t
+    k = len(names)
+    for start in range(0, len(batches), every):
+        seg = batches[start:start + every]
+        spec = (model, names, len(seg), momentum, weight_decay)
+        out = _Segment.apply(spec, *params, *bufs, *[x for x, _ in seg], *[y for _, y in seg],
+                             lr_t)
+        params, bufs = list(out[:k]), list(out[k:])
+    logits = functional_call(model, dict(zip(names, params)), (real_images,))
+    return classification_loss(logits, real_labels)

@@ -81,3 +81,40 @@ def test_long_unroll_agrees_with_implicit_on_a_strongly_convex_student():
     outer = F.cross_entropy(F.linear(xr, *w), yr)
     (g_implicit,) = implicit_hypergradient(inner, outer, w, [s], terms=2000, alpha=0.5)
     torch.testing.assert_close(g_unrolled, g_implicit, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+@pytest.mark.parametrize("every", [1, 2, 3, 7])
+def test_checkpointed_unroll_reproduces_higher(momentum, every):
+    model = linear_student(2)
+    syn, ys, xr, yr = data(2)
+    batches = lambda s: [(s[i % 4:i % 4 + 2], ys[i % 4:i % 4 + 2]) for i in range(7)]  # noqa
+    s1 = syn.clone().requires_grad_()
+    lr1 = torch.tensor(0.3, dtype=D, requires_grad=True)
+    ref = unrolled_loss(model, batches(s1), xr, yr, lr1, momentum=momentum, weight_decay=WD)
+    ref.backward()
+    s2 = syn.clone().requires_grad_()
+    lr2 = torch.tensor(0.3, dtype=D, requires_grad=True)
+    out = unrolled_loss(model, batches(s2), xr, yr, lr2, momentum=momentum, weight_decay=WD,
+                        checkpoint_every=every)
+    out.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(s2.grad, s1.grad)
+    torch.testing.assert_close(lr2.grad, lr1.grad)
+
+
+def test_truncation_differentiates_only_the_last_steps():
+    model = linear_student(3)
+    syn, ys, xr, yr = data(3)
+    first = syn.clone().requires_grad_()   # used only by the first 3 of 5 steps
+    last = syn.clone().requires_grad_()    # used by the last 2
+    batches = [(first, ys)] * 3 + [(last, ys)] * 2
+    full = unrolled_loss(model, batches, xr, yr, 0.5, weight_decay=WD)
+    cut = unrolled_loss(model, batches, xr, yr, 0.5, weight_decay=WD, truncate=2)
+    torch.testing.assert_close(cut, full)  # the forward pass is the same training
+    g_first, g_last = torch.autograd.grad(cut, [first, last], allow_unused=True)
+    assert g_first is None  # no graph through the truncated head
+    (ref_last,) = torch.autograd.grad(full, [last])
+    torch.testing.assert_close(g_last, ref_last)  # the tail is exact
+    with pytest.raises(ValueError, match="truncate"):
+        unrolled_loss(model, batches, xr, yr, 0.5, truncate=0)

@@ -1,0 +1,337 @@
+"""Meta-gradient strategies: how a teacher is told to improve, one protocol, chosen by name.
+
+A *teacher* makes training batches with a graph to its parameters (a
+:class:`~distill.synthetic.SyntheticSet`, or a generator in ``gtn``). It provides
+
+* ``class_batch(c, generator) -> (images, targets)``: a batch of class ``c``;
+* ``batch(size, generator) -> (images, targets)``: a batch of any classes (``None``: all);
+* ``lr_tensor() -> Tensor | None``: a learnable student learning rate, if it has one;
+* ``parameters()``: what the meta-optimiser updates.
+
+A strategy's :meth:`Strategy.step` runs one meta-iteration on a fresh student: it computes the
+meta-loss, leaves the teacher's gradients in ``.grad``, checks them (:func:`check_finite`) and
+steps the meta-optimiser (several times for DC's outer loop). Strategies hold no state across
+iterations, so a run resumes from (teacher, optimiser, generator) alone.
+
+===========  =====================================================================
+name         meta-gradient
+===========  =====================================================================
+matching     per-class gradient matching (DC: Zhao, Mopuri & Bilen, ICLR 2021)
+             — ``dc``; with siamese augmentation ``dsa`` (Zhao & Bilen, ICML 2021)
+distribution embedding-mean matching on random networks (DM: Zhao & Bilen, WACV 2023)
+unrolled     backprop through T student steps (DD: Wang et al. 2018), via ``higher``
+implicit     implicit function theorem + Neumann series (Lorraine, Vicol & Duvenaud,
+             AISTATS 2020); no graph across the T student steps
+===========  =====================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from .augment import AugmentConfig, DiffAugment
+from .data import ImageSet
+from .distribution import distribution_loss
+from .engine import TrainConfig, classification_loss, train
+from .hypergrad import implicit_hypergradient
+from .matching import matching_loss
+from .unrolled import unrolled_loss
+
+__all__ = ["ConfigError", "Teacher", "RealSampler", "NonFiniteError", "StrategyConfig", "Strategy",
+           "STRATEGIES", "METHODS", "make_strategy", "check_finite", "dc_loops"]
+
+log = logging.getLogger("gtnkit")
+
+StudentFactory = Callable[[torch.Generator], nn.Module]
+
+# DC's (outer, inner) loop table: Zhao, Mopuri & Bilen's released settings per IPC.
+_DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+
+
+def dc_loops(ipc: int) -> tuple[int, int]:
+    """(outer, inner) loops of DC for ``ipc`` (the nearest tabulated IPC not above it)."""
+    key = max(k for k in _DC_LOOPS if k <= max(ipc, 1))
+    return _DC_LOOPS[key]
+
+
+class ConfigError(ValueError):
+    """An invalid strategy/loop option (one line)."""
+
+
+class NonFiniteError(ArithmeticError):
+    """A meta-loss or a teacher gradient became NaN/inf; the update was not applied."""
+
+
+class Teacher(Protocol):
+    def class_batch(self, c: int, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def batch(self, size: int | None, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def lr_tensor(self) -> torch.Tensor | None: ...
+
+    def parameters(self): ...
+
+
+class RealSampler:
+    """Random real batches, per class or mixed, drawn from a passed generator."""
+
+    def __init__(self, dataset: ImageSet, device: torch.device | str = "cpu"):
+        self.images = dataset.images.to(device)
+        self.labels = dataset.labels.to(device)
+        self.num_classes = dataset.info.num_classes
+        self._members = [dataset.class_indices(c).cpu() for c in range(self.num_classes)]
+
+    def class_batch(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        m = self._members[c]
+        idx = m[torch.randperm(m.numel(), generator=generator)[:n]]
+        return self.images[idx.to(self.images.device)]
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randperm(self.labels.numel(), generator=generator)[:n].to(self.images.device)
+        return self.images[idx], self.labels[idx]
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Every strategy knob (each strategy reads the ones it uses).
+
+    Attributes:
+        real_batch: real images per class per matching step (DC: 256); for ``unrolled`` /
+            ``implicit`` the size of the real batch the student is scored on.
+        outer_loop / inner_loop: DC's loops; ``None`` takes :func:`dc_loops` (IPC).
+        net_lr: lr of the student trained between outer loops (DC: 0.01, no momentum).
+        distance: ``layerwise`` | ``mse`` | ``cosine`` (see :mod:`distill.distances`).
+        augment: DSA op string for ``dsa`` / ``distribution`` ("" = none).
+        inner_steps: T student steps of ``unrolled`` / ``implicit``.
+        inner_lr, inner_momentum, inner_weight_decay: the student's SGD there.
+        inner_batch: teacher images per student step (``None``: all of them).
+        truncate, checkpoint_steps: memory/time trade-offs of ``unrolled`` (truncated
+            backprop; gradient checkpointing in segments of this many steps).
+        neumann_terms, neumann_alpha: K and α of ``implicit``.
+        compile: compute the real-data side (gradients for ``matching``, embeddings for
+            ``distribution``) with ``torch.compile``'d students: fused kernels, same result
+            up to float rounding. The synthetic side stays eager (it needs double backward).
+            Falls back to eager, with a warning, where compilation fails.
+        real_chunk: ``matching`` computes each real gradient in pieces of this many images
+            (same gradient up to rounding; smaller batches can be faster on a CPU).
+    """
+
+    real_batch: int = 256
+    outer_loop: int | None = None
+    inner_loop: int | None = None
+    net_lr: float = 0.01
+    distance: str = "layerwise"
+    augment: str = ""
+    inner_steps: int = 10
+    inner_lr: float = 0.01
+    inner_momentum: float = 0.0
+    inner_weight_decay: float = 0.0
+    inner_batch: int | None = None
+    truncate: int | None = None
+    checkpoint_steps: int | None = None
+    neumann_terms: int = 5
+    neumann_alpha: float = 0.01
+    compile: bool = False
+    real_chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("real_batch", "inner_steps", "neumann_terms"):
+            if getattr(self, name) < (0 if name == "neumann_terms" else 1):
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("outer_loop", "inner_loop", "inner_batch", "truncate", "checkpoint_steps",
+                     "real_chunk"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name} must be >= 1, got {v}")
+        if self.distance not in ("layerwise", "mse", "cosine"):
+            raise ConfigError(f"unknown distance {self.distance!r}; use layerwise, mse or cosine")
+
+
+def check_finite(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+    """Raise :class:`NonFiniteError` when the loss or any ``.grad`` is NaN/inf."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise NonFiniteError(f"the meta-loss is {float(loss.detach())}")
+    for p in params:
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            raise NonFiniteError("a teacher gradient is not finite")
+
+
+class Strategy:
+    """One meta-iteration: ``step(...)`` returns ``{"loss": float}``."""
+
+    name = ""
+
+    def __init__(self, config: StrategyConfig, ipc: int):
+        self.config, self.ipc = config, ipc
+        self.augment = DiffAugment(AugmentConfig(strategy=config.augment)) if config.augment \
+            else None
+        self.compiled = config.compile  # becomes False if compilation fails
+
+    def _fast(self, fn: Callable, *args):
+        """``fn(compiled_or_eager, *args)``: try the compiled path, fall back to eager once."""
+        module = args[0]
+        if self.compiled:
+            try:
+                return fn(torch.compile(module, dynamic=False), *args[1:])
+            except Exception as exc:  # noqa: BLE001 - any compiler failure means "use eager"
+                log.warning("torch.compile failed (%s); continuing eagerly",
+                            str(exc).splitlines()[0][:200])
+                self.compiled = False
+        return fn(module, *args[1:])
+
+    def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
+             make_student: StudentFactory, generator: torch.Generator) -> dict:
+        raise NotImplementedError
+
+    @staticmethod
+    def _update(loss: torch.Tensor, teacher: Teacher, optimizer: torch.optim.Optimizer,
+                grads: Sequence[torch.Tensor] | None = None) -> float:
+        params = [p for p in teacher.parameters() if p.requires_grad]
+        optimizer.zero_grad(set_to_none=True)
+        if grads is None:
+            loss.backward()
+        else:
+            for p, g in zip(params, grads):
+                p.grad = g
+        check_finite(loss, params)
+        optimizer.step()
+        return float(loss.detach())
+
+
+class Matching(Strategy):
+    """DC / DSA: per-class gradient matching with DC's outer/inner loops."""
+
+    name = "matching"
+
+    def step(self, teacher, optimizer, real, make_student, generator):
+        cfg = self.config
+        outer, inner = dc_loops(self.ipc)
+        outer, inner = cfg.outer_loop or outer, cfg.inner_loop or inner
+        net = make_student(generator)
+        net.train()
+        losses = []
+        for ol in range(outer):
+            xr = [real.class_batch(c, cfg.real_batch, generator) for c in range(real.num_classes)]
+            syn = [teacher.class_batch(c, generator) for c in range(real.num_classes)]
+            loss = self._fast(
+                lambda real_net, n: matching_loss(n, xr, [x for x, _ in syn],
+                                                  [y for _, y in syn], cfg.distance,
+                                                  self.augment, generator, real_model=real_net,
+                                                  real_chunk=cfg.real_chunk),
+                net, net)
+            losses.append(self._update(loss, teacher, optimizer))
+            if ol == outer - 1:
+                break
+            x, y = teacher.batch(None, generator)
+            inner_cfg = TrainConfig(epochs=inner, lr=cfg.net_lr, momentum=0.0, weight_decay=0.0,
+                                    batch_size=256, decay_at=None,
+                                    augment=self.augment is not None)
+            self._fast(lambda m: train(m, x.detach(), y.detach(), inner_cfg, generator), net)
+        return {"loss": sum(losses) / len(losses)}
+
+
+class Distribution(Strategy):
+    """DM: match per-class embedding means of a random, untrained network."""
+
+    name = "distribution"
+
+    def step(self, teacher, optimizer, real, make_student, generator):
+        net = make_student(generator)
+        net.train()
+        net.requires_grad_(False)
+        xr = [real.class_batch(c, self.config.real_batch, generator)
+              for c in range(real.num_classes)]
+        xs = [teacher.class_batch(c, generator)[0] for c in range(real.num_classes)]
+        loss = self._fast(
+            lambda real_net, n: distribution_loss(n.embed, xr, xs, self.augment, generator,
+                                                  embed_real=real_net),
+            _Embed(net), net)
+        return {"loss": self._update(loss, teacher, optimizer)}
+
+
+class _Embed(nn.Module):
+    """``model.embed`` as a module (what ``torch.compile`` wraps for DM's real side)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.embed(x)
+
+
+class Unrolled(Strategy):
+    """DD: the real-data loss after T differentiable student steps on the teacher's data."""
+
+    name = "unrolled"
+
+    def step(self, teacher, optimizer, real, make_student, generator):
+        cfg = self.config
+        net = make_student(generator)
+        net.train()
+        batches = [teacher.batch(cfg.inner_batch, generator) for _ in range(cfg.inner_steps)]
+        xr, yr = real.batch(cfg.real_batch, generator)
+        lr = teacher.lr_tensor()
+        loss = unrolled_loss(net, batches, xr, yr, cfg.inner_lr if lr is None else lr,
+                             momentum=cfg.inner_momentum, weight_decay=cfg.inner_weight_decay,
+                             truncate=cfg.truncate, checkpoint_every=cfg.checkpoint_steps)
+        return {"loss": self._update(loss, teacher, optimizer)}
+
+
+class Implicit(Strategy):
+    """IFT: train T plain steps (no graph), then the implicit hypergradient at the result."""
+
+    name = "implicit"
+
+    def step(self, teacher, optimizer, real, make_student, generator):
+        cfg = self.config
+        net = make_student(generator)
+        net.train()
+        lr = teacher.lr_tensor()
+        lr = cfg.inner_lr if lr is None else float(lr.detach())
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=cfg.inner_momentum,
+                              weight_decay=cfg.inner_weight_decay)
+        for _ in range(cfg.inner_steps):
+            x, y = teacher.batch(cfg.inner_batch, generator)
+            opt.zero_grad(set_to_none=True)
+            classification_loss(net(x.detach()), y.detach()).backward()
+            opt.step()
+        params = [p for p in net.parameters() if p.requires_grad]
+        x, y = teacher.batch(cfg.inner_batch, generator)
+        inner = classification_loss(net(x), y)
+        if cfg.inner_weight_decay:
+            inner = inner + cfg.inner_weight_decay / 2 * sum((p ** 2).sum() for p in params)
+        xr, yr = real.batch(cfg.real_batch, generator)
+        outer = classification_loss(net(xr), yr)
+        hparams = [p for p in teacher.parameters() if p.requires_grad]
+        grads = implicit_hypergradient(inner, outer, params, hparams, cfg.neumann_terms,
+                                       cfg.neumann_alpha)
+        return {"loss": self._update(outer, teacher, optimizer, grads)}
+
+
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Matching, Distribution, Unrolled,
+                                                              Implicit)}
+
+# The method names of the papers -> (strategy, default augmentation).
+METHODS = {
+    "dc": ("matching", ""),
+    "dsa": ("matching", "color_crop_cutout_flip_scale_rotate"),
+    "dm": ("distribution", "color_crop_cutout_flip_scale_rotate"),
+    "dd": ("unrolled", ""),
+    "ift": ("implicit", ""),
+}
+
+
+def make_strategy(name: str, config: StrategyConfig, ipc: int) -> Strategy:
+    """A strategy by its name (``matching``, ``distribution``, ``unrolled``, ``implicit``)."""
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    return STRATEGIES[name](config, ipc)
+
