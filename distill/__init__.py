@@ -1,6 +1,10 @@
 """gtnkit's core: data sets, the student zoo, the one training/evaluation loop, augmentation,
-explicit randomness and atomic result files. Nothing here imports ``selection`` or ``gtn``."""
+explicit randomness and atomic result files, and dataset condensation (the one meta-training
+loop with its interchangeable meta-gradient strategies). Nothing here imports ``selection`` or
+``gtn``."""
 
+from .condense import (CheckpointError, MetaConfig, MetaResult, condense, condense_config,
+                       meta_train)
 from .data import DATASETS, DataError, DatasetInfo, ImageSet, get_info, load_dataset
 from .devices import DeviceError, resolve_device
 from .engine import (EvalProtocol, EvalResult, TrainConfig, accuracy, evaluate_set, mean_std,
@@ -8,6 +12,9 @@ from .engine import (EvalProtocol, EvalResult, TrainConfig, accuracy, evaluate_s
 from .models import ModelError, available_models, build_model, parse_model_spec
 from .rng import child_seed, generator
 from .store import SavedSet, StoreError, load_set, save_set
+from .strategies import (ConfigError, NonFiniteError, RealSampler, StrategyConfig,
+                         make_strategy)
+from .synthetic import SyntheticSet
 
 __all__ = [
     "DATASETS", "DataError", "DatasetInfo", "ImageSet", "get_info", "load_dataset",
@@ -17,4 +24,7 @@ __all__ = [
     "ModelError", "available_models", "build_model", "parse_model_spec",
     "child_seed", "generator",
     "SavedSet", "StoreError", "load_set", "save_set",
+    "CheckpointError", "MetaConfig", "MetaResult", "condense", "condense_config", "meta_train",
+    "ConfigError", "NonFiniteError", "RealSampler", "StrategyConfig", "make_strategy",
+    "SyntheticSet",
 ]
