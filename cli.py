@@ -31,10 +31,11 @@ def _library_errors() -> tuple[type[BaseException], ...]:
     from distill.devices import DeviceError
     from distill.models import ModelError
     from distill.store import StoreError
+    from gtn.generator import GeneratorError
     from selection import SelectionError
 
     return (DataError, StoreError, SelectionError, ModelError, DeviceError, AugmentError,
-            ConfigError, NonFiniteError)
+            ConfigError, NonFiniteError, GeneratorError)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -536,6 +537,210 @@ def show(set_path, out, per_class, force) -> None:
     write_run(out_dir, "show", {"set": str(set_path), "per_class": per_class},
               {"png": str(out_dir / "grid.png"), "images_shown": shown})
     click.echo(f"wrote {out_dir / 'grid.png'} ({shown} images, {ncol} per class)")
+
+
+# --------------------------------------------------------------------------- gtn
+@main.group()
+def gtn() -> None:
+    """Generative Teaching Networks: train a generator, sample sets from it, compare the
+    unrolled / implicit / matching meta-gradients by memory and accuracy."""
+
+
+def _int_list(value: str, name: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}",
+                                 param_hint=name) from None
+    if not items or min(items) < 1:
+        raise click.BadParameter(f"every value must be >= 1, got {value!r}", param_hint=name)
+    return items
+
+
+@gtn.command("train")
+@click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
+@click.option("--method", type=click.Choice(["unrolled", "implicit", "matching"]),
+              default="unrolled", show_default=True, help="Meta-gradient of the generator.")
+@click.option("--inner-steps", default="32", show_default=True,
+              help="T: student steps per meta-iteration.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--curriculum", type=click.Choice(["none", "all-shuffled", "shuffled-batch",
+                                                 "full"]), default="full", show_default=True)
+@click.option("--learn-labels", is_flag=True, help="Learn soft labels of the curriculum.")
+@click.option("--student", default="convnet:width=32", show_default=True,
+              help="Zoo spec of the student.")
+@click.option("--width-choices", default=None,
+              help="Randomise the student's width per meta-iteration, e.g. 16,32,64.")
+@click.option("--meta-iterations", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--meta-lr", type=float, default=1e-3, show_default=True, help="Adam lr.")
+@click.option("--real-batch", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--validation", type=click.IntRange(min=1), default=10000, show_default=True,
+              help="Training images held out for validation.")
+@click.option("--noise-dim", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--width-fc", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--width-conv", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--weight-norm/--no-weight-norm", default=True, show_default=True)
+@click.option("--checkpoint-steps", type=click.IntRange(min=1), default=None,
+              help="unrolled: gradient checkpointing, segments of this many steps.")
+@click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--neumann-alpha", type=float, default=0.02, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Few-step validation accuracy every N meta-iterations.")
+@click.option("--students", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@data_options
+@run_options
+@click.pass_context
+@handle_errors
+def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_labels, student,
+              width_choices, meta_iterations, meta_lr, real_batch, validation, noise_dim,
+              width_fc, width_conv, weight_norm, checkpoint_steps, neumann_terms, neumann_alpha,
+              checkpoint_every, eval_every, students, resume, data_root, download, out, seed,
+              device, force) -> None:
+    """Meta-train a generator teacher on DATASET; writes OUT/generator.pt, grid.png,
+    config.json and results.json (few-step test accuracy, peak memory, s/meta-step)."""
+    from dataclasses import asdict
+
+    from distill.data import load_dataset
+    from distill.devices import resolve_device
+    from distill.store import check_run_dir
+    from gtn import GeneratorConfig, GTNConfig, few_step_accuracy, save_generator, train_gtn
+    from distill.store import SavedSet
+
+    out_dir = check_run_dir(out, force and not resume)
+    steps = _int_list(inner_steps, "--inner-steps")
+    if len(steps) != 1:
+        raise click.BadParameter("one value", param_hint="--inner-steps")
+    widths = tuple(_int_list(width_choices, "--width-choices")) if width_choices else None
+    config = GTNConfig(method=method, inner_steps=steps[0], batch_size=batch_size,
+                       curriculum=curriculum, learn_labels=learn_labels, student=student,
+                       width_choices=widths, meta_iterations=meta_iterations, meta_lr=meta_lr,
+                       real_batch=real_batch, validation=validation,
+                       generator=GeneratorConfig(noise_dim=noise_dim, width_fc=width_fc,
+                                                 width_conv=width_conv, weight_norm=weight_norm),
+                       checkpoint_steps=checkpoint_steps, neumann_terms=neumann_terms,
+                       neumann_alpha=neumann_alpha, checkpoint_every=checkpoint_every,
+                       eval_every=eval_every)
+    dev = resolve_device(device)
+    data = load_dataset(dataset, "train", root=data_root, download=download)
+    test = load_dataset(dataset, "test", root=data_root, download=download)
+    holder: dict = {}
+
+    def periodic(teacher, iteration):
+        accs = few_step_accuracy(teacher, student, holder["val"].images.to(dev),
+                                 holder["val"].labels.to(dev), seed, 1)
+        log.info("meta-iteration %d: validation %.2f %%", iteration, accs[0])
+        return {"validation_accuracy": accs[0]}
+
+    from gtn.train import split_validation
+
+    holder["val"] = split_validation(data, validation)[1]
+    teacher, meta, _ = train_gtn(data, config, seed=seed, device=dev,
+                                 checkpoint=out_dir / "checkpoint.pt", resume=resume,
+                                 progress=_progress(ctx),
+                                 evaluate=periodic if eval_every else None)
+    accs = few_step_accuracy(teacher, student, test.images.to(dev), test.labels.to(dev), seed,
+                             students)
+    from distill.engine import mean_std
+
+    mean, std = mean_std(accs)
+    save_generator(out_dir / "generator.pt", teacher, config)
+    images, labels = teacher.sample(8, torch_generator(seed))
+    write_grid(out_dir / "grid.png", SavedSet(images.cpu(), labels.cpu(),
+                                              {"dataset": data.info.name}), 8)
+    run_config = {"dataset": data.info.name, "gtn": asdict(config), "seed": seed,
+                  "device": str(dev)}
+    write_run(out_dir, "gtn train", run_config,
+              {"label": f"gtn {method} T={steps[0]}", "method": f"gtn-{method}",
+               "accuracies": accs, "mean": mean, "std": std, "meta": meta.as_dict(),
+               "seconds_per_meta_step": meta.seconds_per_iteration, "memory": meta.memory,
+               "generator": str(out_dir / "generator.pt")})
+    click.echo(f"gtn {method} (T={steps[0]}, {curriculum}) -> few-step test accuracy "
+               f"{mean:.2f} ± {std:.2f} % over {students} student(s); "
+               f"{meta.seconds_per_iteration:.2f} s/meta-step; {out_dir / 'generator.pt'}")
+
+
+def torch_generator(seed: int):
+    from distill.rng import generator
+
+    return generator(seed, "sample")
+
+
+@gtn.command("sample")
+@click.argument("generator_path", metavar="GENERATOR.pt", type=click.Path(dir_okay=False))
+@click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Images generated per class.")
+@click.option("--dataset", default=None, help="Refuse a generator made for another shape.")
+@run_options
+@handle_errors
+def gtn_sample(generator_path, per_class, dataset, out, seed, device, force) -> None:
+    """Export PER_CLASS generated images per class as a saved set (for evaluate/show/compare)."""
+    from distill.devices import resolve_device
+    from distill.store import SavedSet, check_run_dir, save_set
+    from gtn import load_generator
+
+    out_dir = check_run_dir(out, force)
+    teacher, config = load_generator(generator_path, dataset)
+    dev = resolve_device(device)
+    teacher = teacher.to(dev)
+    images, labels = teacher.sample(per_class, torch_generator(seed))
+    meta = {"dataset": teacher.info.name, "method": f"gtn-{config.method}", "kind": "generated",
+            "ipc": per_class, "seed": seed, "generator": str(generator_path)}
+    saved = SavedSet(images.cpu(), labels.cpu(), meta)
+    save_set(out_dir / "set.pt", saved)
+    write_grid(out_dir / "grid.png", saved)
+    write_run(out_dir, "gtn sample", {"generator": str(generator_path), "per_class": per_class,
+                                      "seed": seed}, {"set": str(out_dir / "set.pt"),
+                                                      "n_images": int(labels.numel())})
+    click.echo(f"sampled {labels.numel()} images ({per_class} per class) -> "
+               f"{out_dir / 'set.pt'}")
+
+
+@gtn.command("compare")
+@click.option("--dataset", required=True, type=click.Choice(["mnist", "fashion_mnist",
+                                                             "cifar10"]))
+@click.option("--methods", default="unrolled,implicit,matching", show_default=True)
+@click.option("--inner-steps", default="8,16,32,64", show_default=True,
+              help="Comma-separated T values.")
+@click.option("--budget", type=click.Choice(["smoke", "short", "paper"]), default="smoke",
+              show_default=True)
+@click.option("--curriculum", type=click.Choice(["none", "all-shuffled", "shuffled-batch",
+                                                 "full"]), default="full", show_default=True)
+@click.option("--resume", is_flag=True, help="Keep finished cells; continue the running one.")
+@data_options
+@run_options
+@click.pass_context
+@handle_errors
+def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, resume, data_root,
+                download, out, seed, device, force) -> None:
+    """Peak memory, seconds per meta-step and student accuracy of every method and T:
+    OUT/gtn-compare.{json,md,png}."""
+    from distill.data import load_dataset
+    from distill.devices import resolve_device
+    from distill.store import check_run_dir
+    from gtn.compare import BUDGETS, run_comparison
+
+    out_dir = check_run_dir(out, force and not resume)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in names if m not in ("unrolled", "implicit", "matching")]
+    if bad or not names:
+        raise click.BadParameter(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from "
+                                 f"unrolled, implicit, matching", param_hint="--methods")
+    steps = _int_list(inner_steps, "--inner-steps")
+    dev = resolve_device(device)
+    train_set = load_dataset(dataset, "train", root=data_root, download=download).to(dev)
+    test_set = load_dataset(dataset, "test", root=data_root, download=download).to(dev)
+    state = run_comparison(train_set, test_set, names, steps, BUDGETS[budget], out_dir,
+                           seed=seed, device=dev, resume=resume, curriculum=curriculum,
+                           progress=_progress(ctx), log=click.echo)
+    from gtn.compare import comparison_table
+
+    write_run(out_dir, "gtn compare", {"dataset": dataset, "methods": names, "inner_steps": steps,
+                                       "budget": budget, "curriculum": curriculum, "seed": seed,
+                                       "device": str(dev)},
+              {"cells": state["cells"], "table": str(out_dir / "gtn-compare.md")})
+    click.echo(comparison_table(state), nl=False)
 
 
 def write_grid(path: Path, saved: Any, per_class: int = 10) -> tuple[int, int]:

@@ -229,7 +229,8 @@ class Matching(Strategy):
             losses.append(self._update(loss, teacher, optimizer))
             if ol == outer - 1:
                 break
-            x, y = teacher.batch(None, generator)
+            with torch.no_grad():  # the student trains on constants
+                x, y = teacher.batch(None, generator)
             inner_cfg = TrainConfig(epochs=inner, lr=cfg.net_lr, momentum=0.0, weight_decay=0.0,
                                     batch_size=256, decay_at=None,
                                     augment=self.augment is not None)
@@ -267,6 +268,26 @@ class _Embed(nn.Module):
         return self.model.embed(x)
 
 
+def _inner_order(teacher, cfg: StrategyConfig, generator: torch.Generator) -> list:
+    """What each of the T student steps trains on: a teacher's own curriculum (a GTN's
+    ``order``) or T random batches (``None`` entries, drawn by ``batch``)."""
+    if hasattr(teacher, "order"):
+        return list(teacher.order(generator))
+    return [None] * cfg.inner_steps
+
+
+def _inner_batch(teacher, cfg: StrategyConfig, choice, generator: torch.Generator):
+    if hasattr(teacher, "step_batch"):
+        return teacher.step_batch(choice, generator)
+    return teacher.batch(cfg.inner_batch, generator)
+
+
+def _inner_momentum(teacher, cfg: StrategyConfig):
+    """A teacher's learned momentum (GTN) or the configured one."""
+    fn = getattr(teacher, "momentum_tensor", None)
+    return fn() if fn is not None else cfg.inner_momentum
+
+
 class Unrolled(Strategy):
     """DD: the real-data loss after T differentiable student steps on the teacher's data."""
 
@@ -276,17 +297,24 @@ class Unrolled(Strategy):
         cfg = self.config
         net = make_student(generator)
         net.train()
-        batches = [teacher.batch(cfg.inner_batch, generator) for _ in range(cfg.inner_steps)]
+        batches = [_inner_batch(teacher, cfg, c, generator)
+                   for c in _inner_order(teacher, cfg, generator)]
         xr, yr = real.batch(cfg.real_batch, generator)
         lr = teacher.lr_tensor()
         loss = unrolled_loss(net, batches, xr, yr, cfg.inner_lr if lr is None else lr,
-                             momentum=cfg.inner_momentum, weight_decay=cfg.inner_weight_decay,
+                             momentum=_inner_momentum(teacher, cfg),
+                             weight_decay=cfg.inner_weight_decay,
                              truncate=cfg.truncate, checkpoint_every=cfg.checkpoint_steps)
         return {"loss": self._update(loss, teacher, optimizer)}
 
 
 class Implicit(Strategy):
-    """IFT: train T plain steps (no graph), then the implicit hypergradient at the result."""
+    """IFT: train T plain steps (no graph), then the implicit hypergradient at the result.
+
+    The inner loss at the student's final weights is taken on one of the T training batches,
+    chosen at random (with a graph to the teacher); the learning rate and momentum are used
+    but not learned (the implicit gradient does not reach them).
+    """
 
     name = "implicit"
 
@@ -295,16 +323,24 @@ class Implicit(Strategy):
         net = make_student(generator)
         net.train()
         lr = teacher.lr_tensor()
-        lr = cfg.inner_lr if lr is None else float(lr.detach())
-        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=cfg.inner_momentum,
+        order = _inner_order(teacher, cfg, generator)
+        lrs = [cfg.inner_lr] * len(order) if lr is None else \
+            (lr.detach().expand(len(order)) if lr.dim() == 0 else lr.detach()).tolist()
+        momentum = _inner_momentum(teacher, cfg)
+        momentum = float(momentum.detach()) if torch.is_tensor(momentum) else momentum
+        opt = torch.optim.SGD(net.parameters(), lr=lrs[0], momentum=momentum,
                               weight_decay=cfg.inner_weight_decay)
-        for _ in range(cfg.inner_steps):
-            x, y = teacher.batch(cfg.inner_batch, generator)
+        for choice, step_lr in zip(order, lrs):
+            with torch.no_grad():
+                x, y = _inner_batch(teacher, cfg, choice, generator)
+            for group in opt.param_groups:
+                group["lr"] = step_lr
             opt.zero_grad(set_to_none=True)
-            classification_loss(net(x.detach()), y.detach()).backward()
+            classification_loss(net(x), y).backward()
             opt.step()
         params = [p for p in net.parameters() if p.requires_grad]
-        x, y = teacher.batch(cfg.inner_batch, generator)
+        k = int(torch.randint(len(order), (1,), generator=generator))
+        x, y = _inner_batch(teacher, cfg, order[k], generator)
         inner = classification_loss(net(x), y)
         if cfg.inner_weight_decay:
             inner = inner + cfg.inner_weight_decay / 2 * sum((p ** 2).sum() for p in params)

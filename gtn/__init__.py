@@ -1,5 +1,13 @@
-"""Generative Teaching Networks (Such et al., ICML 2020) and the architecture-search proxy.
-
-Not built yet: this package is reserved for the GTN issue (generator teachers, curricula, the
-unrolled / implicit / gradient-matching comparison) and the NAS-proxy issue.
+"""Generative Teaching Networks (Such et al., ICML 2020): a generator teacher with a learned
+curriculum, trained through ``distill``'s one meta-training loop by unrolled backprop,
+the implicit function theorem, or gradient matching; and the comparison of the three by peak
+memory and student accuracy. (The architecture-search proxy is the next issue.)
 """
+
+from .generator import CURRICULA, Generator, GeneratorConfig, GeneratorError, GeneratorTeacher
+from .train import (GTN_METHODS, GTNConfig, few_step_accuracy, fixed_set_accuracy,
+                    load_generator, save_generator, split_validation, train_gtn)
+
+__all__ = ["CURRICULA", "Generator", "GeneratorConfig", "GeneratorError", "GeneratorTeacher",
+           "GTN_METHODS", "GTNConfig", "few_step_accuracy", "fixed_set_accuracy",
+           "load_generator", "save_generator", "split_validation", "train_gtn"]

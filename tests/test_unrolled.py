@@ -118,3 +118,30 @@ def test_truncation_differentiates_only_the_last_steps():
     torch.testing.assert_close(g_last, ref_last)  # the tail is exact
     with pytest.raises(ValueError, match="truncate"):
         unrolled_loss(model, batches, xr, yr, 0.5, truncate=0)
+
+
+def test_per_step_lr_and_learned_momentum_match_finite_differences_and_checkpointing():
+    model = linear_student(4)
+    syn, ys, xr, yr = data(4)
+    batches = [(syn, ys)] * 4
+
+    def loss(lrs, mom, every=None):
+        return unrolled_loss(model, batches, xr, yr, lrs, momentum=mom, weight_decay=WD,
+                             checkpoint_every=every)
+
+    lrs = torch.tensor([0.3, 0.2, 0.4, 0.1], dtype=D, requires_grad=True)
+    mom = torch.tensor(0.5, dtype=D, requires_grad=True)
+    g_lr, g_mom = torch.autograd.grad(loss(lrs, mom), [lrs, mom])
+    eps = 1e-6
+    for i in range(4):
+        d = torch.zeros(4, dtype=D)
+        d[i] = eps
+        fd = (loss(lrs.detach() + d, mom.detach()) - loss(lrs.detach() - d, mom.detach()))
+        assert g_lr[i].item() == pytest.approx(fd.item() / (2 * eps), rel=1e-5, abs=1e-10)
+    fd = loss(lrs.detach(), mom.detach() + eps) - loss(lrs.detach(), mom.detach() - eps)
+    assert g_mom.item() == pytest.approx(fd.item() / (2 * eps), rel=1e-5, abs=1e-10)
+    c_lr, c_mom = torch.autograd.grad(loss(lrs, mom, every=3), [lrs, mom])
+    torch.testing.assert_close(c_lr, g_lr)
+    torch.testing.assert_close(c_mom, g_mom)
+    with pytest.raises(ValueError, match="3 learning rates for 4 steps"):
+        loss(torch.tensor([0.1, 0.1, 0.1], dtype=D), 0.0)

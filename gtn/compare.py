@@ -1,0 +1,176 @@
+"""The user's main comparison: GTN trained by unrolled backprop, implicit differentiation or
+gradient matching, for several numbers of inner steps T: peak memory, seconds per meta-step,
+and the test accuracy of students trained only on generated data (few-step protocol and a
+fixed generated set of the same size). JSON per finished cell (resumable), Markdown, PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from distill.engine import EvalProtocol, TrainConfig, fixed_test_subset, mean_std
+from distill.store import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+from .generator import GeneratorConfig, GeneratorError
+from .train import GTNConfig, few_step_accuracy, fixed_set_accuracy, train_gtn
+
+__all__ = ["Budget", "BUDGETS", "run_comparison", "comparison_table", "plot"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    meta_iterations: int
+    generator: GeneratorConfig
+    student: str
+    batch_size: int
+    real_batch: int
+    students: int
+    fixed_epochs: int
+    test_limit: int | None
+    validation: int
+    notes: str = ""
+
+
+BUDGETS = {
+    "smoke": Budget("smoke", 2, GeneratorConfig(noise_dim=16, width_fc=64, width_conv=16),
+                    "convnet:width=8,depth=2", batch_size=32, real_batch=32, students=2,
+                    fixed_epochs=5, test_limit=500, validation=1000,
+                    notes="proves the path only; figures mean nothing"),
+    "short": Budget("short", 60, GeneratorConfig(noise_dim=64, width_fc=256, width_conv=32),
+                    "convnet:width=16,depth=2", batch_size=64, real_batch=128, students=3,
+                    fixed_epochs=100, test_limit=2000, validation=5000,
+                    notes="generator noise 64, FC 256, 32 channels; width-16 depth-2 ConvNet "
+                          "student; 60 meta-iterations; batch 64; 3 students; fixed "
+                          "2000-image test subset"),
+    "paper": Budget("paper", 2000, GeneratorConfig(), "convnet", batch_size=128, real_batch=128,
+                    students=5, fixed_epochs=300, test_limit=None, validation=10000,
+                    notes="the paper's generator (noise 128, FC 1024, 128 channels), batch "
+                          "128; width-128 ConvNet student"),
+}
+
+
+def cell_key(method: str, steps: int) -> str:
+    return f"{method}/T={steps}"
+
+
+def run_comparison(train_set, test_set, methods: list[str], steps: list[int], budget: Budget,
+                   out: Path, seed: int = 0, device: torch.device | str = "cpu",
+                   resume: bool = False, curriculum: str = "full", progress=None,
+                   log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run every (method, T) cell; returns the state written to ``out/gtn-compare.json``."""
+    if any(t < 1 for t in steps):
+        raise GeneratorError(f"inner steps T must be >= 1, got {min(steps)}")
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "gtn-compare.json"
+    state: dict = {"dataset": train_set.info.name, "budget": asdict(budget), "seed": seed,
+                   "curriculum": curriculum, "device": str(device), "cells": {},
+                   "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if resume and json_path.exists():
+        previous = json.loads(json_path.read_text())
+        if all(previous.get(k) == state[k] for k in ("dataset", "budget", "seed", "curriculum")):
+            state["cells"] = previous.get("cells", {})
+    subset = fixed_test_subset(test_set.labels.numel(), budget.test_limit)
+    test_x, test_y = test_set.images, test_set.labels
+    if subset is not None:
+        test_x, test_y = test_x[subset.to(test_x.device)], test_y[subset.to(test_y.device)]
+    protocol = EvalProtocol(model=budget.student, n_students=budget.students,
+                            train=TrainConfig(epochs=budget.fixed_epochs))
+    for method in methods:
+        for t in steps:
+            key = cell_key(method, t)
+            if key in state["cells"]:
+                continue
+            config = GTNConfig(method=method, inner_steps=t, batch_size=budget.batch_size,
+                               curriculum=curriculum, generator=budget.generator,
+                               student=budget.student, meta_iterations=budget.meta_iterations,
+                               real_batch=budget.real_batch, validation=budget.validation,
+                               inner_momentum=0.5, neumann_alpha=0.02)
+            ckpt = out / "ckpt" / f"{method}-T{t}.pt"
+            ckpt.parent.mkdir(exist_ok=True)
+            t0 = time.perf_counter()
+            teacher, meta, _ = train_gtn(train_set, config, seed=seed, device=device,
+                                         checkpoint=ckpt, resume=resume and ckpt.exists(),
+                                         progress=progress)
+            few = few_step_accuracy(teacher, budget.student, test_x, test_y, seed,
+                                    budget.students)
+            fixed = fixed_set_accuracy(teacher, protocol, test_x, test_y, seed)
+            few_mean, few_std = mean_std(few)
+            state["cells"][key] = {
+                "method": method, "T": t, "meta_iterations": meta.iterations,
+                "seconds_per_meta_step": meta.seconds_per_iteration, "memory": meta.memory,
+                "final_meta_loss": meta.losses[-1], "few_step": few, "few_step_mean": few_mean,
+                "few_step_std": few_std, "fixed_set": list(fixed.accuracies),
+                "fixed_set_mean": fixed.mean, "fixed_set_std": fixed.std,
+                "wall_seconds": time.perf_counter() - t0}
+            atomic_write_json(json_path, state)
+            mem = meta.memory.get("cuda_peak_bytes") or meta.memory["saved_peak_bytes"]
+            log(f"{method:<9} T={t:<3} {mem / 2**20:8.1f} MiB  "
+                f"{meta.seconds_per_iteration:6.2f} s/step  few-step {few_mean:5.1f} %  "
+                f"fixed set {fixed.mean:5.1f} %")
+    atomic_write_text(out / "gtn-compare.md", comparison_table(state))
+    plot(state, out / "gtn-compare.png")
+    return state
+
+
+def _peak(cell: dict) -> int:
+    m = cell["memory"]
+    return m.get("cuda_peak_bytes") or m["saved_peak_bytes"]
+
+
+def comparison_table(state: dict) -> str:
+    b = state["budget"]
+    gpu = any(c["memory"].get("cuda_peak_bytes") for c in state["cells"].values())
+    what = "CUDA allocator peak" if gpu else "peak bytes autograd saves for backward"
+    lines = [f"GTN comparison on {state['dataset']}, budget `{b['name']}` ({b['notes']}); "
+             f"curriculum `{state['curriculum']}`; memory = {what} during a meta-step. "
+             f"Accuracy: % on the test set, mean ± std over {b['students']} students.", "",
+             "| method | T | peak memory (MiB) | × unrolled | s / meta-step | few-step acc. | "
+             "fixed-set acc. |", "|---|---|---|---|---|---|---|"]
+    cells = state["cells"]
+    for c in sorted(cells.values(), key=lambda c: (c["method"], c["T"])):
+        ref = cells.get(cell_key("unrolled", c["T"]))
+        ratio = f"{_peak(c) / _peak(ref):.2f}" if ref else "—"
+        lines.append(f"| {c['method']} | {c['T']} | {_peak(c) / 2**20:.1f} | {ratio} | "
+                     f"{c['seconds_per_meta_step']:.2f} | {c['few_step_mean']:.1f} ± "
+                     f"{c['few_step_std']:.1f} | {c['fixed_set_mean']:.1f} ± "
+                     f"{c['fixed_set_std']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(state: dict, path: Path) -> bool:
+    """Memory against T per method, and accuracy per method and T; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cells = list(state["cells"].values())
+    methods = sorted({c["method"] for c in cells})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for m in methods:
+        cs = sorted((c for c in cells if c["method"] == m), key=lambda c: c["T"])
+        ts = [c["T"] for c in cs]
+        ax1.plot(ts, [_peak(c) / 2**20 for c in cs], marker="o", label=m)
+        ax2.errorbar(ts, [c["few_step_mean"] for c in cs], [c["few_step_std"] for c in cs],
+                     marker="o", capsize=3, label=m)
+    ax1.set(xlabel="inner steps T", ylabel="peak memory (MiB)", xscale="log", title="memory")
+    ax2.set(xlabel="inner steps T", ylabel="test accuracy (%)", xscale="log",
+            title="few-step student accuracy")
+    for ax in (ax1, ax2):
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True

@@ -1,0 +1,240 @@
+"""Training a Generative Teaching Network with any meta-gradient strategy, and scoring it.
+
+Such et al., ICML 2020 train the generator by backpropagating through the student's T inner
+steps (``unrolled``). The same :func:`distill.condense.meta_train` loop also trains it with
+the implicit function theorem (``implicit``: Lorraine, Vicol & Duvenaud, AISTATS 2020) or by
+per-class gradient matching of generated vs real batches (``matching``: Medvedev &
+D'yakonov, "New Properties of the Data Distillation Method When Working With Tabular Data" /
+"Learning to generate synthetic training data using gradient matching and generative
+teaching networks", AIST 2021), so the three can be compared by peak memory and accuracy.
+
+The real training split is cut into a meta-training part and a held-out **validation** part
+(never the test set) on which periodic evaluations are made.
+
+Two ways to score a trained generator:
+
+* :func:`few_step_accuracy`: the paper's protocol: a fresh student trained for the T inner
+  steps on the generator's curriculum with the learned lr / momentum;
+* :func:`fixed_set_accuracy`: a fixed generated data set of the same size (T x batch images)
+  trained on with the DC evaluation protocol.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from distill.condense import MetaConfig, MetaResult, meta_train
+from distill.data import ImageSet
+from distill.engine import EvalProtocol, accuracy, classification_loss, evaluate_set
+from distill.models import build_model, parse_model_spec
+from distill.progress import Progress
+from distill.rng import generator as make_generator
+from distill.strategies import RealSampler, StrategyConfig
+
+from .generator import GeneratorConfig, GeneratorError, GeneratorTeacher
+
+__all__ = ["GTN_METHODS", "GTNConfig", "split_validation", "train_gtn", "few_step_accuracy",
+           "fixed_set_accuracy", "make_teacher", "save_generator", "load_generator"]
+
+GTN_METHODS = {"unrolled": "unrolled", "implicit": "implicit", "matching": "matching"}
+
+
+@dataclass(frozen=True)
+class GTNConfig:
+    """A GTN run (defaults: the paper's where it states them).
+
+    Attributes:
+        method: ``unrolled`` | ``implicit`` | ``matching``.
+        inner_steps: T student steps per meta-iteration (paper: 32 for MNIST).
+        batch_size: generated images per student step (paper: 128).
+        curriculum: ``none`` | ``all-shuffled`` | ``shuffled-batch`` | ``full``.
+        student: zoo spec of the student; ``width_choices`` randomises its width each
+            meta-iteration (a ``width`` option of the spec is then overridden).
+        meta_iterations, meta_lr: Adam on the generator (and curriculum, lr, momentum).
+        real_batch: real images the student is scored on (unrolled / implicit), or per
+            class and step (matching).
+        validation: training images held out for validation (never the test set).
+        checkpoint_steps: gradient checkpointing of ``unrolled`` in segments of this size.
+        neumann_terms, neumann_alpha: the IFT series.
+    """
+
+    method: str = "unrolled"
+    inner_steps: int = 32
+    batch_size: int = 128
+    curriculum: str = "full"
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    learn_labels: bool = False
+    inner_lr: float = 0.02
+    inner_momentum: float = 0.5
+    student: str = "convnet:width=32"
+    width_choices: tuple[int, ...] | None = None
+    meta_iterations: int = 200
+    meta_lr: float = 1e-3
+    real_batch: int = 128
+    validation: int = 10000
+    checkpoint_steps: int | None = None
+    neumann_terms: int = 5
+    neumann_alpha: float = 0.01
+    checkpoint_every: int = 10
+    eval_every: int = 0
+    memory_iterations: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in GTN_METHODS:
+            raise GeneratorError(f"unknown GTN method {self.method!r}; choose from "
+                                 f"{', '.join(GTN_METHODS)}")
+        if self.inner_steps < 1:
+            raise GeneratorError(f"inner steps T must be >= 1, got {self.inner_steps}")
+        if self.meta_iterations < 1:
+            raise GeneratorError(f"meta_iterations must be >= 1, got {self.meta_iterations}")
+        parse_model_spec(self.student)
+
+    def meta_config(self) -> MetaConfig:
+        return MetaConfig(
+            strategy=GTN_METHODS[self.method], iterations=self.meta_iterations,
+            optimizer="adam", lr=self.meta_lr, momentum=0.0,
+            checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
+            memory_iterations=self.memory_iterations,
+            strategy_config=StrategyConfig(
+                real_batch=self.real_batch, inner_steps=self.inner_steps,
+                inner_lr=self.inner_lr, inner_momentum=self.inner_momentum,
+                outer_loop=self.inner_steps, inner_loop=1,  # matching: T match-then-step
+                checkpoint_steps=self.checkpoint_steps, neumann_terms=self.neumann_terms,
+                neumann_alpha=self.neumann_alpha))
+
+
+def split_validation(train_set: ImageSet, n: int) -> tuple[ImageSet, ImageSet]:
+    """(meta-training part, validation part): a fixed random ``n`` images held out."""
+    total = train_set.labels.numel()
+    if not 0 < n < total:
+        raise GeneratorError(f"validation size must be between 1 and {total - 1}, got {n}")
+    perm = torch.randperm(total, generator=make_generator(0, "gtn-validation"))
+    return train_set.subset(perm[n:].sort().values), train_set.subset(perm[:n].sort().values)
+
+
+def make_teacher(info, config: GTNConfig, seed: int) -> GeneratorTeacher:
+    return GeneratorTeacher(info, config.inner_steps, config.batch_size, config.curriculum,
+                            config.generator, config.learn_labels, config.inner_lr,
+                            config.inner_momentum, generator=make_generator(seed, "generator"))
+
+
+def _student_factory(info, config: GTNConfig, device) -> Callable:
+    def make(gen: torch.Generator) -> torch.nn.Module:
+        overrides = {}
+        if config.width_choices:
+            i = int(torch.randint(len(config.width_choices), (1,), generator=gen))
+            overrides["width"] = config.width_choices[i]
+        return build_model(config.student, info.channels, info.num_classes, info.im_size,
+                           generator=gen, **overrides).to(device)
+    return make
+
+
+def train_gtn(train_set: ImageSet, config: GTNConfig, seed: int = 0,
+              device: torch.device | str = "cpu", checkpoint: str | Path | None = None,
+              resume: bool = False, progress: Progress | None = None,
+              evaluate: Callable[[GeneratorTeacher, int], dict] | None = None
+              ) -> tuple[GeneratorTeacher, MetaResult, ImageSet]:
+    """Meta-train a generator teacher; returns (teacher, run record, validation split)."""
+    device = torch.device(device)
+    fit, val = split_validation(train_set, config.validation)
+    teacher = make_teacher(train_set.info, config, seed).to(device)
+    extra = {"dataset": train_set.info.name, "gtn": repr(config)}
+    result = meta_train(teacher, RealSampler(fit, device),
+                        _student_factory(train_set.info, config, device), config.meta_config(),
+                        seed, ipc=1, checkpoint=checkpoint, resume=resume, progress=progress,
+                        evaluate=(lambda it: evaluate(teacher, it)) if evaluate else None,
+                        fingerprint_extra=extra, device=device)
+    return teacher, result, val
+
+
+def few_step_accuracy(teacher: GeneratorTeacher, student: str, images: torch.Tensor,
+                      labels: torch.Tensor, seed: int, n_students: int = 3) -> list[float]:
+    """Test accuracy (%) of fresh students trained T steps on the teacher's curriculum with
+    its learned per-step lr and momentum (the GTN paper's protocol)."""
+    info = teacher.info
+    device = teacher.log_lr.device
+    lrs = teacher.lr_tensor().detach().tolist()
+    momentum = float(teacher.momentum_tensor().detach())
+    accs = []
+    for i in range(n_students):
+        g = make_generator(seed, "few-step", i)
+        model = build_model(student, info.channels, info.num_classes, info.im_size,
+                            generator=g).to(device)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=lrs[0], momentum=momentum)
+        for choice, lr in zip(teacher.order(g), lrs):
+            with torch.no_grad():
+                x, y = teacher.step_batch(choice, g)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            classification_loss(model(x), y).backward()
+            opt.step()
+        accs.append(100.0 * accuracy(model, images, labels))
+    return accs
+
+
+def fixed_set_accuracy(teacher: GeneratorTeacher, protocol: EvalProtocol, images: torch.Tensor,
+                       labels: torch.Tensor, seed: int):
+    """DC-protocol accuracy of a fixed generated set of T x batch images (one curriculum)."""
+    g = make_generator(seed, "fixed-set")
+    with torch.no_grad():
+        batches = [teacher.step_batch(c, g) for c in teacher.order(g)]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    return evaluate_set(x, y, images, labels, protocol, seed=seed,
+                        num_classes=teacher.num_classes)
+
+
+GENERATOR_FORMAT = "gtnkit.generator"
+
+
+def save_generator(path: str | Path, teacher: GeneratorTeacher, config: GTNConfig) -> Path:
+    """Write a trained teacher (weights, config, data set) atomically."""
+    import io
+
+    from distill.store import atomic_write_bytes, to_jsonable
+
+    buf = io.BytesIO()
+    info = teacher.info
+    torch.save({"format": GENERATOR_FORMAT, "version": 1, "dataset": info.name,
+                "shape": [info.channels, *info.im_size],
+                "config": json.dumps(to_jsonable(asdict(config))),
+                "state": {k: v.detach().cpu() for k, v in teacher.state_dict().items()}}, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_generator(path: str | Path, dataset: str | None = None
+                   ) -> tuple[GeneratorTeacher, GTNConfig]:
+    """Read :func:`save_generator`'s file; ``dataset`` checks it makes that data set's shape."""
+    from distill.data import get_info
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise GeneratorError(f"no generator at {path}") from None
+    except Exception:  # noqa: BLE001 - any unpickling failure is the same user error
+        raise GeneratorError(f"{path} is not a readable gtnkit generator") from None
+    if not isinstance(obj, dict) or obj.get("format") != GENERATOR_FORMAT:
+        raise GeneratorError(f"{path} is not a gtnkit generator file")
+    info = get_info(obj["dataset"])
+    if dataset is not None:
+        want = get_info(dataset)
+        if (want.channels, *want.im_size) != tuple(obj["shape"]) or \
+                want.num_classes != info.num_classes:
+            raise GeneratorError(
+                f"{path} makes {'x'.join(map(str, obj['shape']))} images of {info.name}, not "
+                f"{want.channels}x{want.im_size[0]}x{want.im_size[1]} images of {want.name}")
+    raw = json.loads(obj["config"])
+    raw["generator"] = GeneratorConfig(**raw["generator"])
+    if raw.get("width_choices") is not None:
+        raw["width_choices"] = tuple(raw["width_choices"])
+    config = GTNConfig(**raw)
+    teacher = make_teacher(info, config, seed=0)
+    teacher.load_state_dict(obj["state"])
+    return teacher, config
