@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from cli import main
 
-COMMANDS = ["datasets", "select", "evaluate", "show"]
+COMMANDS = ["datasets", "select", "evaluate", "show", "distill", "compare", "gtn"]
 
 
 def run(*args, env=None):

@@ -1,0 +1,55 @@
+"""`gtnkit gtn train | sample | compare` on real MNIST with tiny budgets, and one-line
+refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .test_cli import assert_one_line_error, run
+
+TINY = ["--inner-steps", 2, "--batch-size", 20, "--student", "convnet:width=4,depth=2",
+        "--meta-iterations", 2, "--real-batch", 20, "--validation", 500, "--noise-dim", 8,
+        "--width-fc", 16, "--width-conv", 8, "--students", 1]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--dataset", "mnist", "--inner-steps", "0"], "--inner-steps"),
+    (["train", "--dataset", "mnist", "--inner-steps", "-4"], "--inner-steps"),
+    (["train", "--dataset", "mnist", "--method", "evolution"], "unrolled"),
+    (["train", "--dataset", "mnist", "--curriculum", "zigzag"], "shuffled-batch"),
+    (["train", "--dataset", "mnist", "--student", "gpt"], "convnet"),
+    (["compare", "--dataset", "mnist", "--methods", "unrolled,magic"], "magic"),
+    (["compare", "--dataset", "mnist", "--inner-steps", "8,0"], "--inner-steps"),
+    (["compare", "--dataset", "svhn"], "mnist"),
+])
+def test_bad_gtn_input(tmp_path, args, needle):
+    out = tmp_path / "o"
+    r = run("gtn", *args, "--data-root", tmp_path, "--out", out)
+    assert_one_line_error(r, needle)
+    assert not out.exists()
+
+
+@pytest.mark.realdata
+def test_gtn_train_sample_evaluate(tmp_path, data_root):
+    out = tmp_path / "g"
+    r = run("-q", "gtn", "train", "--dataset", "mnist", "--method", "implicit", *TINY,
+            "--data-root", data_root, "--out", out)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["accuracies"]) == 1 and res["memory"]["saved_peak_bytes"] > 0
+    assert (out / "grid.png").exists()
+
+    s = tmp_path / "s"
+    r = run("gtn", "sample", out / "generator.pt", "--per-class", 3, "--out", s)
+    assert r.exit_code == 0, r.output
+    r = run("-q", "evaluate", s / "set.pt", "--model", "convnet:width=4,depth=2", "--students",
+            1, "--epochs", 2, "--test-limit", 100, "--data-root", data_root, "--out",
+            tmp_path / "e")
+    assert r.exit_code == 0, r.output
+
+    r = run("gtn", "sample", out / "generator.pt", "--dataset", "cifar10", "--out",
+            tmp_path / "bad")
+    assert_one_line_error(r, "cifar10")
+    assert not (tmp_path / "bad").exists()
