@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill.condense import condense, condense_config  # noqa: E402
 from distill.data import load_dataset  # noqa: E402
 from distill.devices import resolve_device  # noqa: E402
-from distill.engine import EvalProtocol, TrainConfig, evaluate_set, mean_std  # noqa: E402
+from distill.engine import EvalProtocol, TrainConfig, evaluate_set  # noqa: E402
 from distill.rng import generator  # noqa: E402
-from distill.stats import comparison_markdown, welch_pairs  # noqa: E402
+from distill.stats import comparison_markdown  # noqa: E402
 from distill.store import atomic_write_json, atomic_write_text  # noqa: E402
 from distill.synthetic import SyntheticSet  # noqa: E402
 from selection import SignalConfig, SignalProvider  # noqa: E402
@@ -295,7 +295,8 @@ def markdown(state: dict) -> str:
              f"over {b['students']} students; published figures (GPU, full protocol) in "
              f"brackets. Wall time {state.get('wall_seconds', 0) / 60:.1f} min on "
              f"{state['device']} ({state['threads']} threads).", "",
-             "| data set | IPC | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
+             "| data set | IPC | " + " | ".join(METHODS) + " |",
+             "|---|---|" + "---|" * len(METHODS)]
     for name in b["datasets"]:
         for ipc in b["ipcs"]:
             row = [name, str(ipc)]
