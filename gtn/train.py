@@ -56,8 +56,10 @@ class GTNConfig:
         student: zoo spec of the student; ``width_choices`` randomises its width each
             meta-iteration (a ``width`` option of the spec is then overridden).
         meta_iterations, meta_lr: Adam on the generator (and curriculum, lr, momentum).
-        real_batch: real images the student is scored on (unrolled / implicit), or per
-            class and step (matching).
+        real_batch: real images the student is scored on (unrolled / implicit).
+        match_real_per_class: real images per class whose gradient the generated images of
+            that class must match, per step (matching). Matching trains the generator on
+            fresh noise: a learned curriculum is not used by it.
         validation: training images held out for validation (never the test set).
         checkpoint_steps: gradient checkpointing of ``unrolled`` in segments of this size.
         neumann_terms, neumann_alpha: the IFT series.
@@ -76,6 +78,7 @@ class GTNConfig:
     meta_iterations: int = 200
     meta_lr: float = 1e-3
     real_batch: int = 128
+    match_real_per_class: int = 64
     validation: int = 10000
     checkpoint_steps: int | None = None
     neumann_terms: int = 5
@@ -101,7 +104,8 @@ class GTNConfig:
             checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
             memory_iterations=self.memory_iterations,
             strategy_config=StrategyConfig(
-                real_batch=self.real_batch, inner_steps=self.inner_steps,
+                real_batch=self.match_real_per_class if self.method == "matching"
+                else self.real_batch, inner_steps=self.inner_steps,
                 inner_lr=self.inner_lr, inner_momentum=self.inner_momentum,
                 outer_loop=self.inner_steps, inner_loop=1,  # matching: T match-then-step
                 checkpoint_steps=self.checkpoint_steps, neumann_terms=self.neumann_terms,
