@@ -163,10 +163,14 @@ def plot(state: dict, path: Path) -> bool:
         ax1.plot(ts, [_peak(c) / 2**20 for c in cs], marker="o", label=m)
         ax2.errorbar(ts, [c["few_step_mean"] for c in cs], [c["few_step_std"] for c in cs],
                      marker="o", capsize=3, label=m)
-    ax1.set(xlabel="inner steps T", ylabel="peak memory (MiB)", xscale="log", title="memory")
-    ax2.set(xlabel="inner steps T", ylabel="test accuracy (%)", xscale="log",
+    ax1.set(xlabel="inner steps T", ylabel="peak memory (MiB)", title="memory")
+    ax2.set(xlabel="inner steps T", ylabel="test accuracy (%)",
             title="few-step student accuracy")
+    all_t = sorted({c["T"] for c in cells})
     for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_t, [str(t) for t in all_t])
+        ax.minorticks_off()
         ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
