@@ -157,10 +157,10 @@ class StrategyConfig:
 def check_finite(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
     """Raise :class:`NonFiniteError` when the loss or any ``.grad`` is NaN/inf."""
     if not bool(torch.isfinite(loss.detach()).all()):
-        raise NonFiniteError(f"the meta-loss is {float(loss.detach())}")
+        raise NonFiniteError(f"non-finite meta-loss ({float(loss.detach())})")
     for p in params:
         if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            raise NonFiniteError("a teacher gradient is not finite")
+            raise NonFiniteError("non-finite teacher gradient")
 
 
 class Strategy:

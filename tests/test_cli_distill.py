@@ -97,3 +97,11 @@ def test_distill_on_mnist_resume_and_compare(tmp_path, data_root, monkeypatch):
     assert "| dm | dm2 |" in r.output or "| dm2 | dm |" in r.output
     assert "Welch" in r.output and table.read_text() == r.output
     assert_one_line_error(run("compare", tmp_path), "results.json")
+
+
+@pytest.mark.realdata
+def test_non_finite_loss_is_one_line_and_writes_no_results(tmp_path, data_root):
+    out, r = distill(tmp_path, data_root, "nf", "--method", "dm", "--lr", "1e30",
+                     "--iterations", 30)
+    assert_one_line_error(r, "non-finite meta-loss", "iteration")
+    assert not (out / "results.json").exists() and not (out / "set.pt").exists()
