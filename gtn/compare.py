@@ -44,12 +44,13 @@ BUDGETS = {
                     "convnet:width=8,depth=2", batch_size=32, real_batch=32, students=2,
                     fixed_epochs=5, test_limit=500, validation=1000,
                     notes="proves the path only; figures mean nothing"),
-    "short": Budget("short", 60, GeneratorConfig(noise_dim=64, width_fc=256, width_conv=32),
-                    "convnet:width=16,depth=2", batch_size=64, real_batch=128, students=3,
-                    fixed_epochs=100, test_limit=2000, validation=5000,
+    "short": Budget("short", 20, GeneratorConfig(noise_dim=64, width_fc=256, width_conv=32),
+                    "convnet:width=16,depth=2", batch_size=64, real_batch=128, students=2,
+                    fixed_epochs=50, test_limit=2000, validation=5000,
                     notes="generator noise 64, FC 256, 32 channels; width-16 depth-2 ConvNet "
-                          "student; 60 meta-iterations; batch 64; 3 students; fixed "
-                          "2000-image test subset"),
+                          "student; 20 meta-iterations (paper: thousands); batch 64; 2 "
+                          "students; fixed set trained 50 epochs; fixed 2000-image test "
+                          "subset; one CPU thread"),
     "paper": Budget("paper", 2000, GeneratorConfig(), "convnet", batch_size=128, real_batch=128,
                     students=5, fixed_epochs=300, test_limit=None, validation=10000,
                     notes="the paper's generator (noise 128, FC 1024, 128 channels), batch "
