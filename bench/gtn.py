@@ -14,6 +14,7 @@ shuffled 97.0 > none 95.7; unrolled memory grows linearly in T.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill.data import load_dataset  # noqa: E402
 from distill.devices import resolve_device  # noqa: E402
 from distill.store import atomic_write_json, atomic_write_text  # noqa: E402
-from gtn.compare import BUDGETS, comparison_table, run_comparison  # noqa: E402
+from distill.engine import EvalProtocol, TrainConfig, evaluate_set, fixed_test_subset  # noqa: E402
+from distill.rng import generator as make_generator  # noqa: E402
+from gtn.compare import BUDGETS, comparison_table, restore_teacher, run_comparison  # noqa: E402
 
 PUBLISHED_CURRICULUM = {"full": 98.5, "shuffled-batch": 97.5, "all-shuffled": 97.0,
                         "none": 95.7}
@@ -37,11 +40,14 @@ class Plan:
     datasets: tuple[str, ...]
     steps: tuple[int, ...]
     curriculum_steps: int
+    cross_steps: int  # the MNIST generators (every method) exported for cross-architecture
+    cross_per_class: int
 
 
-PLANS = {"smoke": Plan(("mnist",), (2, 4), 2),
-         "short": Plan(("mnist", "cifar10"), (8, 16, 32, 64), 16),
-         "paper": Plan(("mnist", "cifar10"), (8, 16, 32, 64), 32)}
+PLANS = {"smoke": Plan(("mnist",), (2, 4), 2, 2, 2),
+         "short": Plan(("mnist", "cifar10"), (8, 16, 32, 64), 16, 16, 20),
+         "paper": Plan(("mnist", "cifar10"), (8, 16, 32, 64), 32, 32, 100)}
+CROSS_MODELS = ("convnet", "mlp", "lenet", "alexnet", "vgg11", "resnet18")
 
 
 def ratios(state: dict, steps) -> list[str]:
@@ -62,10 +68,56 @@ def ratios(state: dict, steps) -> list[str]:
     return lines
 
 
+def cross_architecture(budget, plan: Plan, root: Path, summary: dict, args, device) -> list[str]:
+    """Export ``cross_per_class`` images per class from each method's MNIST generator (T =
+    ``cross_steps``, trained by the comparison) and train every zoo model on them; a random
+    real subset of the same size is the reference row. Cells are kept in crossarch.json."""
+    train = load_dataset("mnist", "train", root=args.data_root).to(device)
+    test = load_dataset("mnist", "test", root=args.data_root).to(device)
+    subset = fixed_test_subset(test.labels.numel(), budget.test_limit)
+    test_x, test_y = test.images, test.labels
+    if subset is not None:
+        test_x, test_y = test_x[subset.to(device)], test_y[subset.to(device)]
+    path = root / "mnist" / "crossarch.json"
+    cells = json.loads(path.read_text()) if args.resume and path.exists() else {}
+    t, k = plan.cross_steps, plan.cross_per_class
+    sources = {}
+    for method in ("unrolled", "implicit", "matching"):
+        teacher = restore_teacher(train, budget, method, t, root / "mnist", device=device)
+        sources[f"gtn {method}"] = teacher.sample(k, make_generator(0, "crossarch"))
+    g = make_generator(0, "crossarch-real")
+    picks = torch.cat([idx[torch.randperm(idx.numel(), generator=g)[:k]]
+                       for idx in map(train.class_indices, range(train.info.num_classes))])
+    sources["random real"] = (train.images[picks], train.labels[picks])
+    for name, (x, y) in sources.items():
+        for model in CROSS_MODELS:
+            key = f"{name}/{model}"
+            if key in cells:
+                continue
+            protocol = EvalProtocol(model=model, n_students=budget.students,
+                                    train=TrainConfig(epochs=budget.fixed_epochs))
+            r = evaluate_set(x.detach(), y, test_x, test_y, protocol, seed=0,
+                             num_classes=train.info.num_classes)
+            cells[key] = {"mean": r.mean, "std": r.std, "accuracies": list(r.accuracies)}
+            atomic_write_json(path, cells)
+            print(f"crossarch {key:<28} {r.mean:5.1f} ± {r.std:.1f}")
+    summary["crossarch"] = cells
+    md = [f"Cross-architecture, MNIST: {k} images per class from each method's generator "
+          f"(T = {t}), every zoo model trained {budget.fixed_epochs} epochs on them "
+          f"(SGD 0.01/0.9, batch 256), {budget.students} students; test accuracy %:", "",
+          "| source | " + " | ".join(CROSS_MODELS) + " |",
+          "|---|" + "---|" * len(CROSS_MODELS)]
+    for name in sources:
+        row = [f"{cells[f'{name}/{m}']['mean']:.1f} ± {cells[f'{name}/{m}']['std']:.1f}"
+               for m in CROSS_MODELS]
+        md.append(f"| {name} | " + " | ".join(row) + " |")
+    return md + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
-    parser.add_argument("--sections", default="compare,curriculum")
+    parser.add_argument("--sections", default="compare,curriculum,crossarch")
     parser.add_argument("--datasets", default=None)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
@@ -104,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             md.append(f"| {cur} | {c['few_step_mean']:.1f} ± {c['few_step_std']:.1f} | "
                       f"{c['fixed_set_mean']:.1f} ± {c['fixed_set_std']:.1f} | "
                       f"{PUBLISHED_CURRICULUM[cur]} |")
+    if "crossarch" in sections:
+        md += cross_architecture(budget, plan, root, summary, args, device)
     atomic_write_json(Path(args.out) / f"gtn-{budget.name}.json", summary)
     atomic_write_text(Path(args.out) / f"gtn-{budget.name}.md", "\n".join(md) + "\n")
     print("\n".join(md))

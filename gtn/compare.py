@@ -21,7 +21,8 @@ from distill.store import atomic_write_bytes, atomic_write_json, atomic_write_te
 from .generator import GeneratorConfig, GeneratorError
 from .train import GTNConfig, few_step_accuracy, fixed_set_accuracy, train_gtn
 
-__all__ = ["Budget", "BUDGETS", "run_comparison", "comparison_table", "plot"]
+__all__ = ["Budget", "BUDGETS", "cell_config", "restore_teacher", "run_comparison",
+           "comparison_table", "plot"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,28 @@ def cell_key(method: str, steps: int) -> str:
     return f"{method}/T={steps}"
 
 
+def cell_config(budget: Budget, method: str, steps: int, curriculum: str = "full") -> GTNConfig:
+    """The GTN run behind one (method, T) cell of the comparison."""
+    return GTNConfig(method=method, inner_steps=steps, batch_size=budget.batch_size,
+                     curriculum=curriculum, generator=budget.generator, student=budget.student,
+                     meta_iterations=budget.meta_iterations, real_batch=budget.real_batch,
+                     validation=budget.validation, inner_momentum=0.5, neumann_alpha=0.02)
+
+
+def cell_checkpoint(out: Path, method: str, steps: int) -> Path:
+    return Path(out) / "ckpt" / f"{method}-T{steps}.pt"
+
+
+def restore_teacher(train_set, budget: Budget, method: str, steps: int, out: Path,
+                    seed: int = 0, device: torch.device | str = "cpu",
+                    curriculum: str = "full"):
+    """The trained generator of a finished cell, read back from its checkpoint."""
+    config = cell_config(budget, method, steps, curriculum)
+    teacher, _, _ = train_gtn(train_set, config, seed=seed, device=device,
+                              checkpoint=cell_checkpoint(out, method, steps), resume=True)
+    return teacher
+
+
 def run_comparison(train_set, test_set, methods: list[str], steps: list[int], budget: Budget,
                    out: Path, seed: int = 0, device: torch.device | str = "cpu",
                    resume: bool = False, curriculum: str = "full", progress=None,
@@ -89,12 +112,8 @@ def run_comparison(train_set, test_set, methods: list[str], steps: list[int], bu
             key = cell_key(method, t)
             if key in state["cells"]:
                 continue
-            config = GTNConfig(method=method, inner_steps=t, batch_size=budget.batch_size,
-                               curriculum=curriculum, generator=budget.generator,
-                               student=budget.student, meta_iterations=budget.meta_iterations,
-                               real_batch=budget.real_batch, validation=budget.validation,
-                               inner_momentum=0.5, neumann_alpha=0.02)
-            ckpt = out / "ckpt" / f"{method}-T{t}.pt"
+            config = cell_config(budget, method, t, curriculum)
+            ckpt = cell_checkpoint(out, method, t)
             ckpt.parent.mkdir(exist_ok=True)
             t0 = time.perf_counter()
             teacher, meta, _ = train_gtn(train_set, config, seed=seed, device=device,
