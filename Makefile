@@ -7,7 +7,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.gtnkit-installed
 DEMO   ?= runs/demo
 
-.PHONY: install test test-fast demo bench-smoke clean
+.PHONY: install test test-fast demo demo-coreset bench-smoke clean
 
 install: $(STAMP)
 
@@ -25,9 +25,15 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not realdata"
 
-# The main job: select a coreset of MNIST (herding, 10 per class) and evaluate it.
+# The main job: train a GTN on MNIST by unrolled backprop, implicit differentiation and gradient
+# matching for T = 8, 16, 32, 64 and compare peak memory and student accuracy (smoke budget).
 # Downloads MNIST through torchvision unless GTNKIT_DATA points at a root that holds it.
 demo: install
+	$(BIN)/gtnkit gtn compare --dataset mnist --budget smoke --inner-steps 8,16,32,64 \
+	    --download --out $(DEMO)/gtn-compare --force
+
+# Select a coreset of MNIST (herding, 10 per class) and evaluate it.
+demo-coreset: install
 	$(BIN)/gtnkit select --dataset mnist --method herding --ipc 10 --download \
 	    --pool-per-class 500 --signal-epochs 5 --out $(DEMO)/select --force
 	$(BIN)/gtnkit evaluate $(DEMO)/select/set.pt --students 2 --download \

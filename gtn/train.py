@@ -97,6 +97,17 @@ class GTNConfig:
             raise GeneratorError(f"meta_iterations must be >= 1, got {self.meta_iterations}")
         parse_model_spec(self.student)
 
+    def check(self, info) -> None:
+        """Refuse settings that cannot run on data set ``info`` (one-line GeneratorError)."""
+        if self.batch_size < 2:
+            raise GeneratorError(f"batch size must be >= 2 (the generator's batch norm needs "
+                                 f"two images), got {self.batch_size}")
+        if self.method == "matching" and self.batch_size < 2 * info.num_classes:
+            raise GeneratorError(
+                f"matching generates batch_size / classes images per class and needs at least "
+                f"2: batch size must be >= {2 * info.num_classes} for {info.num_classes} "
+                f"classes, got {self.batch_size}")
+
     def meta_config(self) -> MetaConfig:
         return MetaConfig(
             strategy=GTN_METHODS[self.method], iterations=self.meta_iterations,
@@ -145,6 +156,7 @@ def train_gtn(train_set: ImageSet, config: GTNConfig, seed: int = 0,
               ) -> tuple[GeneratorTeacher, MetaResult, ImageSet]:
     """Meta-train a generator teacher; returns (teacher, run record, validation split)."""
     device = torch.device(device)
+    config.check(train_set.info)
     fit, val = split_validation(train_set, config.validation)
     teacher = make_teacher(train_set.info, config, seed).to(device)
     extra = {"dataset": train_set.info.name, "gtn": repr(config)}

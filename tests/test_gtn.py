@@ -204,3 +204,63 @@ def test_generated_sets_are_usable_image_sets():
     x, y = t.sample(3, torch.Generator().manual_seed(0))
     assert x.shape == (30, 1, 28, 28) and torch.equal(y, torch.arange(10).repeat_interleave(3))
     ImageSet(x, y, get_info("mnist")).class_indices(3)  # grouped by class
+
+
+class _Kill(Exception):
+    pass
+
+
+def _kill_at(at):
+    def evaluate(teacher, iteration):
+        if iteration == at:
+            raise _Kill
+        return {}
+    return evaluate
+
+
+@pytest.mark.parametrize("method", ["unrolled", "implicit", "matching"])
+def test_gtn_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, method):
+    data = make_tiny_set(per_class=12)
+    cfg = GTNConfig(method=method, inner_steps=3, batch_size=20, curriculum="full",
+                    generator=GeneratorConfig(4, 8, 4), student="convnet:width=4,depth=1",
+                    meta_iterations=5, meta_lr=1e-2, real_batch=8, match_real_per_class=4,
+                    validation=6, checkpoint_every=2, eval_every=1)
+    full, r_full, _ = train_gtn(data, cfg, seed=2, checkpoint=tmp_path / "a.pt",
+                                evaluate=lambda t, i: {})
+    with pytest.raises(_Kill):  # killed during iteration 3, after the checkpoint at 2
+        train_gtn(data, cfg, seed=2, checkpoint=tmp_path / "b.pt", evaluate=_kill_at(3))
+    resumed, r_res, _ = train_gtn(data, cfg, seed=2, checkpoint=tmp_path / "b.pt",
+                                  resume=True, evaluate=lambda t, i: {})
+    assert r_res.resumed_from == 2 and r_res.losses == r_full.losses
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    other, _, _ = train_gtn(data, cfg, seed=3)
+    assert not torch.equal(other.lr_tensor(), full.lr_tensor()) or not all(
+        torch.equal(a, b) for a, b in zip(other.parameters(), full.parameters()))
+
+
+def test_checkpointed_unrolled_gtn_gives_the_same_teacher_gradient():
+    from distill.strategies import RealSampler, make_strategy
+    from gtn.train import _student_factory, make_teacher
+
+    data = make_tiny_set(per_class=12)
+    grads, peaks = [], []
+    for steps in (None, 2):
+        cfg = GTNConfig(method="unrolled", inner_steps=4, batch_size=20, curriculum="full",
+                        generator=GeneratorConfig(4, 8, 4), student="convnet:width=4,depth=1",
+                        meta_iterations=1, real_batch=8, validation=6, checkpoint_steps=steps)
+        t = make_teacher(data.info, cfg, seed=0)
+        strategy = make_strategy("unrolled", cfg.meta_config().strategy_config, ipc=1)
+        opt = torch.optim.SGD(t.parameters(), lr=0.0)  # keeps the gradient, moves nothing
+        from distill.memory import SavedTensorMeter
+
+        with SavedTensorMeter() as meter:
+            strategy.step(t, opt, RealSampler(data, "cpu"),
+                          _student_factory(data.info, cfg, "cpu"),
+                          torch.Generator().manual_seed(5))
+        peaks.append(meter.peak)
+        grads.append([p.grad.clone() for p in t.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert peaks[1] < peaks[0]  # checkpointing trades memory for recomputation
