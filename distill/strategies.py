@@ -205,6 +205,14 @@ class Strategy:
         return float(loss.detach())
 
 
+def _class_batches(teacher, num_classes: int, generator: torch.Generator) -> list:
+    """Every class's batch: in one call where the teacher offers it (a generator with batch
+    norm must see all classes at once), else class by class."""
+    if hasattr(teacher, "class_batches"):
+        return teacher.class_batches(generator)
+    return [teacher.class_batch(c, generator) for c in range(num_classes)]
+
+
 class Matching(Strategy):
     """DC / DSA: per-class gradient matching with DC's outer/inner loops."""
 
@@ -219,7 +227,7 @@ class Matching(Strategy):
         losses = []
         for ol in range(outer):
             xr = [real.class_batch(c, cfg.real_batch, generator) for c in range(real.num_classes)]
-            syn = [teacher.class_batch(c, generator) for c in range(real.num_classes)]
+            syn = _class_batches(teacher, real.num_classes, generator)
             loss = self._fast(
                 lambda real_net, n: matching_loss(n, xr, [x for x, _ in syn],
                                                   [y for _, y in syn], cfg.distance,
@@ -249,7 +257,7 @@ class Distribution(Strategy):
         net.requires_grad_(False)
         xr = [real.class_batch(c, self.config.real_batch, generator)
               for c in range(real.num_classes)]
-        xs = [teacher.class_batch(c, generator)[0] for c in range(real.num_classes)]
+        xs = [x for x, _ in _class_batches(teacher, real.num_classes, generator)]
         loss = self._fast(
             lambda real_net, n: distribution_loss(n.embed, xr, xs, self.augment, generator,
                                                   embed_real=real_net),

@@ -211,6 +211,23 @@ class GeneratorTeacher(nn.Module):
         y = torch.full((n,), c, dtype=torch.int64, device=z.device)
         return self.generator(z, y), y
 
+    def class_batches(self, generator: torch.Generator, n: int | None = None
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``n`` images of every class, made in ONE forward pass and split by class.
+
+        Per-class strategies (matching, distribution) use this instead of one
+        :meth:`class_batch` per class: the generator's batch norm then sees a batch with every
+        class, as it does when it makes the students' training batches. Normalising each
+        class on its own statistics would train a generator whose mixed batches look different.
+        """
+        n = n or max(self.batch_size // self.num_classes, 1)
+        k = self.num_classes
+        z = torch.randn(n * k, self.generator.config.noise_dim, generator=generator)
+        z = z.to(self.log_lr.device)
+        y = torch.arange(k, device=z.device).repeat_interleave(n)
+        x = self.generator(z, y)
+        return [(x[c * n:(c + 1) * n], y[c * n:(c + 1) * n]) for c in range(k)]
+
     def batch(self, size: int | None, generator: torch.Generator
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """A generated batch of balanced labels with fresh noise (``size``: batch_size)."""
