@@ -85,6 +85,24 @@ def restore_teacher(train_set, budget: Budget, method: str, steps: int, out: Pat
     return teacher
 
 
+def plain_step_bytes(info, budget: Budget, device: torch.device | str = "cpu") -> int:
+    """Bytes autograd saves for one plain student training step on a batch of the budget's
+    size: the yardstick for "within a few times one plain training step"."""
+    from distill.engine import classification_loss
+    from distill.memory import SavedTensorMeter
+    from distill.models import build_model
+    from distill.rng import generator as make_generator
+
+    g = make_generator(0, "plain-step")
+    model = build_model(budget.student, info.channels, info.num_classes, info.im_size,
+                        generator=g).to(device)
+    x = torch.randn(budget.batch_size, info.channels, *info.im_size, generator=g).to(device)
+    y = (torch.arange(budget.batch_size) % info.num_classes).to(device)
+    with SavedTensorMeter() as meter:
+        classification_loss(model(x), y).backward()
+    return meter.peak
+
+
 def run_comparison(train_set, test_set, methods: list[str], steps: list[int], budget: Budget,
                    out: Path, seed: int = 0, device: torch.device | str = "cpu",
                    resume: bool = False, curriculum: str = "full", progress=None,
@@ -101,6 +119,7 @@ def run_comparison(train_set, test_set, methods: list[str], steps: list[int], bu
         previous = json.loads(json_path.read_text())
         if all(previous.get(k) == state[k] for k in ("dataset", "budget", "seed", "curriculum")):
             state["cells"] = previous.get("cells", {})
+    state["plain_step_saved_bytes"] = plain_step_bytes(train_set.info, budget, device)
     subset = fixed_test_subset(test_set.labels.numel(), budget.test_limit)
     test_x, test_y = test_set.images, test_set.labels
     if subset is not None:
@@ -152,6 +171,9 @@ def comparison_table(state: dict) -> str:
     lines = [f"GTN comparison on {state['dataset']}, budget `{b['name']}` ({b['notes']}); "
              f"curriculum `{state['curriculum']}`; memory = {what} during a meta-step. "
              f"Accuracy: % on the test set, mean ± std over {b['students']} students.", "",
+             *([f"One plain student training step (batch {b['batch_size']}) saves "
+                f"{state['plain_step_saved_bytes'] / 2**20:.1f} MiB for backward.", ""]
+               if state.get("plain_step_saved_bytes") else []),
              "| method | T | peak memory (MiB) | × unrolled | s / meta-step | few-step acc. | "
              "fixed-set acc. |", "|---|---|---|---|---|---|---|"]
     cells = state["cells"]
