@@ -622,6 +622,9 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
                        checkpoint_steps=checkpoint_steps, neumann_terms=neumann_terms,
                        neumann_alpha=neumann_alpha, checkpoint_every=checkpoint_every,
                        eval_every=eval_every)
+    from distill.data import get_info
+
+    config.check(get_info(dataset))
     dev = resolve_device(device)
     data = load_dataset(dataset, "train", root=data_root, download=download)
     test = load_dataset(dataset, "test", root=data_root, download=download)
@@ -741,6 +744,89 @@ def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, resume, 
                                        "device": str(dev)},
               {"cells": state["cells"], "table": str(out_dir / "gtn-compare.md")})
     click.echo(comparison_table(state), nl=False)
+
+
+@main.command()
+@click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
+@click.option("--n-candidates", type=click.IntRange(min=2), default=12, show_default=True,
+              help="Architectures sampled from the zoo (reproducible by --seed).")
+@click.option("--proxy", "proxies", multiple=True, required=True,
+              metavar="gtn:RUN|dc:RUN|coreset:METHOD|real-subset|real-steps",
+              help="A proxy to rank the candidates with, repeatable. RUN: a `gtnkit gtn train`"
+                   " / `gtnkit distill` output folder or its generator.pt / set.pt.")
+@click.option("--budget", type=click.Choice(["smoke", "short", "paper"]), default="smoke",
+              show_default=True, help="Ground-truth and proxy training budget.")
+@click.option("--families", default=None,
+              help="Comma-separated model families to sample (default: the budget's), from "
+                   "convnet, mlp, lenet, alexnet, vgg11, resnet18.")
+@click.option("--max-params", type=click.IntRange(min=1), default=None,
+              help="Largest candidate, in parameters (default: the budget's).")
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="k of the top-k overlap (default: a quarter of the candidates).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes that train candidates in parallel (spawned, each on --device);"
+                   " same results as 1 when every process runs the same number of threads "
+                   "(e.g. OMP_NUM_THREADS=1).")
+@click.option("--cache", type=click.Path(file_okay=False), default=None,
+              help="Folder of finished per-candidate results, reused by any later run "
+                   "(default: OUT/cache). A killed run resumes by running it again.")
+@data_options
+@run_options
+@click.pass_context
+@handle_errors
+def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k, workers,
+        cache, data_root, download, out, seed, device, force) -> None:
+    """Rank N sampled architectures by short proxy trainings and compare with the ranking of
+    longer real training (validation split of the training set): Spearman / Kendall with
+    bootstrap intervals (all and top half), top-k overlap, picked accuracy, speed-up.
+
+    Writes OUT/nas.md, OUT/nas.png (proxy vs true accuracy), config.json and results.json.
+    """
+    from dataclasses import asdict, replace
+
+    from distill.data import get_info, load_dataset
+    from distill.devices import resolve_device
+    from distill.store import atomic_write_text, check_run_dir
+    from gtn.nas import (NAS_BUDGETS, NASError, parse_proxy, plot_scatter, report_markdown,
+                         resolve_proxy, run_search)
+
+    try:
+        out_dir = check_run_dir(out, force)
+        info = get_info(dataset)
+        specs = [parse_proxy(p) for p in proxies]
+        labels = [s.label for s in specs]
+        if len(set(labels)) != len(labels):
+            raise NASError(f"a proxy is given twice: {', '.join(labels)}")
+        plan = NAS_BUDGETS[budget]
+        space = plan.space
+        if families:
+            space = replace(space, families=tuple(f.strip().lower() for f in families.split(",")
+                                                  if f.strip()))
+        if max_params:
+            space = replace(space, max_params=max_params)
+        resolved = [(s, resolve_proxy(s, info.name)) for s in specs]
+        dev = resolve_device(device)
+    except NASError as exc:
+        raise click.UsageError(str(exc)) from None
+    data = load_dataset(info.name, "train", root=data_root, download=download)
+    try:
+        report = run_search(data, resolved, plan, n_candidates, seed=seed,
+                            cache=Path(cache) if cache else out_dir / "cache", workers=workers,
+                            device=dev, space=space, top_k=top_k, progress=_progress(ctx),
+                            log=log.info)
+    except NASError as exc:
+        raise click.UsageError(str(exc)) from None
+    text = report_markdown(report)
+    atomic_write_text(out_dir / "nas.md", text)
+    plotted = plot_scatter(report, out_dir / "nas.png")
+    if not plotted:
+        log.warning("matplotlib is not installed: no nas.png (pip install matplotlib)")
+    report["png"] = str(out_dir / "nas.png") if plotted else None
+    write_run(out_dir, "nas", {"dataset": info.name, "n_candidates": n_candidates,
+                               "proxies": labels, "budget": budget, "space": asdict(space),
+                               "top_k": top_k, "workers": workers, "seed": seed,
+                               "device": str(dev)}, report)
+    click.echo(text, nl=False)
 
 
 def write_grid(path: Path, saved: Any, per_class: int = 10) -> tuple[int, int]:

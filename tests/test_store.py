@@ -75,3 +75,17 @@ def test_run_dir_guard(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreError, match="not a folder"):
         check_run_dir(tmp_path / "file")
+
+
+def test_atomic_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
+    import os
+    import stat
+
+    from distill.store import atomic_write_text
+
+    p = atomic_write_text(tmp_path / "r.json", "{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask  # what open() would have made
+    assert (tmp_path / "plain").write_text("x") and \
+        stat.S_IMODE((tmp_path / "plain").stat().st_mode) == stat.S_IMODE(p.stat().st_mode)

@@ -1,0 +1,202 @@
+"""Architecture-search proxy benchmark: how well does a short training on GTN data, a
+condensed set, a coreset, a random real subset or a few real steps keep the ranking of
+longer real training? MNIST at smoke / short, CIFAR-10 at paper.
+
+The bench makes its own GTN (``gtn.train.train_gtn``, unrolled, small generator) and DM
+condensed set (``distill.condense.condense``) on the training images outside the search's
+validation split (or takes ``--gtn`` / ``--dc`` runs), then runs :func:`gtn.nas.run_search`
+with every proxy. Ground truth and proxy results are cached one file per candidate under
+``OUT/ckpt/nas-cache`` (written as each finishes), the generator and condensed set under
+``OUT/ckpt/nas-<budget>``: a killed run continues where it stopped when run again with
+``--resume`` (without it the GTN and DM runs start over; cached candidates are reused either
+way, since their keys hold the exact data and schedule).
+
+    python bench/nas.py --budget smoke    # a minute: proves the path
+    python bench/nas.py --budget short    # the README table (2-core CPU, one thread)
+    python bench/nas.py --budget paper    # CIFAR-10, every family (wants a GPU)
+
+Published (Such et al., ICML 2020, via DESIGN.md): as a NAS proxy, the GTN's Spearman
+correlation with true accuracy is 0.56 on the top half of the architectures, at ~9x fewer
+steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill.condense import condense, condense_config
+from distill.data import load_dataset
+from distill.devices import resolve_device
+from distill.store import atomic_write_json, atomic_write_text, save_set
+from gtn.generator import GeneratorConfig
+from gtn.nas import (
+    NAS_BUDGETS,
+    nas_split,
+    parse_proxy,
+    plot_scatter,
+    report_markdown,
+    resolve_proxy,
+    run_search,
+)
+from gtn.train import GTNConfig, save_generator, train_gtn
+
+
+@dataclass(frozen=True)
+class Plan:
+    dataset: str
+    n_candidates: int
+    gtn: GTNConfig            # its ``validation`` is set to the search's below
+    dc_ipc: int
+    dc_iterations: int
+    dc_model: str
+    dc_real_batch: int
+
+
+PLANS = {
+    "smoke": Plan("mnist", 4, GTNConfig(
+        inner_steps=2, batch_size=20, student="convnet:width=4,depth=1", meta_iterations=2,
+        real_batch=20, generator=GeneratorConfig(noise_dim=8, width_fc=16, width_conv=8)),
+        dc_ipc=2, dc_iterations=2, dc_model="convnet:width=4,depth=1", dc_real_batch=8),
+    "short": Plan("mnist", 24, GTNConfig(
+        inner_steps=8, batch_size=64, student="convnet:width=16,depth=2",
+        width_choices=(8, 16, 32), meta_iterations=200, real_batch=128, meta_lr=2e-3,
+        generator=GeneratorConfig(noise_dim=32, width_fc=128, width_conv=16)),
+        dc_ipc=10, dc_iterations=500, dc_model="convnet:width=16,depth=2", dc_real_batch=64),
+    "paper": Plan("cifar10", 50, GTNConfig(
+        inner_steps=32, batch_size=128, student="convnet", width_choices=(32, 64, 128),
+        meta_iterations=2000, real_batch=128), dc_ipc=50, dc_iterations=20000,
+        dc_model="convnet", dc_real_batch=256),
+}
+
+
+def make_gtn(train, plan: Plan, validation: int, folder: Path, seed: int, device, resume: bool,
+             log) -> tuple[Path, dict]:
+    """Train (or, with resume, reuse) the bench's generator; returns its path and record."""
+    from dataclasses import replace
+
+    path = folder / "generator.pt"
+    config = replace(plan.gtn, validation=validation)
+    if resume and path.exists():
+        log(f"reusing {path}")
+        return path, {"reused": True, "config": asdict(config)}
+    start = time.perf_counter()
+    teacher, meta, _ = train_gtn(train, config, seed=seed, device=device,
+                                 checkpoint=folder / "gtn-checkpoint.pt",
+                                 resume=resume and (folder / "gtn-checkpoint.pt").exists())
+    save_generator(path, teacher, config)
+    seconds = time.perf_counter() - start
+    log(f"GTN: {config.meta_iterations} meta-iterations in {seconds:.0f} s -> {path}")
+    return path, {"seconds": seconds, "meta_iterations": meta.iterations,
+                  "seconds_per_meta_step": meta.seconds_per_iteration,
+                  "config": asdict(config)}
+
+
+def make_dc(fit, plan: Plan, folder: Path, seed: int, device, resume: bool, log
+            ) -> tuple[Path, dict]:
+    """DM-condense the search's fit split (never its validation images)."""
+    path = folder / "dm" / "set.pt"
+    if resume and path.exists():
+        log(f"reusing {path}")
+        return path, {"reused": True}
+    config = condense_config("dm", iterations=plan.dc_iterations, real_batch=plan.dc_real_batch,
+                             checkpoint_every=max(1, plan.dc_iterations // 4))
+    start = time.perf_counter()
+    ckpt = folder / "dm-checkpoint.pt"
+    teacher, _ = condense(fit, "dm", plan.dc_ipc, init="real", model=plan.dc_model,
+                             config=config, seed=seed, device=device, checkpoint=ckpt,
+                             resume=resume and ckpt.exists())
+    save_set(path, teacher.to_saved({"dataset": fit.info.name, "method": "dm", "seed": seed}))
+    seconds = time.perf_counter() - start
+    log(f"DM: {plan.dc_iterations} iterations in {seconds:.0f} s -> {path}")
+    return path, {"seconds": seconds, "iterations": plan.dc_iterations, "ipc": plan.dc_ipc,
+                  "model": plan.dc_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", choices=sorted(PLANS), default="smoke")
+    parser.add_argument("--n-candidates", type=int, default=None)
+    parser.add_argument("--gtn", default=None, help="Use this generator instead of training one.")
+    parser.add_argument("--dc", default=None, help="Use this condensed set instead.")
+    parser.add_argument("--coreset", default="herding", help="Selection rule of the coreset.")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    plan, budget = PLANS[args.budget], NAS_BUDGETS[args.budget]
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    folder = out / "ckpt" / f"nas-{args.budget}"
+    if not args.resume and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    train = load_dataset(plan.dataset, "train", root=args.data_root)
+    fit, val = nas_split(train, budget)
+    made: dict = {}
+    gtn_path = args.gtn
+    if gtn_path is None:
+        gtn_path, made["gtn"] = make_gtn(train.to(device), plan, len(val), folder, args.seed,
+                                         device, args.resume, print)
+    dc_path = args.dc
+    if dc_path is None:
+        dc_path, made["dc"] = make_dc(fit.to(device), plan, folder, args.seed, device,
+                                      args.resume, print)
+    specs = [parse_proxy(p) for p in (f"gtn:{gtn_path}", f"dc:{dc_path}",
+                                      f"coreset:{args.coreset}", "real-subset", "real-steps")]
+    proxies = [(s, resolve_proxy(s, plan.dataset)) for s in specs]
+    report = run_search(train, proxies, budget, args.n_candidates or plan.n_candidates,
+                        seed=args.seed, cache=out / "ckpt" / "nas-cache", workers=args.workers,
+                        device=device, log=print)
+    # short names in the table: the paths are in the JSON
+    names = {f"gtn:{gtn_path}": "gtn", f"dc:{dc_path}": "dc (dm)"}
+    report["proxies"] = {names.get(k, k): {**v, "source": k} for k, v in
+                         report["proxies"].items()}
+    report["winner"] = names.get(report["winner"], report["winner"])
+    for c in report["candidates"]:
+        c["proxies"] = {names.get(k, k): v for k, v in c["proxies"].items()}
+    report["made"] = made
+    report["wall_seconds"] = time.perf_counter() - started
+    report["torch"] = torch.__version__
+    md = [f"# NAS proxy benchmark, budget `{args.budget}`", "", report_markdown(report).rstrip(),
+          ""]
+    if made.get("gtn"):
+        g = made["gtn"]
+        cfg = g["config"]
+        md.append(f"GTN: unrolled, T = {cfg['inner_steps']} x {cfg['batch_size']} images, "
+                  f"curriculum {cfg['curriculum']}, {cfg['meta_iterations']} meta-iterations"
+                  + (f", {g['seconds']:.0f} s" if "seconds" in g else " (reused)") + ".")
+    if made.get("dc"):
+        d = made["dc"]
+        md.append(f"DM condensed set: {plan.dc_ipc} images per class, {plan.dc_iterations} "
+                  f"iterations against {plan.dc_model}"
+                  + (f", {d['seconds']:.0f} s" if "seconds" in d else " (reused)")
+                  + "; condensed from the training images outside the validation split.")
+    md += [(f"Coreset: {args.coreset} from {budget.pool_per_class} per class, signals of "
+            f"{budget.signal_model} ({budget.signal_epochs} epoch(s))."),
+           (f"Device {report['device']}, {report['threads']} thread(s), {args.workers} "
+            f"worker(s); whole bench {report['wall_seconds'] / 60:.1f} min."), ""]
+    plotted = plot_scatter(report, out / f"nas-{args.budget}.png")
+    if plotted:
+        md.append(f"Scatter: `{out / f'nas-{args.budget}.png'}`")
+    atomic_write_json(out / f"nas-{args.budget}.json", report)
+    atomic_write_text(out / f"nas-{args.budget}.md", "\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
