@@ -1,7 +1,8 @@
 """Generative Teaching Networks (Such et al., ICML 2020): a generator teacher with a learned
 curriculum, trained through ``distill``'s one meta-training loop by unrolled backprop,
 the implicit function theorem, or gradient matching; and the comparison of the three by peak
-memory and student accuracy. (The architecture-search proxy is the next issue.)
+memory and student accuracy; and the architecture-search proxy (:mod:`gtn.nas`) that ranks
+candidate students by short training on generated, condensed or selected data.
 """
 
 from .generator import CURRICULA, Generator, GeneratorConfig, GeneratorError, GeneratorTeacher
