@@ -34,7 +34,7 @@ import torch
 from .memory import SavedTensorMeter, peak_rss_bytes
 from .progress import Progress, task
 from .rng import generator as make_generator
-from .store import StoreError, atomic_write_bytes, to_jsonable
+from .store import StoreError, atomic_write_bytes, read_tagged, to_jsonable
 from .strategies import (METHODS, ConfigError, NonFiniteError, RealSampler, Strategy,
                          StrategyConfig, Teacher, make_strategy)
 
@@ -141,14 +141,10 @@ def _fingerprint(config: MetaConfig, seed: int, extra: dict | None) -> dict:
 
 
 def _load_checkpoint(path: Path, fingerprint: dict) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"nothing to resume: {path} does not exist") from None
-    except Exception:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise CheckpointError(f"{path} is not a readable gtnkit checkpoint") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a gtnkit meta-training checkpoint")
+    if not Path(path).exists():
+        raise CheckpointError(f"nothing to resume: {path} does not exist")
+    state = read_tagged(path, CHECKPOINT_FORMAT, "gtnkit meta-training checkpoint",
+                        CheckpointError)
     if state.get("fingerprint") != fingerprint:
         raise CheckpointError(f"{path} was written by a run with other options or seed; "
                               f"rerun with the same options, or without --resume")

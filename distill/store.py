@@ -133,18 +133,41 @@ def save_set(path: str | os.PathLike, saved: SavedSet) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def read_tagged(path: str | os.PathLike, tag: str, what: str,
+                error: type[Exception] = StoreError) -> dict:
+    """Read a torch file written by gtnkit whose ``format`` entry is ``tag``.
+
+    ``weights_only``: our files hold tensors and plain metadata, never code to run. Any problem
+    (missing, unreadable, another kind of file) is one line of ``error`` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"no {what} at {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle/zip errors come in many types
+        raise error(f"{path} is not a readable {what} ({type(exc).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") != tag:
+        raise error(f"{path} is not a {what} file (missing format tag {tag!r})")
+    return obj
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Render a matplotlib figure to PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def load_set(path: str | os.PathLike) -> SavedSet:
     """Read a saved set; any problem is a one-line :class:`StoreError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"no saved set at {path}")
-    try:
-        # weights_only: a set file holds tensors and plain metadata, never code to run.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors come in many types
-        raise StoreError(f"{path} is not a readable gtnkit set ({type(exc).__name__})") from None
-    if not isinstance(obj, dict) or obj.get("format") != SET_FORMAT:
-        raise StoreError(f"{path} is not a gtnkit set file (missing format tag {SET_FORMAT!r})")
+    obj = read_tagged(path, SET_FORMAT, "gtnkit set")
     if obj.get("version") != SET_VERSION:
         raise StoreError(f"{path} has set format version {obj.get('version')}; "
                          f"this gtnkit reads version {SET_VERSION}")

@@ -6,7 +6,6 @@ fixed generated set of the same size). JSON per finished cell (resumable), Markd
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -16,7 +15,7 @@ from typing import Callable
 import torch
 
 from distill.engine import EvalProtocol, TrainConfig, fixed_test_subset, mean_std
-from distill.store import atomic_write_bytes, atomic_write_json, atomic_write_text
+from distill.store import atomic_write_json, atomic_write_text, save_figure
 
 from .generator import GeneratorConfig, GeneratorError
 from .train import GTNConfig, few_step_accuracy, fixed_set_accuracy, train_gtn
@@ -215,8 +214,5 @@ def plot(state: dict, path: Path) -> bool:
         ax.minorticks_off()
         ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=100)
     return True

@@ -31,7 +31,6 @@ evaluation, so ``workers=K`` (spawned processes) gives the numbers of ``workers=
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -51,7 +50,7 @@ from distill.engine import TrainConfig, accuracy, train
 from distill.models import ACTS, NORMS, POOLS, ModelError, build_model, parse_model_spec
 from distill.progress import Progress, task
 from distill.rng import generator as make_generator
-from distill.store import atomic_write_bytes, atomic_write_json, to_jsonable
+from distill.store import atomic_write_json, save_figure, to_jsonable
 
 __all__ = [
     "FAMILIES",
@@ -875,8 +874,5 @@ def plot_scatter(report: dict, path: str | os.PathLike) -> bool:
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=90)
     return True

@@ -230,14 +230,11 @@ def load_generator(path: str | Path, dataset: str | None = None
     """Read :func:`save_generator`'s file; ``dataset`` checks it makes that data set's shape."""
     from distill.data import get_info
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise GeneratorError(f"no generator at {path}") from None
-    except Exception:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise GeneratorError(f"{path} is not a readable gtnkit generator") from None
-    if not isinstance(obj, dict) or obj.get("format") != GENERATOR_FORMAT:
-        raise GeneratorError(f"{path} is not a gtnkit generator file")
+    from distill.store import read_tagged
+
+    if not Path(path).is_file():
+        raise GeneratorError(f"no generator at {path}")
+    obj = read_tagged(path, GENERATOR_FORMAT, "gtnkit generator", GeneratorError)
     info = get_info(obj["dataset"])
     if dataset is not None:
         want = get_info(dataset)
