@@ -14,7 +14,7 @@ grow with the number of inner steps.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -52,7 +52,9 @@ def neumann_inverse_hvp(inner_grads: Tensors, params: Tensors, v: Tensors, terms
 
 def implicit_hypergradient(inner_loss: torch.Tensor, outer_loss: torch.Tensor,
                            params: Tensors, hparams: Tensors, terms: int = 5,
-                           alpha: float = 0.01) -> list[torch.Tensor]:
+                           alpha: float = 0.01,
+                           mixed_losses: Iterable[Callable[[], torch.Tensor]] | None = None
+                           ) -> list[torch.Tensor]:
     """dL_V/dh by the implicit function theorem (see module docstring).
 
     Args:
@@ -61,6 +63,11 @@ def implicit_hypergradient(inner_loss: torch.Tensor, outer_loss: torch.Tensor,
         params: the inner parameters w (at, or near, the inner optimum).
         hparams: the hyper-parameters h (e.g. synthetic images, or a generator's weights).
         terms, alpha: Neumann series length K and step α.
+        mixed_losses: when the inner loss is a sum of parts too large to hold in one graph
+            (a GTN curriculum: one part per student step), zero-argument callables that build
+            the parts one at a time; the mixed derivative is then accumulated part by part, so
+            memory stays that of one part, and ``inner_loss`` (e.g. one part, or a sample of
+            them) serves only the Hessian-vector products.
 
     Returns:
         One gradient per hyper-parameter (zeros where it does not influence the losses).
@@ -72,7 +79,16 @@ def implicit_hypergradient(inner_loss: torch.Tensor, outer_loss: torch.Tensor,
     inner_grads = torch.autograd.grad(inner_loss, params, create_graph=True)
     p = neumann_inverse_hvp(inner_grads, params, v, terms, alpha)
     # ∂/∂h of (∂L_T/∂w · p) is the mixed second derivative applied to p.
-    mixed = torch.autograd.grad(_dot(inner_grads, p), hparams, allow_unused=True)
+    if mixed_losses is None:
+        mixed = torch.autograd.grad(_dot(inner_grads, p), hparams, allow_unused=True)
+    else:
+        del inner_grads
+        mixed = [None] * len(hparams)
+        for part in mixed_losses:
+            g = torch.autograd.grad(part(), params, create_graph=True)
+            m = torch.autograd.grad(_dot(g, p), hparams, allow_unused=True)
+            mixed = [a if b is None else (b if a is None else a + b)
+                     for a, b in zip(mixed, m)]
     out = []
     for h, d, m in zip(hparams, direct, mixed):
         g = torch.zeros_like(h)

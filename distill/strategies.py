@@ -319,9 +319,12 @@ class Unrolled(Strategy):
 class Implicit(Strategy):
     """IFT: train T plain steps (no graph), then the implicit hypergradient at the result.
 
-    The inner loss at the student's final weights is taken on one of the T training batches,
-    chosen at random (with a graph to the teacher); the learning rate and momentum are used
-    but not learned (the implicit gradient does not reach them).
+    The Hessian is taken on one of the T training batches, chosen at random (a stochastic
+    estimate of the Hessian of the mean inner loss). For a teacher with a curriculum (a GTN)
+    the mixed derivative is that of the mean loss over all T batches, built batch by batch
+    (memory of one batch), so every learned noise batch gets a gradient; for a synthetic set
+    it is taken on the same batch as the Hessian. The learning rate and momentum are used but
+    not learned (the implicit gradient does not reach them).
     """
 
     name = "implicit"
@@ -355,9 +358,21 @@ class Implicit(Strategy):
         xr, yr = real.batch(cfg.real_batch, generator)
         outer = classification_loss(net(xr), yr)
         hparams = [p for p in teacher.parameters() if p.requires_grad]
+        mixed = None
+        if hasattr(teacher, "order"):  # a curriculum: the student minimised the mean loss
+            # over all T batches, so each of them (its learned noise) gets its mixed term.
+            mixed = [self._part(teacher, cfg, net, c, len(order), generator) for c in order]
         grads = implicit_hypergradient(inner, outer, params, hparams, cfg.neumann_terms,
-                                       cfg.neumann_alpha)
+                                       cfg.neumann_alpha, mixed_losses=mixed)
         return {"loss": self._update(outer, teacher, optimizer, grads)}
+
+
+    @staticmethod
+    def _part(teacher, cfg, net, choice, t, generator):
+        def loss():
+            x, y = _inner_batch(teacher, cfg, choice, generator)
+            return classification_loss(net(x), y) / t
+        return loss
 
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Matching, Distribution, Unrolled,
