@@ -67,7 +67,7 @@ PLANS = {
         inner_steps=2, batch_size=20, student="convnet:width=4,depth=1", meta_iterations=2,
         real_batch=20, generator=GeneratorConfig(noise_dim=8, width_fc=16, width_conv=8)),
         dc_ipc=2, dc_iterations=2, dc_model="convnet:width=4,depth=1", dc_real_batch=8),
-    "short": Plan("mnist", 24, GTNConfig(
+    "short": Plan("mnist", 48, GTNConfig(
         inner_steps=8, batch_size=64, student="convnet:width=16,depth=2",
         width_choices=(8, 16, 32), meta_iterations=200, real_batch=128, meta_lr=2e-3,
         generator=GeneratorConfig(noise_dim=32, width_fc=128, width_conv=16)),
