@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             md.append(f"| {cur} | {c['few_step_mean']:.1f} ± {c['few_step_std']:.1f} | "
                       f"{c['fixed_set_mean']:.1f} ± {c['fixed_set_std']:.1f} | "
                       f"{PUBLISHED_CURRICULUM[cur]} |")
+        md.append("")
     if "crossarch" in sections:
         md += cross_architecture(budget, plan, root, summary, args, device)
     atomic_write_json(Path(args.out) / f"gtn-{budget.name}.json", summary)
