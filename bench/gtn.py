@@ -55,6 +55,15 @@ PLANS = {"smoke": Plan(("mnist",), (2, 4), 2, 2, 2, ("convnet:width=8", "mlp", "
          "paper": Plan(("mnist", "cifar10"), (8, 16, 32, 64), 32, 32, 10, ALL_MODELS, 300)}
 
 
+def shown(path: Path) -> str:
+    """A path as the tables show it: relative to the repository when inside it."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(repo))
+    except ValueError:
+        return str(path)
+
+
 def ratios(state: dict, steps) -> list[str]:
     lines = []
     cells = state["cells"]
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                                resume=args.resume, log=print)
         summary["compare"][name] = state
         md += [comparison_table(state), *ratios(state, plan.steps), "",
-               f"Plot: `{root / name / 'gtn-compare.png'}`", ""]
+               f"Plot: `{shown(root / name / 'gtn-compare.png')}`", ""]
     if "curriculum" in sections:
         train = load_dataset("mnist", "train", root=args.data_root).to(device)
         test = load_dataset("mnist", "test", root=args.data_root).to(device)

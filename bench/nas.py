@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             f"worker(s); whole bench {report['wall_seconds'] / 60:.1f} min."), ""]
     plotted = plot_scatter(report, out / f"nas-{args.budget}.png")
     if plotted:
-        md.append(f"Scatter: `{out / f'nas-{args.budget}.png'}`")
+        png = (out / f"nas-{args.budget}.png").resolve()
+        repo = Path(__file__).resolve().parents[1]
+        md.append(f"Scatter: `{png.relative_to(repo) if png.is_relative_to(repo) else png}`")
     atomic_write_json(out / f"nas-{args.budget}.json", report)
     atomic_write_text(out / f"nas-{args.budget}.md", "\n".join(md) + "\n")
     print("\n".join(md))
