@@ -59,8 +59,9 @@ class _Student(nn.Module):
     features: nn.Module
 
     def _finish(self, channels: int, num_classes: int, im_size: tuple[int, int]) -> None:
-        with torch.no_grad():
-            dim = self.features(torch.zeros(1, channels, *im_size)).flatten(1).shape[1]
+        with torch.no_grad():  # eval: the shape probe must not touch batch-norm running stats
+            dim = self.features.eval()(torch.zeros(1, channels, *im_size)).flatten(1).shape[1]
+        self.features.train()
         self.feature_dim = int(dim)
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
@@ -264,7 +265,10 @@ def build_model(spec: str, channels: int, num_classes: int, im_size: tuple[int, 
     name, options = parse_model_spec(spec)
     options.update(overrides)
     try:
-        model = _ZOO[name](channels, num_classes, tuple(im_size), **options)
+        # With a generator, torch's construction-time init is overwritten below; fork_rng keeps
+        # it from consuming the caller's global RNG state.
+        with torch.random.fork_rng(devices=[], enabled=generator is not None):
+            model = _ZOO[name](channels, num_classes, tuple(im_size), **options)
     except TypeError as exc:
         raise ModelError(f"bad option for model {name!r}: {exc}") from None
     except RuntimeError as exc:  # e.g. a shape that pools away
@@ -294,4 +298,6 @@ def init_parameters(module: nn.Module, generator: torch.Generator) -> nn.Module:
                 m.weight.fill_(1.0)
             if getattr(m, "bias", None) is not None:
                 m.bias.zero_()
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
     return module

@@ -73,10 +73,11 @@ class Generator(nn.Module):
         c, k = config.width_conv, info.num_classes
         self._hw = (h // 4, w // 4)
         wn = weight_norm if config.weight_norm else (lambda m: m)
-        self.fc1 = nn.Linear(config.noise_dim + k, config.width_fc)
-        self.fc2 = nn.Linear(config.width_fc, c * self._hw[0] * self._hw[1])
-        self.conv1 = nn.Conv2d(c, max(c // 2, 1), 3, padding=1)
-        self.conv2 = nn.Conv2d(max(c // 2, 1), info.channels, 3, padding=1)
+        with torch.random.fork_rng(devices=[], enabled=generator is not None):
+            self.fc1 = nn.Linear(config.noise_dim + k, config.width_fc)
+            self.fc2 = nn.Linear(config.width_fc, c * self._hw[0] * self._hw[1])
+            self.conv1 = nn.Conv2d(c, max(c // 2, 1), 3, padding=1)
+            self.conv2 = nn.Conv2d(max(c // 2, 1), info.channels, 3, padding=1)
         if generator is not None:  # seeded init without touching the global RNG
             for m in (self.fc1, self.fc2, self.conv1, self.conv2):
                 bound = 1.0 / math.sqrt(m.weight[0].numel())

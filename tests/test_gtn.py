@@ -279,3 +279,11 @@ def test_class_batches_come_from_one_mixed_forward_pass():
     torch.testing.assert_close(torch.cat([b[0] for b in per]), whole)
     alone = t.generator(z[:2], y[:2])  # class 0 normalised on its own: not the same images
     assert not torch.allclose(alone, whole[:2], atol=1e-3)
+
+
+def test_seeded_teacher_does_not_move_the_global_rng():
+    torch.manual_seed(3)
+    teacher(info=get_info("mnist"), config=GeneratorConfig(4, 8, 4))
+    after = torch.rand(2)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(2))

@@ -96,3 +96,20 @@ def test_functional_call_and_higher(name):
         meta = F.cross_entropy(fmodel(x), y)
         (g,) = torch.autograd.grad(meta, xs)
     assert g.shape == xs.shape and g.abs().sum() > 0  # gradient flows through the SGD step
+
+
+@pytest.mark.parametrize("spec", ["convnet:norm=batch", "mlp", "lenet", "alexnet",
+                                  "vgg11:width=8", "resnet18:width=8"])
+def test_seeded_build_neither_reads_nor_moves_the_global_rng(spec):
+    def build():
+        return build_model(spec, 3, 10, (32, 32), generator=torch.Generator().manual_seed(7))
+
+    torch.manual_seed(1)
+    a = build()
+    after = torch.rand(3)  # the global stream continues as if nothing had been built
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(3))
+    torch.manual_seed(2)  # another global state: the same weights (all from the generator)
+    b = build()
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
