@@ -44,12 +44,16 @@ class Plan:
     cross_per_class: int
     cross_models: tuple[str, ...]
     cross_epochs: int  # DC protocol otherwise (SGD 0.01/0.9/5e-4, batch 256, lr/10 at half)
+    curve_steps: int = 32  # the learning curve: every method at this T, longer
+    curve_iterations: int = 100
+    curve_every: int = 20
 
 
 ALL_MODELS = ("convnet", "mlp", "lenet", "alexnet", "vgg11", "resnet18")
 # On a 2-core CPU, AlexNet / VGG-11 / ResNet-18 take 15-30 min per student for 300 epochs of
 # 100 images; the short budget keeps the cheap architectures, `paper` runs all six.
-PLANS = {"smoke": Plan(("mnist",), (2, 4), 2, 2, 2, ("convnet:width=8", "mlp", "lenet"), 5),
+PLANS = {"smoke": Plan(("mnist",), (2, 4), 2, 2, 2, ("convnet:width=8", "mlp", "lenet"), 5,
+                       curve_steps=4, curve_iterations=4, curve_every=2),
          "short": Plan(("mnist", "cifar10"), (8, 16, 32, 64), 16, 16, 10,
                        ("convnet:width=32", "mlp", "lenet"), 300),
          "paper": Plan(("mnist", "cifar10"), (8, 16, 32, 64), 32, 32, 10, ALL_MODELS, 300)}
@@ -129,16 +133,84 @@ def cross_architecture(budget, plan: Plan, root: Path, summary: dict, args, devi
     return md + [""]
 
 
+def learning_curve(budget, plan: Plan, root: Path, summary: dict, args, device,
+                   methods=("unrolled", "implicit", "matching")) -> list[str]:
+    """Every method at T = ``curve_steps`` for ``curve_iterations`` meta-iterations (MNIST):
+    few-step accuracy on the held-out *validation* split every ``curve_every`` iterations,
+    and the test accuracy at the end. Each method is kept in curve.json as it finishes; its
+    run checkpoints, so ``--resume`` continues a killed one."""
+    from dataclasses import replace
+
+    from gtn.compare import cell_config
+    from gtn.train import few_step_accuracy, split_validation, train_gtn
+
+    train = load_dataset("mnist", "train", root=args.data_root).to(device)
+    test = load_dataset("mnist", "test", root=args.data_root).to(device)
+    subset = fixed_test_subset(test.labels.numel(), budget.test_limit)
+    test_x, test_y = test.images, test.labels
+    if subset is not None:
+        test_x, test_y = test_x[subset.to(device)], test_y[subset.to(device)]
+    val = split_validation(train, budget.validation)[1]
+    val_x, val_y = val.images[:2000], val.labels[:2000]
+    t = plan.curve_steps
+    path = root / "curve" / "curve.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cells = json.loads(path.read_text()) if args.resume and path.exists() else {}
+    only = getattr(args, "curve_methods", None)
+    for method in methods:
+        if method in cells or (only and method not in only):
+            continue
+        config = replace(cell_config(budget, method, t),
+                         meta_iterations=plan.curve_iterations, eval_every=plan.curve_every)
+        ckpt = root / "curve" / "ckpt" / f"{method}.pt"
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+
+        def validate(teacher, iteration):
+            accs = few_step_accuracy(teacher, budget.student, val_x, val_y, 0, budget.students)
+            print(f"curve {method:<9} it {iteration:4d}  validation {sum(accs) / len(accs):5.1f} %")
+            return {"validation": accs}
+
+        teacher, meta, _ = train_gtn(train, config, seed=0, device=device, checkpoint=ckpt,
+                                     resume=args.resume and ckpt.exists(), evaluate=validate)
+        few = few_step_accuracy(teacher, budget.student, test_x, test_y, 0, budget.students)
+        cell = {"T": t, "iterations": meta.iterations, "evals": meta.evals,
+                "seconds_per_meta_step": meta.seconds_per_iteration, "memory": meta.memory,
+                "test_few_step": few}
+        # merge with what parallel shards (--curve-methods) wrote meanwhile
+        cells = {**(json.loads(path.read_text()) if path.exists() else {}), **cells,
+                 method: cell}
+        atomic_write_json(path, cells)
+    summary["curve"] = cells
+    if not all(m in cells for m in methods):
+        return [f"Learning curve: incomplete ({', '.join(sorted(cells))} done).", ""]
+    its = [e["iteration"] for e in cells[methods[0]]["evals"]]
+    md = [f"Learning curve, MNIST, T = {t}: few-step accuracy (%) on 2000 held-out training "
+          f"images after N meta-iterations (mean of {budget.students} students), and on the "
+          f"test subset at the end:", "",
+          "| method | " + " | ".join(f"N = {i}" for i in its) + " | test (end) | s / meta-step |",
+          "|---|" + "---|" * (len(its) + 2)]
+    for m in methods:
+        c = cells[m]
+        vals = [sum(e["validation"]) / len(e["validation"]) for e in c["evals"]]
+        test_mean = sum(c["test_few_step"]) / len(c["test_few_step"])
+        md.append(f"| {m} | " + " | ".join(f"{v:.1f}" for v in vals) +
+                  f" | {test_mean:.1f} | {c['seconds_per_meta_step']:.2f} |")
+    return md + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
-    parser.add_argument("--sections", default="compare,curriculum,crossarch")
+    parser.add_argument("--sections", default="compare,curriculum,crossarch,curve")
+    parser.add_argument("--curve-methods", default=None,
+                        help="Run only these methods of the learning curve (parallel shards).")
     parser.add_argument("--datasets", default=None)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    args.curve_methods = args.curve_methods.split(",") if args.curve_methods else None
     budget, plan = BUDGETS[args.budget], PLANS[args.budget]
     datasets = tuple(args.datasets.split(",")) if args.datasets else plan.datasets
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -174,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         md.append("")
     if "crossarch" in sections:
         md += cross_architecture(budget, plan, root, summary, args, device)
+    if "curve" in sections:
+        md += learning_curve(budget, plan, root, summary, args, device)
     atomic_write_json(Path(args.out) / f"gtn-{budget.name}.json", summary)
     atomic_write_text(Path(args.out) / f"gtn-{budget.name}.md", "\n".join(md) + "\n")
     print("\n".join(md))
