@@ -751,9 +751,11 @@ def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, resume, 
 @click.option("--n-candidates", type=click.IntRange(min=2), default=12, show_default=True,
               help="Architectures sampled from the zoo (reproducible by --seed).")
 @click.option("--proxy", "proxies", multiple=True, required=True,
-              metavar="gtn:RUN|dc:RUN|coreset:METHOD|real-subset|real-steps",
+              metavar="gtn:RUN|gtn-steps:RUN|dc:RUN|coreset:METHOD|real-subset|real-steps",
               help="A proxy to rank the candidates with, repeatable. RUN: a `gtnkit gtn train`"
-                   " / `gtnkit distill` output folder or its generator.pt / set.pt.")
+                   " / `gtnkit distill` output folder or its generator.pt / set.pt. gtn: the "
+                   "generator's curriculum as a fixed set; gtn-steps: its own protocol (T "
+                   "steps at its learned lrs and momentum).")
 @click.option("--budget", type=click.Choice(["smoke", "short", "paper"]), default="smoke",
               show_default=True, help="Ground-truth and proxy training budget.")
 @click.option("--families", default=None,

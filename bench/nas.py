@@ -155,14 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     if dc_path is None:
         dc_path, made["dc"] = make_dc(fit.to(device), plan, folder, args.seed, device,
                                       args.resume, print)
-    specs = [parse_proxy(p) for p in (f"gtn:{gtn_path}", f"dc:{dc_path}",
+    specs = [parse_proxy(p) for p in (f"gtn:{gtn_path}", f"gtn-steps:{gtn_path}",
+                                      f"dc:{dc_path}",
                                       f"coreset:{args.coreset}", "real-subset", "real-steps")]
     proxies = [(s, resolve_proxy(s, plan.dataset)) for s in specs]
     report = run_search(train, proxies, budget, args.n_candidates or plan.n_candidates,
                         seed=args.seed, cache=out / "ckpt" / "nas-cache", workers=args.workers,
                         device=device, log=print)
     # short names in the table: the paths are in the JSON
-    names = {f"gtn:{gtn_path}": "gtn", f"dc:{dc_path}": "dc (dm)"}
+    names = {f"gtn:{gtn_path}": "gtn", f"gtn-steps:{gtn_path}": "gtn-steps",
+             f"dc:{dc_path}": "dc (dm)"}
     report["proxies"] = {names.get(k, k): {**v, "source": k} for k, v in
                          report["proxies"].items()}
     report["winner"] = names.get(report["winner"], report["winner"])

@@ -86,7 +86,7 @@ class NASError(ValueError):
 
 
 FAMILIES = ("convnet", "mlp", "lenet", "alexnet", "vgg11", "resnet18")
-PROXY_KINDS = ("gtn", "dc", "coreset", "real-subset", "real-steps")
+PROXY_KINDS = ("gtn", "gtn-steps", "dc", "coreset", "real-subset", "real-steps")
 
 
 # =============================================================================== search space
@@ -328,6 +328,8 @@ class TrainSet:
     train: TrainConfig
     setup_seconds: float = 0.0
     meta: dict = field(default_factory=dict)
+    step_lrs: tuple[float, ...] | None = None  # a GTN's own protocol: one batch per step, in
+    momentum: float | None = None              # order, at these learned lrs and momentum
 
     def digest(self) -> str:
         return _digest(self.images, self.labels)
@@ -383,11 +385,13 @@ def parse_proxy(text: str) -> ProxySpec:
     kind = kind.strip().lower()
     if kind not in PROXY_KINDS:
         raise NASError(f"unknown proxy kind {kind!r} in {text!r}; choose from "
-                       f"gtn:RUN, dc:RUN, coreset:METHOD, real-subset, real-steps")
+                       f"gtn:RUN, gtn-steps:RUN, dc:RUN, coreset:METHOD, real-subset, "
+                       f"real-steps")
     arg = arg.strip() or None
-    if kind in ("gtn", "dc", "coreset") and arg is None:
-        raise NASError(f"proxy {kind!r} needs an argument: "
-                       f"{ {'gtn': 'gtn:RUN', 'dc': 'dc:RUN', 'coreset': 'coreset:METHOD'}[kind]}")
+    if kind in ("gtn", "gtn-steps", "dc", "coreset") and arg is None:
+        form = {"gtn": "gtn:RUN", "gtn-steps": "gtn-steps:RUN", "dc": "dc:RUN",
+                "coreset": "coreset:METHOD"}[kind]
+        raise NASError(f"proxy {kind!r} needs an argument: {form}")
     if kind in ("real-subset", "real-steps") and arg is not None:
         raise NASError(f"proxy {kind!r} takes no argument, got {text!r}")
     return ProxySpec(kind, arg)
@@ -408,7 +412,7 @@ def resolve_proxy(spec: ProxySpec, dataset: str):
             SelectionError: an unreadable run or an unknown selection method.
     """
     want = get_info(dataset).name
-    if spec.kind == "gtn":
+    if spec.kind in ("gtn", "gtn-steps"):
         from .train import load_generator
 
         path = _run_file(spec.arg, "generator.pt")
@@ -443,6 +447,9 @@ def build_proxy_set(spec: ProxySpec, source, fit: ImageSet, budget: NASBudget, s
     * ``gtn``: the generator's learned curriculum (T batches of its learned noise, generated
       in training mode as during meta-training; fresh noise for curriculum ``none``), i.e.
       what :func:`gtn.train.fixed_set_accuracy` trains on: T x batch images;
+    * ``gtn-steps``: the same T batches, but trained as the GTN was meta-trained (its
+      few-step protocol, :func:`gtn.train.few_step_accuracy`): one step per batch, in order,
+      at the generator's learned per-step lrs and momentum;
     * ``dc``: the condensed set as saved (soft labels kept);
     * ``coreset``: ``ipc`` images per class chosen by the rule from a pool of
       ``pool_per_class`` per class of ``fit``, with signals of a ``signal_model`` network;
@@ -453,7 +460,7 @@ def build_proxy_set(spec: ProxySpec, source, fit: ImageSet, budget: NASBudget, s
     start = time.perf_counter()
     g = make_generator(seed, "nas-proxy", spec.label)
     meta: dict = {"kind": spec.kind, "arg": spec.arg}
-    if spec.kind == "gtn":
+    if spec.kind in ("gtn", "gtn-steps"):
         teacher = source.to(device)
         teacher.train()
         with torch.no_grad():
@@ -461,6 +468,14 @@ def build_proxy_set(spec: ProxySpec, source, fit: ImageSet, budget: NASBudget, s
         x = torch.cat([b[0] for b in batches]).detach()
         y = torch.cat([b[1] for b in batches]).detach()
         meta.update(curriculum=teacher.curriculum, steps=teacher.steps)
+        if spec.kind == "gtn-steps":
+            lrs = tuple(float(v) for v in teacher.lr_tensor().detach().cpu())
+            momentum = float(teacher.momentum_tensor().detach())
+            meta.update(size=int(y.shape[0]), momentum=momentum)
+            cfg = TrainConfig(epochs=1, lr=lrs[0], momentum=momentum, weight_decay=0.0,
+                              batch_size=teacher.batch_size, decay_at=None)
+            return TrainSet(spec.label, x.to(device), y.to(device), cfg,
+                            time.perf_counter() - start, meta, step_lrs=lrs, momentum=momentum)
     elif spec.kind == "dc":
         x, y = source.images.to(device), source.labels.to(device)
         meta.update(method=source.meta.get("method"), ipc=source.meta.get("ipc"))
@@ -503,6 +518,8 @@ def _fingerprint(ts: TrainSet, val: ImageSet, dataset: str) -> tuple[str, dict]:
     data, schedule and validation data."""
     fp = {"version": 2, "dataset": dataset, "kind": ts.label, "train": asdict(ts.train),
           "data": ts.digest(), "validation": _digest(val.images, val.labels)}
+    if ts.step_lrs is not None:
+        fp.update(step_lrs=list(ts.step_lrs), momentum=ts.momentum)
     text = json.dumps(to_jsonable(fp), sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest(), fp
 
@@ -547,10 +564,35 @@ def train_candidate(spec: str, ts: TrainSet, val_x: torch.Tensor, val_y: torch.T
     c, h, w = ts.images.shape[1:]
     model = build_model(spec, int(c), num_classes, (int(h), int(w)), generator=g)
     model = model.to(ts.images.device)
-    stats = train(model, ts.images, ts.labels, ts.train, g)
+    if ts.step_lrs is not None:
+        train_seconds, steps, final_loss = _few_steps(model, ts)
+    else:
+        stats = train(model, ts.images, ts.labels, ts.train, g)
+        train_seconds, steps, final_loss = stats.seconds, stats.steps, stats.final_loss
     acc = 100.0 * accuracy(model, val_x, val_y)
     return {"accuracy": acc, "seconds": time.perf_counter() - start,
-            "train_seconds": stats.seconds, "steps": stats.steps, "final_loss": stats.final_loss}
+            "train_seconds": train_seconds, "steps": steps, "final_loss": final_loss}
+
+
+def _few_steps(model: torch.nn.Module, ts: TrainSet) -> tuple[float, int, float]:
+    """A GTN's own protocol: batch t (consecutive ``batch_size`` images) at lr ``step_lrs[t]``,
+    SGD with the learned momentum. Returns (seconds, steps, last loss)."""
+    from distill.engine import classification_loss
+
+    t0 = time.perf_counter()
+    b = ts.train.batch_size
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=ts.step_lrs[0], momentum=ts.momentum or 0.0)
+    loss = torch.zeros(())
+    for i, lr in enumerate(ts.step_lrs):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss = classification_loss(model(ts.images[i * b:(i + 1) * b]),
+                                    ts.labels[i * b:(i + 1) * b])
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0, len(ts.step_lrs), float(loss.detach())
 
 
 _WORKER: dict = {}

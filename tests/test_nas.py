@@ -299,3 +299,46 @@ def test_workers_give_the_numbers_of_one_worker(setup, tmp_path):
             {k: v["accuracy"] for k, v in two[label].items()}
         assert {k: v["final_loss"] for k, v in one[label].items()} == \
             {k: v["final_loss"] for k, v in two[label].items()}
+
+
+def test_gtn_steps_proxy_is_the_generators_own_protocol(tmp_path, setup):
+    """gtn-steps trains batch t at the learned lr_t with the learned momentum, in order: checked
+    against a hand-written momentum SGD (v <- m v + g; w <- w - lr_t v) on the same batches."""
+    from distill.engine import accuracy, classification_loss
+    from distill.rng import generator as make_generator
+
+    _, fit, val, cands = setup
+    gen = tiny_generator(tmp_path / "generator.pt", "mnist")
+    spec = nas.parse_proxy(f"gtn-steps:{gen}")
+    teacher = nas.resolve_proxy(spec, "mnist")
+    with torch.no_grad():  # learned-looking, distinct per-step lrs and a momentum
+        teacher.log_lr.copy_(torch.log(torch.tensor([0.05, 0.02, 0.01])[:teacher.steps]))
+        teacher.momentum_logit.fill_(0.3)
+    ts = nas.build_proxy_set(spec, teacher, fit, BUDGET, seed=0)
+    assert ts.step_lrs == pytest.approx([0.05, 0.02, 0.01][:teacher.steps])
+    assert ts.momentum == pytest.approx(float(torch.sigmoid(torch.tensor(0.3))))
+    cand = cands[0]
+    got = nas.train_candidate(cand.spec, ts, val.images, val.labels, 10, seed=0,
+                              cand_id=cand.id)
+    assert got["steps"] == teacher.steps
+
+    model = build_model(cand.spec, 1, 10, (28, 28), generator=make_generator(0, "nas", cand.id))
+    model.train()
+    params = list(model.parameters())
+    bufs = [torch.zeros_like(p) for p in params]
+    b = teacher.batch_size
+    for t, lr in enumerate(ts.step_lrs):
+        loss = classification_loss(model(ts.images[t * b:(t + 1) * b]),
+                                   ts.labels[t * b:(t + 1) * b])
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, v, g in zip(params, bufs, grads):
+                v.mul_(ts.momentum).add_(g)
+                p.sub_(lr * v)
+    assert got["final_loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert got["accuracy"] == pytest.approx(100.0 * accuracy(model, val.images, val.labels),
+                                            abs=1e-6)
+    # another momentum is another cache entry
+    fp1 = nas._fingerprint(ts, val, "mnist")[0]
+    fp2 = nas._fingerprint(replace(ts, momentum=0.1), val, "mnist")[0]
+    assert fp1 != fp2
