@@ -86,16 +86,21 @@ def ratios(state: dict, steps) -> list[str]:
     return lines
 
 
+def mnist_with_test_subset(budget, args, device):
+    """MNIST's training set and the budget's fixed test subset (images, labels)."""
+    train = load_dataset("mnist", "train", root=args.data_root).to(device)
+    test = load_dataset("mnist", "test", root=args.data_root).to(device)
+    subset = fixed_test_subset(test.labels.numel(), budget.test_limit)
+    if subset is None:
+        return train, test.images, test.labels
+    return train, test.images[subset.to(device)], test.labels[subset.to(device)]
+
+
 def cross_architecture(budget, plan: Plan, root: Path, summary: dict, args, device) -> list[str]:
     """Export ``cross_per_class`` images per class from each method's MNIST generator (T =
     ``cross_steps``, trained by the comparison) and train every zoo model on them; a random
     real subset of the same size is the reference row. Cells are kept in crossarch.json."""
-    train = load_dataset("mnist", "train", root=args.data_root).to(device)
-    test = load_dataset("mnist", "test", root=args.data_root).to(device)
-    subset = fixed_test_subset(test.labels.numel(), budget.test_limit)
-    test_x, test_y = test.images, test.labels
-    if subset is not None:
-        test_x, test_y = test_x[subset.to(device)], test_y[subset.to(device)]
+    train, test_x, test_y = mnist_with_test_subset(budget, args, device)
     path = root / "mnist" / "crossarch.json"
     cells = json.loads(path.read_text()) if args.resume and path.exists() else {}
     t, k = plan.cross_steps, plan.cross_per_class
@@ -144,12 +149,7 @@ def learning_curve(budget, plan: Plan, root: Path, summary: dict, args, device,
     from gtn.compare import cell_config
     from gtn.train import few_step_accuracy, split_validation, train_gtn
 
-    train = load_dataset("mnist", "train", root=args.data_root).to(device)
-    test = load_dataset("mnist", "test", root=args.data_root).to(device)
-    subset = fixed_test_subset(test.labels.numel(), budget.test_limit)
-    test_x, test_y = test.images, test.labels
-    if subset is not None:
-        test_x, test_y = test_x[subset.to(device)], test_y[subset.to(device)]
+    train, test_x, test_y = mnist_with_test_subset(budget, args, device)
     val = split_validation(train, budget.validation)[1]
     val_x, val_y = val.images[:2000], val.labels[:2000]
     t = plan.curve_steps
