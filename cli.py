@@ -172,8 +172,10 @@ def _progress(ctx: click.Context) -> ClickProgress:
 def main(ctx: click.Context, verbose: int, quiet: int) -> None:
     """gtnkit: make a tiny training set that trains a network almost as well as the full data.
 
-    Select a coreset (`select`), score any saved set by training fresh students (`evaluate`),
-    look at it (`show`), and list the data sets found offline (`datasets`).
+    Select a coreset (`select`), condense a set (`distill`), train and compare Generative
+    Teaching Networks (`gtn train|sample|compare`), score any saved set by training fresh
+    students (`evaluate`), compare runs (`compare`), rank architectures with a cheap proxy
+    (`nas`), look at a set (`show`), and list the data sets found offline (`datasets`).
     """
     level = verbose - quiet
     ctx.ensure_object(dict)["verbosity"] = level

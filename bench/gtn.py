@@ -14,6 +14,7 @@ shuffled 97.0 > none 95.7; unrolled memory grows linearly in T.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -86,10 +87,16 @@ def ratios(state: dict, steps) -> list[str]:
     return lines
 
 
+@functools.lru_cache(maxsize=None)
+def splits(name: str, root, device):
+    """(train, test) of a data set on ``device``, read once however many sections use it."""
+    return (load_dataset(name, "train", root=root).to(device),
+            load_dataset(name, "test", root=root).to(device))
+
+
 def mnist_with_test_subset(budget, args, device):
     """MNIST's training set and the budget's fixed test subset (images, labels)."""
-    train = load_dataset("mnist", "train", root=args.data_root).to(device)
-    test = load_dataset("mnist", "test", root=args.data_root).to(device)
+    train, test = splits("mnist", args.data_root, device)
     subset = fixed_test_subset(test.labels.numel(), budget.test_limit)
     if subset is None:
         return train, test.images, test.labels
@@ -220,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                      "threads": torch.get_num_threads(), "compare": {}, "curriculum": {}}
     md = [f"# GTN benchmark, budget `{budget.name}`", ""]
     for name in datasets if "compare" in sections else ():
-        train = load_dataset(name, "train", root=args.data_root).to(device)
-        test = load_dataset(name, "test", root=args.data_root).to(device)
+        train, test = splits(name, args.data_root, device)
         state = run_comparison(train, test, ["unrolled", "implicit", "matching"],
                                list(plan.steps), budget, root / name, device=device,
                                resume=args.resume, log=print)
@@ -229,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         md += [comparison_table(state), *ratios(state, plan.steps), "",
                f"Plot: `{shown(root / name / 'gtn-compare.png')}`", ""]
     if "curriculum" in sections:
-        train = load_dataset("mnist", "train", root=args.data_root).to(device)
-        test = load_dataset("mnist", "test", root=args.data_root).to(device)
+        train, test = splits("mnist", args.data_root, device)
         md += [f"Curriculum ablation, MNIST, unrolled, T = {plan.curriculum_steps}:", "",
                "| curriculum | few-step acc. | fixed-set acc. | published (T=32, paper) |",
                "|---|---|---|---|"]

@@ -141,10 +141,8 @@ def _fingerprint(config: MetaConfig, seed: int, extra: dict | None) -> dict:
 
 
 def _load_checkpoint(path: Path, fingerprint: dict) -> dict:
-    if not Path(path).exists():
-        raise CheckpointError(f"nothing to resume: {path} does not exist")
     state = read_tagged(path, CHECKPOINT_FORMAT, "gtnkit meta-training checkpoint",
-                        CheckpointError)
+                        CheckpointError, missing="nothing to resume: {path} does not exist")
     if state.get("fingerprint") != fingerprint:
         raise CheckpointError(f"{path} was written by a run with other options or seed; "
                               f"rerun with the same options, or without --resume")

@@ -134,15 +134,16 @@ def save_set(path: str | os.PathLike, saved: SavedSet) -> Path:
 
 
 def read_tagged(path: str | os.PathLike, tag: str, what: str,
-                error: type[Exception] = StoreError) -> dict:
+                error: type[Exception] = StoreError, missing: str | None = None) -> dict:
     """Read a torch file written by gtnkit whose ``format`` entry is ``tag``.
 
     ``weights_only``: our files hold tensors and plain metadata, never code to run. Any problem
-    (missing, unreadable, another kind of file) is one line of ``error`` naming the file.
+    (missing, unreadable, another kind of file) is one line of ``error`` naming the file;
+    ``missing`` (formatted with ``path``) overrides the message for a file that is not there.
     """
     path = Path(path)
     if not path.is_file():
-        raise error(f"no {what} at {path}")
+        raise error((missing or "no {what} at {path}").format(what=what, path=path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors come in many types
@@ -165,9 +166,7 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
 def load_set(path: str | os.PathLike) -> SavedSet:
     """Read a saved set; any problem is a one-line :class:`StoreError` naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"no saved set at {path}")
-    obj = read_tagged(path, SET_FORMAT, "gtnkit set")
+    obj = read_tagged(path, SET_FORMAT, "gtnkit set", missing="no saved set at {path}")
     if obj.get("version") != SET_VERSION:
         raise StoreError(f"{path} has set format version {obj.get('version')}; "
                          f"this gtnkit reads version {SET_VERSION}")

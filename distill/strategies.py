@@ -290,6 +290,14 @@ def _inner_batch(teacher, cfg: StrategyConfig, choice, generator: torch.Generato
     return teacher.batch(cfg.inner_batch, generator)
 
 
+def _mean_part(teacher, cfg: StrategyConfig, net, choice, t: int, generator):
+    """A callable: the loss of one of the T curriculum batches, / T (a part of the mean)."""
+    def loss():
+        x, y = _inner_batch(teacher, cfg, choice, generator)
+        return classification_loss(net(x), y) / t
+    return loss
+
+
 def _inner_momentum(teacher, cfg: StrategyConfig):
     """A teacher's learned momentum (GTN) or the configured one."""
     fn = getattr(teacher, "momentum_tensor", None)
@@ -361,18 +369,10 @@ class Implicit(Strategy):
         mixed = None
         if hasattr(teacher, "order"):  # a curriculum: the student minimised the mean loss
             # over all T batches, so each of them (its learned noise) gets its mixed term.
-            mixed = [self._part(teacher, cfg, net, c, len(order), generator) for c in order]
+            mixed = [_mean_part(teacher, cfg, net, c, len(order), generator) for c in order]
         grads = implicit_hypergradient(inner, outer, params, hparams, cfg.neumann_terms,
                                        cfg.neumann_alpha, mixed_losses=mixed)
         return {"loss": self._update(outer, teacher, optimizer, grads)}
-
-
-    @staticmethod
-    def _part(teacher, cfg, net, choice, t, generator):
-        def loss():
-            x, y = _inner_batch(teacher, cfg, choice, generator)
-            return classification_loss(net(x), y) / t
-        return loss
 
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Matching, Distribution, Unrolled,

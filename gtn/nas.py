@@ -691,26 +691,24 @@ def _as_float(values) -> list[float]:
     return [float(v) for v in values]
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rho (average ranks for ties; ``scipy.stats.spearmanr``); nan if constant."""
+def _correlation(name: str, x: Sequence[float], y: Sequence[float]) -> float:
     from scipy import stats
 
     if len(x) < 2:
         return float("nan")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # constant input: scipy warns and returns nan
         warnings.simplefilter("ignore")
-        return float(stats.spearmanr(_as_float(x), _as_float(y)).statistic)
+        return float(getattr(stats, name)(_as_float(x), _as_float(y)).statistic)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho (average ranks for ties; ``scipy.stats.spearmanr``); nan if constant."""
+    return _correlation("spearmanr", x, y)
 
 
 def kendall(x: Sequence[float], y: Sequence[float]) -> float:
     """Kendall's tau-b (``scipy.stats.kendalltau``); nan if either side is constant."""
-    from scipy import stats
-
-    if len(x) < 2:
-        return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(stats.kendalltau(_as_float(x), _as_float(y)).statistic)
+    return _correlation("kendalltau", x, y)
 
 
 def bootstrap_ci(x: Sequence[float], y: Sequence[float], statistic: Callable, seed: int = 0,

@@ -232,9 +232,8 @@ def load_generator(path: str | Path, dataset: str | None = None
 
     from distill.store import read_tagged
 
-    if not Path(path).is_file():
-        raise GeneratorError(f"no generator at {path}")
-    obj = read_tagged(path, GENERATOR_FORMAT, "gtnkit generator", GeneratorError)
+    obj = read_tagged(path, GENERATOR_FORMAT, "gtnkit generator", GeneratorError,
+                      missing="no generator at {path}")
     info = get_info(obj["dataset"])
     if dataset is not None:
         want = get_info(dataset)

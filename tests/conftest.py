@@ -39,3 +39,16 @@ def data_root() -> Path:
         pytest.skip("real data not available: set GTNKIT_DATA to a root holding MNIST/raw "
                     "(CI sets it to ../shared/data)")
     return Path(root)
+
+
+class Kill(Exception):
+    """Stands for a kill in the middle of a run."""
+
+
+def killer(at):
+    """An ``evaluate`` hook of the meta-training loop that kills the run at iteration ``at``."""
+    def evaluate(teacher, iteration):
+        if iteration == at:
+            raise Kill
+        return {}
+    return evaluate

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from .conftest import make_tiny_set
+from .conftest import Kill, killer, make_tiny_set
 from distill.condense import (CheckpointError, ConfigError, NonFiniteError, condense,
                               condense_config)
 from distill.matching import class_gradient
@@ -22,18 +22,6 @@ SMALL = dict(real_batch=6, inner_steps=3, outer_loop=2, inner_loop=2)
 
 def tiny():
     return make_tiny_set(per_class=8)
-
-
-class Kill(Exception):
-    pass
-
-
-def killer(at):
-    def evaluate(teacher, iteration):
-        if iteration == at:
-            raise Kill
-        return {}
-    return evaluate
 
 
 @pytest.mark.parametrize("method", ["dc", "dsa", "dm", "dd", "ift"])

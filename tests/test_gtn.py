@@ -19,7 +19,7 @@ from gtn import (GeneratorConfig, GeneratorError, GeneratorTeacher, GTNConfig, l
                  save_generator, train_gtn)
 from gtn.train import few_step_accuracy
 
-from .conftest import make_tiny_set
+from .conftest import Kill, killer, make_tiny_set
 
 D = torch.float64
 TINY_INFO = DatasetInfo("tiny", 1, (4, 4), 2, (0.0,), (1.0,), ("a", "b"), (0, 0), "")
@@ -209,18 +209,6 @@ def test_generated_sets_are_usable_image_sets():
     ImageSet(x, y, get_info("mnist")).class_indices(3)  # grouped by class
 
 
-class _Kill(Exception):
-    pass
-
-
-def _kill_at(at):
-    def evaluate(teacher, iteration):
-        if iteration == at:
-            raise _Kill
-        return {}
-    return evaluate
-
-
 @pytest.mark.parametrize("method", ["unrolled", "implicit", "matching"])
 def test_gtn_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, method):
     data = make_tiny_set(per_class=12)
@@ -230,8 +218,8 @@ def test_gtn_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, meth
                     validation=6, checkpoint_every=2, eval_every=1)
     full, r_full, _ = train_gtn(data, cfg, seed=2, checkpoint=tmp_path / "a.pt",
                                 evaluate=lambda t, i: {})
-    with pytest.raises(_Kill):  # killed during iteration 3, after the checkpoint at 2
-        train_gtn(data, cfg, seed=2, checkpoint=tmp_path / "b.pt", evaluate=_kill_at(3))
+    with pytest.raises(Kill):  # killed during iteration 3, after the checkpoint at 2
+        train_gtn(data, cfg, seed=2, checkpoint=tmp_path / "b.pt", evaluate=killer(3))
     resumed, r_res, _ = train_gtn(data, cfg, seed=2, checkpoint=tmp_path / "b.pt",
                                   resume=True, evaluate=lambda t, i: {})
     assert r_res.resumed_from == 2 and r_res.losses == r_full.losses
