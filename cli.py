@@ -418,7 +418,7 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
     config = condense_config(
         method, iterations=iterations, lr=image_lr, real_batch=real_batch,
         outer_loop=outer_loop, inner_loop=inner_loop, distance=distance,
-        inner_steps=inner_steps, inner_lr=inner_lr, truncate=truncate,
+        inner_lr=inner_lr, truncate=truncate,
         checkpoint_every=checkpoint_every, eval_every=eval_every,
         neumann_terms=neumann_terms, neumann_alpha=neumann_alpha,
         checkpoint_steps=checkpoint_steps, compile=fast, real_chunk=64 if fast else None)
@@ -457,12 +457,13 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
     run_config = {"dataset": data.info.name, "method": method, "ipc": ipc, "init": init,
                   "model": model, "seed": seed, "device": str(dev),
                   "learn_labels": learn_labels, "learn_lr": learn_lr,
-                  "meta": asdict(config), "protocol": asdict(protocol),
+                  "inner_steps": inner_steps, "meta": asdict(config), "protocol": asdict(protocol),
                   "students": students}
     start = time.perf_counter()
     teacher, meta = condense(data, method, ipc, init=init_value, model=model, config=config,
                              seed=seed, device=dev, learn_labels=learn_labels,
-                             learn_lr=learn_lr, checkpoint=out_dir / "checkpoint.pt",
+                             learn_lr=learn_lr, inner_steps=inner_steps,
+                             checkpoint=out_dir / "checkpoint.pt",
                              resume=resume, progress=_progress(ctx),
                              evaluate=periodic if eval_every else None)
     saved = teacher.to_saved({"dataset": data.info.name, "method": method, "init": init,

@@ -158,7 +158,8 @@ class Bench:
         return evaluate_set(images.detach(), labels.detach(), test_set.images, test_set.labels,
                             protocol, seed=seed, num_classes=train_set.info.num_classes)
 
-    def condense(self, name, method, ipc, iterations, init="real", seed=0, tag="", **kw):
+    def condense(self, name, method, ipc, iterations, init="real", seed=0, tag="", inner_steps=10,
+                 **kw):
         train_set, _ = self.data(name)
         cfg = condense_config(method, iterations=iterations, compile=True, real_chunk=64,
                               real_batch=self.budget.real_batch[ipc], checkpoint_every=10, **kw)
@@ -166,6 +167,7 @@ class Bench:
         t0 = time.perf_counter()
         teacher, meta = condense(train_set, method, ipc, init=init, model=self.budget.model,
                                  config=cfg, seed=seed, device=self.device, checkpoint=ckpt,
+                                 inner_steps=inner_steps,
                                  resume=ckpt.exists())
         return teacher, meta, time.perf_counter() - t0
 

@@ -155,7 +155,6 @@ def meta_train(
     make_student: Callable[[torch.Generator], torch.nn.Module],
     config: MetaConfig,
     seed: int,
-    ipc: int,
     checkpoint: str | Path | None = None,
     resume: bool = False,
     progress: Progress | None = None,
@@ -170,7 +169,6 @@ def meta_train(
         real: the real training data sampler.
         make_student: builds a fresh student from a generator (on the right device).
         seed: the run's seed: all randomness comes from ``generator(seed, "meta")``.
-        ipc: images per class (DC's loop table).
         checkpoint: file for periodic checkpoints (``None``: none).
         resume: continue from ``checkpoint`` (it must exist and match the configuration).
         evaluate: called as ``evaluate(iteration)`` every ``config.eval_every`` iterations;
@@ -183,7 +181,7 @@ def meta_train(
         CheckpointError: ``resume`` with a missing, unreadable or foreign checkpoint.
     """
     device = torch.device(device)
-    strategy: Strategy = make_strategy(config.strategy, config.strategy_config, ipc)
+    strategy: Strategy = make_strategy(config.strategy, config.strategy_config)
     params = [p for p in teacher.parameters() if p.requires_grad]
     optimizer = _make_optimizer(config, params)
     gen = make_generator(seed, "meta")
@@ -260,6 +258,8 @@ def condense(
     device: torch.device | str = "cpu",
     learn_labels: bool = False,
     learn_lr: bool = False,
+    inner_steps: int = 10,
+    inner_batch: int | None = None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
     progress: Progress | None = None,
@@ -275,6 +275,8 @@ def condense(
         model: the zoo spec of the students the teacher is meta-trained against.
         config: the loop's configuration (default: :func:`condense_config` of ``method``).
         learn_labels / learn_lr: also learn soft labels / the student lr (``dd``).
+        inner_steps / inner_batch: the set's inner schedule for ``dd`` / ``ift``: T student
+            steps on random batches of this many images (``None``: all of them).
         evaluate: ``evaluate(teacher, iteration) -> dict`` for periodic evaluation.
 
     Returns:
@@ -292,7 +294,10 @@ def condense(
                          f"got {ipc}")
     g = make_generator(seed, "init")
     lr = config.strategy_config.inner_lr if learn_lr else None
-    kw = dict(learn_labels=learn_labels, lr=lr)
+    if inner_steps < 1 or (inner_batch is not None and inner_batch < 1):
+        raise ConfigError(f"inner_steps and inner_batch must be >= 1, got {inner_steps}, "
+                          f"{inner_batch}")
+    kw = dict(learn_labels=learn_labels, lr=lr, steps=inner_steps, step_size=inner_batch)
     if isinstance(init, str) and init == "noise":
         teacher = SyntheticSet.from_noise((info.channels, *info.im_size), info.num_classes, ipc,
                                           g, **kw)
@@ -314,8 +319,9 @@ def condense(
 
     extra = {"dataset": info.name, "method": method, "ipc": ipc, "model": model,
              "init": init if isinstance(init, str) else init.tolist(),
-             "learn_labels": learn_labels, "learn_lr": learn_lr}
-    result = meta_train(teacher, RealSampler(train_set, device), make_student, config, seed, ipc,
+             "learn_labels": learn_labels, "learn_lr": learn_lr, "inner_steps": inner_steps,
+             "inner_batch": inner_batch}
+    result = meta_train(teacher, RealSampler(train_set, device), make_student, config, seed,
                         checkpoint=checkpoint, resume=resume, progress=progress,
                         evaluate=(lambda it: evaluate(teacher, it)) if evaluate else None,
                         fingerprint_extra=extra, device=device)

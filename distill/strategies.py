@@ -1,12 +1,10 @@
 """Meta-gradient strategies: how a teacher is told to improve, one protocol, chosen by name.
 
-A *teacher* makes training batches with a graph to its parameters (a
-:class:`~distill.synthetic.SyntheticSet`, or a generator in ``gtn``). It provides
-
-* ``class_batch(c, generator) -> (images, targets)``: a batch of class ``c``;
-* ``batch(size, generator) -> (images, targets)``: a batch of any classes (``None``: all);
-* ``lr_tensor() -> Tensor | None``: a learnable student learning rate, if it has one;
-* ``parameters()``: what the meta-optimiser updates.
+A *teacher* (:class:`~distill.teacher.Teacher`: a :class:`~distill.synthetic.SyntheticSet`, or a
+generator in ``gtn``) makes training batches with a graph to its parameters; strategies ask it
+only what its protocol says (per-class batches, the inner schedule, the learned lr and
+momentum), so every strategy trains every teacher. The T student steps of ``unrolled`` and
+``implicit`` are :func:`distill.inner.student_steps`.
 
 A strategy's :meth:`Strategy.step` runs one meta-iteration on a fresh student: it computes the
 meta-loss, leaves the teacher's gradients in ``.grad``, checks them (:func:`check_finite`) and
@@ -19,7 +17,7 @@ name         meta-gradient
 matching     per-class gradient matching (DC: Zhao, Mopuri & Bilen, ICLR 2021)
              — ``dc``; with siamese augmentation ``dsa`` (Zhao & Bilen, ICML 2021)
 distribution embedding-mean matching on random networks (DM: Zhao & Bilen, WACV 2023)
-unrolled     backprop through T student steps (DD: Wang et al. 2018), via ``higher``
+unrolled     backprop through T student steps (DD: Wang et al. 2018), functional SGD
 implicit     implicit function theorem + Neumann series (Lorraine, Vicol & Duvenaud,
              AISTATS 2020); no graph across the T student steps
 ===========  =====================================================================
@@ -29,7 +27,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +38,10 @@ from .data import ImageSet
 from .distribution import distribution_loss
 from .engine import TrainConfig, classification_loss, train
 from .hypergrad import implicit_hypergradient
+from .inner import load_params, student_steps
 from .matching import matching_loss
+from .synthetic import dc_loops
+from .teacher import StepChoice, Teacher
 from .unrolled import unrolled_loss
 
 __all__ = ["ConfigError", "Teacher", "RealSampler", "NonFiniteError", "StrategyConfig", "Strategy",
@@ -49,16 +51,6 @@ log = logging.getLogger("gtnkit")
 
 StudentFactory = Callable[[torch.Generator], nn.Module]
 
-# DC's (outer, inner) loop table: Zhao, Mopuri & Bilen's released settings per IPC.
-_DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
-
-
-def dc_loops(ipc: int) -> tuple[int, int]:
-    """(outer, inner) loops of DC for ``ipc`` (the nearest tabulated IPC not above it)."""
-    key = max(k for k in _DC_LOOPS if k <= max(ipc, 1))
-    return _DC_LOOPS[key]
-
-
 class ConfigError(ValueError):
     """An invalid strategy/loop option (one line)."""
 
@@ -67,22 +59,10 @@ class NonFiniteError(ArithmeticError):
     """A meta-loss or a teacher gradient became NaN/inf; the update was not applied."""
 
 
-class Teacher(Protocol):
-    def class_batch(self, c: int, generator: torch.Generator
-                    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def batch(self, size: int | None, generator: torch.Generator
-              ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def lr_tensor(self) -> torch.Tensor | None: ...
-
-    def parameters(self): ...
-
-
 class RealSampler:
     """Random real batches, per class or mixed, drawn from a passed generator."""
 
-    def __init__(self, dataset: ImageSet, device: torch.device | str = "cpu"):
+    def __init__(self, dataset: ImageSet, device: torch.device | str = "cpu") -> None:
         self.images = dataset.images.to(device)
         self.labels = dataset.labels.to(device)
         self.num_classes = dataset.info.num_classes
@@ -105,13 +85,16 @@ class StrategyConfig:
     Attributes:
         real_batch: real images per class per matching step (DC: 256); for ``unrolled`` /
             ``implicit`` the size of the real batch the student is scored on.
-        outer_loop / inner_loop: DC's loops; ``None`` takes :func:`dc_loops` (IPC).
+        real_per_class: real images per class of ``matching`` / ``distribution`` when it
+            differs from ``real_batch`` (``None``: ``real_batch``).
+        outer_loop / inner_loop: matching's loops; ``None`` takes the teacher's
+            (:meth:`~distill.teacher.Teacher.matching_loops`: DC's by IPC for a synthetic set).
         net_lr: lr of the student trained between outer loops (DC: 0.01, no momentum).
         distance: ``layerwise`` | ``mse`` | ``cosine`` (see :mod:`distill.distances`).
         augment: DSA op string for ``dsa`` / ``distribution`` ("" = none).
-        inner_steps: T student steps of ``unrolled`` / ``implicit``.
-        inner_lr, inner_momentum, inner_weight_decay: the student's SGD there.
-        inner_batch: teacher images per student step (``None``: all of them).
+        inner_lr, inner_momentum, inner_weight_decay: the student's SGD in ``unrolled`` /
+            ``implicit`` (lr and momentum where the teacher does not learn them). The number
+            of steps T and their batches are the teacher's (its ``steps`` and ``order``).
         truncate, checkpoint_steps: memory/time trade-offs of ``unrolled`` (truncated
             backprop; gradient checkpointing in segments of this many steps).
         neumann_terms, neumann_alpha: K and α of ``implicit``.
@@ -124,16 +107,15 @@ class StrategyConfig:
     """
 
     real_batch: int = 256
+    real_per_class: int | None = None
     outer_loop: int | None = None
     inner_loop: int | None = None
     net_lr: float = 0.01
     distance: str = "layerwise"
     augment: str = ""
-    inner_steps: int = 10
     inner_lr: float = 0.01
     inner_momentum: float = 0.0
     inner_weight_decay: float = 0.0
-    inner_batch: int | None = None
     truncate: int | None = None
     checkpoint_steps: int | None = None
     neumann_terms: int = 5
@@ -142,16 +124,21 @@ class StrategyConfig:
     real_chunk: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("real_batch", "inner_steps", "neumann_terms"):
+        for name in ("real_batch", "neumann_terms"):
             if getattr(self, name) < (0 if name == "neumann_terms" else 1):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("outer_loop", "inner_loop", "inner_batch", "truncate", "checkpoint_steps",
-                     "real_chunk"):
+        for name in ("real_per_class", "outer_loop", "inner_loop", "truncate",
+                     "checkpoint_steps", "real_chunk"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"{name} must be >= 1, got {v}")
         if self.distance not in ("layerwise", "mse", "cosine"):
             raise ConfigError(f"unknown distance {self.distance!r}; use layerwise, mse or cosine")
+
+    @property
+    def per_class(self) -> int:
+        """Real images per class of the per-class strategies."""
+        return self.real_per_class or self.real_batch
 
 
 def check_finite(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
@@ -168,13 +155,13 @@ class Strategy:
 
     name = ""
 
-    def __init__(self, config: StrategyConfig, ipc: int):
-        self.config, self.ipc = config, ipc
+    def __init__(self, config: StrategyConfig) -> None:
+        self.config = config
         self.augment = DiffAugment(AugmentConfig(strategy=config.augment)) if config.augment \
             else None
         self.compiled = config.compile  # becomes False if compilation fails
 
-    def _fast(self, fn: Callable, *args):
+    def _fast(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(compiled_or_eager, *args)``: try the compiled path, fall back to eager once."""
         module = args[0]
         if self.compiled:
@@ -187,7 +174,8 @@ class Strategy:
         return fn(module, *args[1:])
 
     def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
-             make_student: StudentFactory, generator: torch.Generator) -> dict:
+             make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
+        """One meta-iteration on a fresh student; updates the teacher through ``optimizer``."""
         raise NotImplementedError
 
     @staticmethod
@@ -204,13 +192,11 @@ class Strategy:
         optimizer.step()
         return float(loss.detach())
 
-
-def _class_batches(teacher, num_classes: int, generator: torch.Generator) -> list:
-    """Every class's batch: in one call where the teacher offers it (a generator with batch
-    norm must see all classes at once), else class by class."""
-    if hasattr(teacher, "class_batches"):
-        return teacher.class_batches(generator)
-    return [teacher.class_batch(c, generator) for c in range(num_classes)]
+    def _rates(self, teacher: Teacher) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """The student's (lr, momentum): the teacher's learned ones, else the config's."""
+        lr, momentum = teacher.lr_tensor(), teacher.momentum_tensor()
+        return (self.config.inner_lr if lr is None else lr,
+                self.config.inner_momentum if momentum is None else momentum)
 
 
 class Matching(Strategy):
@@ -218,16 +204,17 @@ class Matching(Strategy):
 
     name = "matching"
 
-    def step(self, teacher, optimizer, real, make_student, generator):
+    def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
+             make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
         cfg = self.config
-        outer, inner = dc_loops(self.ipc)
+        outer, inner = teacher.matching_loops()
         outer, inner = cfg.outer_loop or outer, cfg.inner_loop or inner
         net = make_student(generator)
         net.train()
         losses = []
         for ol in range(outer):
-            xr = [real.class_batch(c, cfg.real_batch, generator) for c in range(real.num_classes)]
-            syn = _class_batches(teacher, real.num_classes, generator)
+            xr = [real.class_batch(c, cfg.per_class, generator) for c in range(real.num_classes)]
+            syn = teacher.class_batches(generator)
             loss = self._fast(
                 lambda real_net, n: matching_loss(n, xr, [x for x, _ in syn],
                                                   [y for _, y in syn], cfg.distance,
@@ -251,13 +238,14 @@ class Distribution(Strategy):
 
     name = "distribution"
 
-    def step(self, teacher, optimizer, real, make_student, generator):
+    def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
+             make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
         net = make_student(generator)
         net.train()
         net.requires_grad_(False)
-        xr = [real.class_batch(c, self.config.real_batch, generator)
+        xr = [real.class_batch(c, self.config.per_class, generator)
               for c in range(real.num_classes)]
-        xs = [x for x, _ in _class_batches(teacher, real.num_classes, generator)]
+        xs = [x for x, _ in teacher.class_batches(generator)]
         loss = self._fast(
             lambda real_net, n: distribution_loss(n.embed, xr, xs, self.augment, generator,
                                                   embed_real=real_net),
@@ -268,40 +256,21 @@ class Distribution(Strategy):
 class _Embed(nn.Module):
     """``model.embed`` as a module (what ``torch.compile`` wraps for DM's real side)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.embed(x)
 
 
-def _inner_order(teacher, cfg: StrategyConfig, generator: torch.Generator) -> list:
-    """What each of the T student steps trains on: a teacher's own curriculum (a GTN's
-    ``order``) or T random batches (``None`` entries, drawn by ``batch``)."""
-    if hasattr(teacher, "order"):
-        return list(teacher.order(generator))
-    return [None] * cfg.inner_steps
-
-
-def _inner_batch(teacher, cfg: StrategyConfig, choice, generator: torch.Generator):
-    if hasattr(teacher, "step_batch"):
-        return teacher.step_batch(choice, generator)
-    return teacher.batch(cfg.inner_batch, generator)
-
-
-def _mean_part(teacher, cfg: StrategyConfig, net, choice, t: int, generator):
+def _mean_part(teacher: Teacher, net: nn.Module, choice: StepChoice, t: int,
+               generator: torch.Generator) -> Callable[[], torch.Tensor]:
     """A callable: the loss of one of the T curriculum batches, / T (a part of the mean)."""
-    def loss():
-        x, y = _inner_batch(teacher, cfg, choice, generator)
+    def loss() -> torch.Tensor:
+        x, y = teacher.step_batch(choice, generator)
         return classification_loss(net(x), y) / t
     return loss
-
-
-def _inner_momentum(teacher, cfg: StrategyConfig):
-    """A teacher's learned momentum (GTN) or the configured one."""
-    fn = getattr(teacher, "momentum_tensor", None)
-    return fn() if fn is not None else cfg.inner_momentum
 
 
 class Unrolled(Strategy):
@@ -309,16 +278,15 @@ class Unrolled(Strategy):
 
     name = "unrolled"
 
-    def step(self, teacher, optimizer, real, make_student, generator):
+    def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
+             make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
         cfg = self.config
         net = make_student(generator)
         net.train()
-        batches = [_inner_batch(teacher, cfg, c, generator)
-                   for c in _inner_order(teacher, cfg, generator)]
+        batches = list(teacher.inner_batches(generator))
         xr, yr = real.batch(cfg.real_batch, generator)
-        lr = teacher.lr_tensor()
-        loss = unrolled_loss(net, batches, xr, yr, cfg.inner_lr if lr is None else lr,
-                             momentum=_inner_momentum(teacher, cfg),
+        lr, momentum = self._rates(teacher)
+        loss = unrolled_loss(net, batches, xr, yr, lr, momentum=momentum,
                              weight_decay=cfg.inner_weight_decay,
                              truncate=cfg.truncate, checkpoint_every=cfg.checkpoint_steps)
         return {"loss": self._update(loss, teacher, optimizer)}
@@ -337,29 +305,23 @@ class Implicit(Strategy):
 
     name = "implicit"
 
-    def step(self, teacher, optimizer, real, make_student, generator):
+    def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
+             make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
         cfg = self.config
         net = make_student(generator)
         net.train()
-        lr = teacher.lr_tensor()
-        order = _inner_order(teacher, cfg, generator)
-        lrs = [cfg.inner_lr] * len(order) if lr is None else \
+        order = teacher.order(generator)
+        lr, momentum = self._rates(teacher)
+        lrs = [lr] * len(order) if not torch.is_tensor(lr) else \
             (lr.detach().expand(len(order)) if lr.dim() == 0 else lr.detach()).tolist()
-        momentum = _inner_momentum(teacher, cfg)
         momentum = float(momentum.detach()) if torch.is_tensor(momentum) else momentum
-        opt = torch.optim.SGD(net.parameters(), lr=lrs[0], momentum=momentum,
-                              weight_decay=cfg.inner_weight_decay)
-        for choice, step_lr in zip(order, lrs):
-            with torch.no_grad():
-                x, y = _inner_batch(teacher, cfg, choice, generator)
-            for group in opt.param_groups:
-                group["lr"] = step_lr
-            opt.zero_grad(set_to_none=True)
-            classification_loss(net(x), y).backward()
-            opt.step()
+        state = student_steps(net, [p.detach() for p in net.parameters()],
+                              teacher.inner_batches(generator, order, graph=False), lrs,
+                              momentum, cfg.inner_weight_decay)
+        load_params(net, state.params)
         params = [p for p in net.parameters() if p.requires_grad]
         k = int(torch.randint(len(order), (1,), generator=generator))
-        x, y = _inner_batch(teacher, cfg, order[k], generator)
+        x, y = teacher.step_batch(order[k], generator)
         inner = classification_loss(net(x), y)
         if cfg.inner_weight_decay:
             inner = inner + cfg.inner_weight_decay / 2 * sum((p ** 2).sum() for p in params)
@@ -367,9 +329,9 @@ class Implicit(Strategy):
         outer = classification_loss(net(xr), yr)
         hparams = [p for p in teacher.parameters() if p.requires_grad]
         mixed = None
-        if hasattr(teacher, "order"):  # a curriculum: the student minimised the mean loss
-            # over all T batches, so each of them (its learned noise) gets its mixed term.
-            mixed = [_mean_part(teacher, cfg, net, c, len(order), generator) for c in order]
+        if teacher.has_curriculum:  # the student minimised the mean loss over all T
+            # batches, so each of them (its learned noise) gets its mixed term.
+            mixed = [_mean_part(teacher, net, c, len(order), generator) for c in order]
         grads = implicit_hypergradient(inner, outer, params, hparams, cfg.neumann_terms,
                                        cfg.neumann_alpha, mixed_losses=mixed)
         return {"loss": self._update(outer, teacher, optimizer, grads)}
@@ -388,9 +350,9 @@ METHODS = {
 }
 
 
-def make_strategy(name: str, config: StrategyConfig, ipc: int) -> Strategy:
+def make_strategy(name: str, config: StrategyConfig) -> Strategy:
     """A strategy by its name (``matching``, ``distribution``, ``unrolled``, ``implicit``)."""
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
-    return STRATEGIES[name](config, ipc)
+    return STRATEGIES[name](config)
 

@@ -19,12 +19,25 @@ from torch import nn
 
 from .data import ImageSet
 from .store import SavedSet
+from .teacher import Batch, StepChoice, Teacher
 
-__all__ = ["SyntheticSet"]
+__all__ = ["SyntheticSet", "dc_loops"]
+
+# DC's (outer, inner) loop table: Zhao, Mopuri & Bilen's released settings per IPC.
+_DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
 
 
-class SyntheticSet(nn.Module):
+def dc_loops(ipc: int) -> tuple[int, int]:
+    """(outer, inner) loops of DC for ``ipc`` (the nearest tabulated IPC not above it)."""
+    key = max(k for k in _DC_LOOPS if k <= max(ipc, 1))
+    return _DC_LOOPS[key]
+
+
+class SyntheticSet(Teacher):
     """Learnable images (N, C, H, W) with labels grouped by class (``ipc`` per class).
+
+    As a :class:`~distill.teacher.Teacher`: its inner schedule is ``steps`` (T) random batches
+    of ``step_size`` images (``None``: all of them) and its matching loops are DC's by IPC.
 
     Attributes:
         images: ``nn.Parameter`` (num_classes * ipc, C, H, W), class ``c`` in rows
@@ -32,15 +45,20 @@ class SyntheticSet(nn.Module):
         labels: (N,) int64 buffer.
         label_logits: optional ``nn.Parameter`` (N, num_classes) for learnable soft labels.
         log_lr: optional ``nn.Parameter`` () for a learnable student learning rate.
+        steps: T, the student steps of one meta-iteration (unrolled / implicit strategies).
+        step_size: images per student step (``None``: the whole set every step).
     """
 
     def __init__(self, images: torch.Tensor, num_classes: int, learn_labels: bool = False,
-                 lr: float | None = None):
+                 lr: float | None = None, steps: int = 10, step_size: int | None = None):
         super().__init__()
         n = images.shape[0]
         if n % num_classes:
             raise ValueError(f"{n} images do not split into {num_classes} equal classes")
+        if steps < 1 or (step_size is not None and step_size < 1):
+            raise ValueError(f"need steps >= 1 and step_size >= 1, got {steps}, {step_size}")
         self.num_classes, self.ipc = num_classes, n // num_classes
+        self.steps, self.step_size = steps, step_size
         self.images = nn.Parameter(images.detach().clone().float())
         self.register_buffer("labels", torch.arange(num_classes).repeat_interleave(self.ipc))
         self.label_logits = None
@@ -91,13 +109,11 @@ class SyntheticSet(nn.Module):
         """Targets of class ``c``'s images: (ipc,) hard or (ipc, K) soft."""
         return self.targets()[c * self.ipc:(c + 1) * self.ipc]
 
-    def class_batch(self, c: int, generator: torch.Generator | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def class_batch(self, c: int, generator: torch.Generator | None = None) -> Batch:
         """Teacher protocol: every image of class ``c`` and its targets (with graph)."""
         return self.class_images(c), self.class_targets(c)
 
-    def batch(self, size: int | None, generator: torch.Generator
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, size: int | None, generator: torch.Generator) -> Batch:
         """Teacher protocol: ``size`` random images of any class (all when ``None``)."""
         x, y = self.images, self.targets()
         n = x.shape[0]
@@ -106,9 +122,17 @@ class SyntheticSet(nn.Module):
         idx = torch.randperm(n, generator=generator)[:size].to(x.device)
         return x[idx], y[idx]
 
+    def step_batch(self, choice: StepChoice, generator: torch.Generator) -> Batch:
+        """Teacher protocol: one inner step's batch, ``step_size`` random images."""
+        return self.batch(self.step_size, generator)
+
     def lr_tensor(self) -> torch.Tensor | None:
         """The learnable student learning rate as a tensor with graph (or ``None``)."""
         return None if self.log_lr is None else self.log_lr.exp()
+
+    def matching_loops(self) -> tuple[int, int]:
+        """DC's (outer, inner) loops for this set's IPC (:func:`dc_loops`)."""
+        return dc_loops(self.ipc)
 
     def targets(self) -> torch.Tensor:
         """(N,) hard labels, or (N, num_classes) soft labels when they are learned."""
@@ -118,6 +142,7 @@ class SyntheticSet(nn.Module):
 
     @property
     def lr(self) -> float | None:
+        """The learnable student lr as a float (``None`` when not learned)."""
         return None if self.log_lr is None else float(self.log_lr.detach().exp())
 
     # ------------------------------------------------------------------ files

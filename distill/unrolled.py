@@ -15,41 +15,35 @@ ways to trade that memory for time:
   (gradient checkpointing, Chen, Xu, Zhang & Guestrin, 2016). Same gradient, memory about
   O(T/S + S) steps instead of O(T), one extra forward of the unroll.
 
-The default path goes through ``higher`` (Grefenstette et al., 2019). The checkpointed path
-is our own functional SGD (``torch.func.functional_call``); it reproduces ``higher``'s
-result, which the tests check.
+Every path runs the student through :func:`distill.inner.student_steps` (functional SGD
+with :func:`torch.func.functional_call`); the tests check it against ``higher``
+(Grefenstette et al., 2019), which this module used before.
 """
 
 from __future__ import annotations
 
-import copy
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any, Union
 
-import higher
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .engine import classification_loss
+from .inner import Rate, forward, rate_list, student_steps
+from .teacher import Batch
 
 __all__ = ["unrolled_loss"]
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Scalar = Union[float, torch.Tensor]
 
 
-def _per_step(lr: float | torch.Tensor, steps: int) -> list:
-    """``lr`` as one value per step: a float, a scalar tensor, or a (T,) tensor."""
-    if torch.is_tensor(lr) and lr.dim() == 1:
-        if lr.numel() != steps:
-            raise ValueError(f"{lr.numel()} learning rates for {steps} steps")
-        return list(lr.unbind())
-    return [lr] * steps
+def _value(v: Scalar) -> float:
+    return float(v.detach()) if torch.is_tensor(v) else float(v)
 
 
 def unrolled_loss(model: nn.Module, batches: Sequence[Batch], real_images: torch.Tensor,
-                  real_labels: torch.Tensor, lr: float | torch.Tensor,
-                  momentum: float | torch.Tensor = 0.0, weight_decay: float = 0.0,
-                  truncate: int | None = None,
+                  real_labels: torch.Tensor, lr: Rate, momentum: Rate = 0.0,
+                  weight_decay: float = 0.0, truncate: int | None = None,
                   checkpoint_every: int | None = None) -> torch.Tensor:
     """Train ``model`` on ``batches`` with differentiable SGD and return the real-data loss.
 
@@ -59,7 +53,8 @@ def unrolled_loss(model: nn.Module, batches: Sequence[Batch], real_images: torch
         real_images / real_labels: the real batch the trained student is scored on.
         lr: the student's learning rate: a float, a scalar tensor, or a (T,) tensor of
             per-step rates (GTN); tensors with a graph are learned.
-        momentum: as in ``torch.optim.SGD``; a tensor with a graph is learned (GTN).
+        momentum: as in ``torch.optim.SGD``, one or T values; a tensor with a graph is
+            learned (GTN).
         weight_decay: as in ``torch.optim.SGD`` (makes a linear student strongly convex).
         truncate: differentiate only the last ``truncate`` steps (``None``: all).
         checkpoint_every: recompute segments of this many steps in the backward pass
@@ -73,119 +68,99 @@ def unrolled_loss(model: nn.Module, batches: Sequence[Batch], real_images: torch
         raise ValueError(f"truncate must be >= 1, got {truncate}")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    lrs = _per_step(lr, len(batches))
-    value = lambda v: float(v.detach()) if torch.is_tensor(v) else float(v)  # noqa: E731
-    momentum_value = value(momentum)
-    opt_model = model
-    opt = torch.optim.SGD(opt_model.parameters(), lr=value(lrs[0]), momentum=momentum_value,
-                          weight_decay=weight_decay)
+    lrs = rate_list(lr, len(batches), "learning rates")
+    moms = rate_list(momentum, len(batches), "momenta")
+    params = [p.detach() for p in model.parameters()]
+    bufs: list[torch.Tensor | None] | None = None
     if truncate is not None and truncate < len(batches):
-        head = len(batches) - truncate
-        opt_model = copy.deepcopy(model)
-        opt = torch.optim.SGD(opt_model.parameters(), lr=value(lrs[0]),
-                              momentum=momentum_value, weight_decay=weight_decay)
-        for (x, y), step_lr in zip(batches[:head], lrs[:head]):  # plain SGD: no graph
-            for group in opt.param_groups:
-                group["lr"] = value(step_lr)
-            opt.zero_grad(set_to_none=True)
-            classification_loss(opt_model(x.detach()), y.detach()).backward()
-            opt.step()
-        batches, lrs = batches[head:], lrs[head:]
+        head = len(batches) - truncate  # plain SGD: no graph
+        state = student_steps(model, params, [(x.detach(), y.detach()) for x, y in
+                                              batches[:head]],
+                              [_value(v) for v in lrs[:head]], [_value(v) for v in moms[:head]],
+                              weight_decay)
+        params, bufs = state.params, state.buffers
+        batches, lrs, moms = batches[head:], lrs[head:], moms[head:]
     if checkpoint_every is not None:
-        return _functional_unroll(opt_model, opt, batches, real_images, real_labels, lrs,
-                                  momentum, weight_decay, checkpoint_every)
-    with higher.innerloop_ctx(opt_model, opt, copy_initial_weights=True,
-                              track_higher_grads=True) as (fmodel, diffopt):
-        for (x, y), step_lr in zip(batches, lrs):
-            override = {"lr": [step_lr]}
-            if torch.is_tensor(momentum):
-                override["momentum"] = [momentum]
-            diffopt.step(classification_loss(fmodel(x), y), override=override)
-        return classification_loss(fmodel(real_images), real_labels)
+        return _checkpointed(model, params, bufs, batches, real_images, real_labels, lrs,
+                             moms, weight_decay, checkpoint_every)
+    state = student_steps(model, params, batches, lrs, moms, weight_decay, differentiable=True,
+                          buffers=bufs)
+    return classification_loss(forward(model, state.params, real_images), real_labels)
 
 
-# ------------------------------------------------------------------ functional, checkpointed
-def _sgd_steps(model: nn.Module, names: list[str], params: list[torch.Tensor],
-               bufs: list[torch.Tensor], batches: Sequence[Batch], lrs: Sequence[torch.Tensor],
-               momentum: torch.Tensor, weight_decay: float, create_graph: bool):
-    """SGD steps as torch.optim.SGD takes them (a zero buffer makes the first step d_p)."""
-    for (x, y), lr in zip(batches, lrs):
-        loss = classification_loss(functional_call(model, dict(zip(names, params)), (x,)), y)
-        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
-        new_p, new_b = [], []
-        for p, b, g in zip(params, bufs, grads):
-            d = g + weight_decay * p if weight_decay else g
-            b = momentum * b + d
-            new_p.append(p - lr * b)
-            new_b.append(b)
-        params, bufs = new_p, new_b
-    return params, bufs
-
-
+# ------------------------------------------------------------------ checkpointed segments
 class _Segment(torch.autograd.Function):
-    """S student steps whose graph is rebuilt in the backward pass (reentrant checkpoint)."""
+    """S student steps whose graph is rebuilt in the backward pass (reentrant checkpoint).
+
+    Inputs, flat: k parameters, k momentum buffers, S images, S targets, S learning rates,
+    then one momentum (shared by the S steps) or S momenta.
+    """
 
     @staticmethod
-    def _split(spec, flat):
-        model, names, n, momentum_is_input, weight_decay = spec
-        k = len(names)
+    def _split(spec: tuple[Any, ...], flat: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+        _, k, n, per_step_momentum, _ = spec
         params, bufs = list(flat[:k]), list(flat[k:2 * k])
         xs, ys = flat[2 * k:2 * k + n], flat[2 * k + n:2 * k + 2 * n]
-        lrs = flat[2 * k + 2 * n:2 * k + 3 * n]
-        return params, bufs, list(zip(xs, ys)), lrs, flat[-1]
+        lrs = list(flat[2 * k + 2 * n:2 * k + 3 * n])
+        moms = list(flat[2 * k + 3 * n:]) if per_step_momentum else flat[-1]
+        return params, bufs, list(zip(xs, ys)), lrs, moms
 
     @staticmethod
-    def forward(ctx, spec, *flat):
-        model, names, _, _, weight_decay = spec
-        params, bufs, batches, lrs, momentum = _Segment._split(spec, flat)
+    def forward(ctx: Any, spec: tuple[Any, ...], *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model, _, _, _, weight_decay = spec
+        params, bufs, batches, lrs, moms = _Segment._split(spec, flat)
         ctx.spec = spec
         ctx.save_for_backward(*flat)
-        with torch.enable_grad():
-            leaves = [p.detach().requires_grad_() for p in params]
-            out_p, out_b = _sgd_steps(model, names, leaves, [b.detach() for b in bufs],
-                                      [(x.detach(), y.detach()) for x, y in batches],
-                                      [lr.detach() for lr in lrs], momentum.detach(),
-                                      weight_decay, create_graph=False)
-        return tuple(t.detach() for t in out_p + out_b)
+        detach = (lambda v: [t.detach() for t in v]) if isinstance(moms, list) else \
+            (lambda v: v.detach())
+        state = student_steps(model, [p.detach() for p in params], [(x.detach(), y.detach())
+                                                                     for x, y in batches],
+                              [lr.detach() for lr in lrs], detach(moms), weight_decay,
+                              buffers=[b.detach() for b in bufs])
+        out = state.params + state.buffers
+        return tuple(t.detach() for t in out)  # type: ignore[union-attr]
 
     @staticmethod
-    def backward(ctx, *grad_out):
-        model, names, _, _, weight_decay = ctx.spec
+    def backward(ctx: Any, *grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        model, _, _, _, weight_decay = ctx.spec
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_(t.dtype.is_floating_point)
                       for t in ctx.saved_tensors]
-            params, bufs, batches, lrs, momentum = _Segment._split(ctx.spec, inputs)
-            out_p, out_b = _sgd_steps(model, names, params, bufs, batches, lrs, momentum,
-                                      weight_decay, create_graph=True)
+            params, bufs, batches, lrs, moms = _Segment._split(ctx.spec, inputs)
+            state = student_steps(model, params, batches, lrs, moms, weight_decay,
+                                  differentiable=True, buffers=bufs)
+            outputs = state.params + state.buffers
             wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
-            grads = torch.autograd.grad(out_p + out_b, [inputs[i] for i in wanted], grad_out,
+            grads = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grad_out,
                                         allow_unused=True)
-        result: list = [None] * len(inputs)
+        result: list[torch.Tensor | None] = [None] * len(inputs)
         for i, g in zip(wanted, grads):
             result[i] = g
         return (None, *result)
 
 
-def _functional_unroll(model: nn.Module, opt: torch.optim.SGD, batches: Sequence[Batch],
-                       real_images: torch.Tensor, real_labels: torch.Tensor,
-                       lrs: Sequence[float | torch.Tensor], momentum: float | torch.Tensor,
-                       weight_decay: float, every: int) -> torch.Tensor:
-    named = [(n, p) for n, p in model.named_parameters()]
-    names = [n for n, _ in named]
-    params = [p.detach() for _, p in named]
+def _checkpointed(model: nn.Module, params: list[torch.Tensor],
+                  bufs: Sequence[torch.Tensor | None] | None, batches: Sequence[Batch],
+                  real_images: torch.Tensor, real_labels: torch.Tensor, lrs: Sequence[Scalar],
+                  moms: Sequence[Scalar], weight_decay: float, every: int) -> torch.Tensor:
+    """The unroll in segments of ``every`` steps (zero momentum buffers to start with)."""
     like = params[0]
-    bufs = [opt.state.get(p, {}).get("momentum_buffer") for _, p in named]
-    bufs = [torch.zeros_like(p) if b is None else b.detach() for p, b in zip(params, bufs)]
-    as_tensor = lambda v: v if torch.is_tensor(v) else torch.tensor(  # noqa: E731
-        float(v), device=like.device, dtype=like.dtype)
-    lrs = [as_tensor(lr) for lr in lrs]
-    momentum = as_tensor(momentum)
-    k = len(names)
+
+    def as_tensor(v: Scalar) -> torch.Tensor:
+        return v if torch.is_tensor(v) else torch.tensor(float(v), device=like.device,
+                                                         dtype=like.dtype)
+
+    start_bufs = [torch.zeros_like(p) if b is None else b.detach()
+                  for p, b in zip(params, bufs or [None] * len(params))]
+    lr_t = [as_tensor(v) for v in lrs]
+    shared = all(m is moms[0] for m in moms)  # one momentum for every step (or a float)
+    mom_t = [as_tensor(moms[0])] if shared else [as_tensor(m) for m in moms]
+    k = len(params)
+    state: list[torch.Tensor] = list(params) + start_bufs
     for start in range(0, len(batches), every):
         seg = batches[start:start + every]
-        spec = (model, names, len(seg), True, weight_decay)
-        out = _Segment.apply(spec, *params, *bufs, *[x for x, _ in seg], *[y for _, y in seg],
-                             *lrs[start:start + every], momentum)
-        params, bufs = list(out[:k]), list(out[k:])
-    logits = functional_call(model, dict(zip(names, params)), (real_images,))
-    return classification_loss(logits, real_labels)
+        spec = (model, k, len(seg), not shared, weight_decay)
+        seg_moms = mom_t if shared else mom_t[start:start + every]
+        state = list(_Segment.apply(spec, *state, *[x for x, _ in seg], *[y for _, y in seg],
+                                    *lr_t[start:start + every], *seg_moms))
+    return classification_loss(forward(model, state[:k], real_images), real_labels)

@@ -19,8 +19,9 @@ normalisation optional. A :class:`GeneratorTeacher` adds what the student is tra
 * the student's inner optimiser: a learned learning rate per step (init 0.02) and a learned
   momentum (init 0.5).
 
-It implements the teacher protocol of :mod:`distill.strategies` (``class_batch``, ``batch``,
-``lr_tensor``, ``parameters``), so every strategy (unrolled, implicit, matching) trains it.
+It is a :class:`distill.teacher.Teacher` (its curriculum is the inner schedule, its learned lr
+and momentum the student's; per-class batches are made in one forward pass), so every strategy
+(unrolled, implicit, matching, distribution) trains it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from distill.data import DatasetInfo
+from distill.teacher import Batch, StepChoice, Teacher
 
 __all__ = ["GeneratorConfig", "Generator", "GeneratorTeacher", "CURRICULA", "GeneratorError"]
 
@@ -106,8 +108,11 @@ class Generator(nn.Module):
         return ((x + 1) / 2 - self.pixel_mean) / self.pixel_std  # [0, 1] pixels, normalised
 
 
-class GeneratorTeacher(nn.Module):
+class GeneratorTeacher(Teacher):
     """A generator plus curriculum, labels and the student's learned inner optimiser.
+
+    Every inner batch is its own generator output (``has_curriculum``), in every curriculum
+    mode; gradient matching runs T match-then-step rounds (the default ``matching_loops``).
 
     Args:
         info: the data set's shape and normalisation.
@@ -153,8 +158,10 @@ class GeneratorTeacher(nn.Module):
         self.momentum_logit = nn.Parameter(torch.tensor(math.log(momentum / (1 - momentum)))
                                            if momentum > 0 else torch.tensor(-20.0))
 
+    has_curriculum = True
+
     # ---------------------------------------------------------------- curriculum
-    def order(self, generator: torch.Generator) -> list:
+    def order(self, generator: torch.Generator) -> list[StepChoice]:
         """Which learned noise each of the T steps uses this meta-iteration.
 
         ``full``: step t uses batch t. ``shuffled-batch``: a permutation of the batches.
@@ -170,8 +177,7 @@ class GeneratorTeacher(nn.Module):
             return list(torch.randperm(t * b, generator=generator).view(t, b))
         return [None] * t
 
-    def step_batch(self, choice, generator: torch.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_batch(self, choice: StepChoice, generator: torch.Generator) -> Batch:
         """Images and targets of one inner step for an entry of :meth:`order`."""
         dev = self.log_lr.device
         nd = self.generator.config.noise_dim
@@ -179,20 +185,21 @@ class GeneratorTeacher(nn.Module):
             z = torch.randn(self.batch_size, nd, generator=generator).to(dev)
             labels: torch.Tensor = self.batch_labels
         elif isinstance(choice, int):
+            assert self.noise is not None  # a learned curriculum
             z = self.noise[choice]
             labels = self.batch_labels if self.label_logits is None else \
                 F.softmax(self.label_logits[choice], 1)
         else:  # a set of positions in the flattened pool
+            assert self.noise is not None
             idx = choice.to(dev)
             z = self.noise.reshape(-1, nd)[idx]
             labels = self.batch_labels.repeat(self.steps)[idx] if self.label_logits is None \
                 else F.softmax(self.label_logits.reshape(-1, self.num_classes)[idx], 1)
         return self.generator(z, labels), labels
 
-    def curriculum_batches(self, generator: torch.Generator
-                           ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def curriculum_batches(self, generator: torch.Generator) -> list[Batch]:
         """The T (images, targets) batches of one meta-iteration."""
-        return [self.step_batch(c, generator) for c in self.order(generator)]
+        return list(self.inner_batches(generator))
 
     # ---------------------------------------------------------------- inner optimiser
     def lr_tensor(self) -> torch.Tensor:
@@ -200,11 +207,11 @@ class GeneratorTeacher(nn.Module):
         return self.log_lr.exp()
 
     def momentum_tensor(self) -> torch.Tensor:
+        """() learned momentum in (0, 1)."""
         return torch.sigmoid(self.momentum_logit)
 
     # ---------------------------------------------------------------- teacher protocol
-    def class_batch(self, c: int, generator: torch.Generator, n: int | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def class_batch(self, c: int, generator: torch.Generator, n: int | None = None) -> Batch:
         """``n`` (default batch_size / classes) generated images of class ``c``, fresh noise."""
         n = n or max(self.batch_size // self.num_classes, 1)
         z = torch.randn(n, self.generator.config.noise_dim, generator=generator)
@@ -212,8 +219,7 @@ class GeneratorTeacher(nn.Module):
         y = torch.full((n,), c, dtype=torch.int64, device=z.device)
         return self.generator(z, y), y
 
-    def class_batches(self, generator: torch.Generator, n: int | None = None
-                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def class_batches(self, generator: torch.Generator, n: int | None = None) -> list[Batch]:
         """``n`` images of every class, made in ONE forward pass and split by class.
 
         Per-class strategies (matching, distribution) use this instead of one
@@ -229,8 +235,7 @@ class GeneratorTeacher(nn.Module):
         x = self.generator(z, y)
         return [(x[c * n:(c + 1) * n], y[c * n:(c + 1) * n]) for c in range(k)]
 
-    def batch(self, size: int | None, generator: torch.Generator
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, size: int | None, generator: torch.Generator) -> Batch:
         """A generated batch of balanced labels with fresh noise (``size``: batch_size)."""
         n = size or self.batch_size
         z = torch.randn(n, self.generator.config.noise_dim, generator=generator)

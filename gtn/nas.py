@@ -463,8 +463,7 @@ def build_proxy_set(spec: ProxySpec, source, fit: ImageSet, budget: NASBudget, s
     if spec.kind in ("gtn", "gtn-steps"):
         teacher = source.to(device)
         teacher.train()
-        with torch.no_grad():
-            batches = [teacher.step_batch(c, g) for c in teacher.order(g)]
+        batches = list(teacher.inner_batches(g, graph=False))
         x = torch.cat([b[0] for b in batches]).detach()
         y = torch.cat([b[1] for b in batches]).detach()
         meta.update(curriculum=teacher.curriculum, steps=teacher.steps)
@@ -577,22 +576,18 @@ def train_candidate(spec: str, ts: TrainSet, val_x: torch.Tensor, val_y: torch.T
 def _few_steps(model: torch.nn.Module, ts: TrainSet) -> tuple[float, int, float]:
     """A GTN's own protocol: batch t (consecutive ``batch_size`` images) at lr ``step_lrs[t]``,
     SGD with the learned momentum. Returns (seconds, steps, last loss)."""
-    from distill.engine import classification_loss
+    from distill.inner import load_params, student_steps
 
+    assert ts.step_lrs is not None
     t0 = time.perf_counter()
     b = ts.train.batch_size
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=ts.step_lrs[0], momentum=ts.momentum or 0.0)
-    loss = torch.zeros(())
-    for i, lr in enumerate(ts.step_lrs):
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss = classification_loss(model(ts.images[i * b:(i + 1) * b]),
-                                    ts.labels[i * b:(i + 1) * b])
-        loss.backward()
-        opt.step()
-    return time.perf_counter() - t0, len(ts.step_lrs), float(loss.detach())
+    batches = [(ts.images[i * b:(i + 1) * b], ts.labels[i * b:(i + 1) * b])
+               for i in range(len(ts.step_lrs))]
+    state = student_steps(model, [p.detach() for p in model.parameters()], batches,
+                          list(ts.step_lrs), ts.momentum or 0.0)
+    load_params(model, state.params)
+    return time.perf_counter() - t0, len(ts.step_lrs), float(state.step_losses[-1])
 
 
 _WORKER: dict = {}

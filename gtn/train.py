@@ -29,8 +29,9 @@ from typing import Callable
 import torch
 
 from distill.condense import MetaConfig, MetaResult, meta_train
-from distill.data import ImageSet
-from distill.engine import EvalProtocol, accuracy, classification_loss, evaluate_set
+from distill.data import DatasetInfo, ImageSet
+from distill.engine import EvalProtocol, EvalResult, accuracy, evaluate_set
+from distill.inner import load_params, student_steps
 from distill.models import build_model, parse_model_spec
 from distill.progress import Progress
 from distill.rng import generator as make_generator
@@ -109,16 +110,16 @@ class GTNConfig:
                 f"classes, got {self.batch_size}")
 
     def meta_config(self) -> MetaConfig:
+        """The meta-training loop's configuration. T, the inner schedule, lr and momentum are
+        the teacher's (:func:`make_teacher`); matching's loops default to the teacher's T
+        match-then-step rounds."""
         return MetaConfig(
             strategy=GTN_METHODS[self.method], iterations=self.meta_iterations,
             optimizer="adam", lr=self.meta_lr, momentum=0.0,
             checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
             memory_iterations=self.memory_iterations,
             strategy_config=StrategyConfig(
-                real_batch=self.match_real_per_class if self.method == "matching"
-                else self.real_batch, inner_steps=self.inner_steps,
-                inner_lr=self.inner_lr, inner_momentum=self.inner_momentum,
-                outer_loop=self.inner_steps, inner_loop=1,  # matching: T match-then-step
+                real_batch=self.real_batch, real_per_class=self.match_real_per_class,
                 checkpoint_steps=self.checkpoint_steps, neumann_terms=self.neumann_terms,
                 neumann_alpha=self.neumann_alpha))
 
@@ -132,7 +133,8 @@ def split_validation(train_set: ImageSet, n: int) -> tuple[ImageSet, ImageSet]:
     return train_set.subset(perm[n:].sort().values), train_set.subset(perm[:n].sort().values)
 
 
-def make_teacher(info, config: GTNConfig, seed: int) -> GeneratorTeacher:
+def make_teacher(info: DatasetInfo, config: GTNConfig, seed: int) -> GeneratorTeacher:
+    """The generator teacher of ``config`` for data set ``info``, initialised from ``seed``."""
     return GeneratorTeacher(info, config.inner_steps, config.batch_size, config.curriculum,
                             config.generator, config.learn_labels, config.inner_lr,
                             config.inner_momentum, generator=make_generator(seed, "generator"))
@@ -162,7 +164,7 @@ def train_gtn(train_set: ImageSet, config: GTNConfig, seed: int = 0,
     extra = {"dataset": train_set.info.name, "gtn": repr(config)}
     result = meta_train(teacher, RealSampler(fit, device),
                         _student_factory(train_set.info, config, device), config.meta_config(),
-                        seed, ipc=1, checkpoint=checkpoint, resume=resume, progress=progress,
+                        seed, checkpoint=checkpoint, resume=resume, progress=progress,
                         evaluate=(lambda it: evaluate(teacher, it)) if evaluate else None,
                         fingerprint_extra=extra, device=device)
     return teacher, result, val
@@ -182,25 +184,17 @@ def few_step_accuracy(teacher: GeneratorTeacher, student: str, images: torch.Ten
         model = build_model(student, info.channels, info.num_classes, info.im_size,
                             generator=g).to(device)
         model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=lrs[0], momentum=momentum)
-        for choice, lr in zip(teacher.order(g), lrs):
-            with torch.no_grad():
-                x, y = teacher.step_batch(choice, g)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            classification_loss(model(x), y).backward()
-            opt.step()
-        accs.append(100.0 * accuracy(model, images, labels))
+        state = student_steps(model, [p.detach() for p in model.parameters()],
+                              teacher.inner_batches(g, graph=False), lrs, momentum)
+        accs.append(100.0 * accuracy(load_params(model, state.params), images, labels))
     return accs
 
 
 def fixed_set_accuracy(teacher: GeneratorTeacher, protocol: EvalProtocol, images: torch.Tensor,
-                       labels: torch.Tensor, seed: int):
+                       labels: torch.Tensor, seed: int) -> EvalResult:
     """DC-protocol accuracy of a fixed generated set of T x batch images (one curriculum)."""
     g = make_generator(seed, "fixed-set")
-    with torch.no_grad():
-        batches = [teacher.step_batch(c, g) for c in teacher.order(g)]
+    batches = list(teacher.inner_batches(g, graph=False))
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     return evaluate_set(x, y, images, labels, protocol, seed=seed,

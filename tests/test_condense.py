@@ -17,7 +17,8 @@ from distill.rng import generator
 from distill.strategies import StrategyConfig, dc_loops
 
 MODEL = "convnet:width=4,depth=2"
-SMALL = dict(real_batch=6, inner_steps=3, outer_loop=2, inner_loop=2)
+SMALL = dict(real_batch=6, outer_loop=2, inner_loop=2)
+T3 = dict(inner_steps=3)  # the synthetic set's inner schedule
 
 
 def tiny():
@@ -28,25 +29,25 @@ def tiny():
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, method):
     data = tiny()
     cfg = condense_config(method, iterations=5, checkpoint_every=2, eval_every=1, **SMALL)
-    full, r_full = condense(data, method, 2, model=MODEL, config=cfg, seed=3,
+    full, r_full = condense(data, method, 2, model=MODEL, config=cfg, seed=3, **T3,
                             checkpoint=tmp_path / "a.pt", evaluate=lambda t, i: {})
     with pytest.raises(Kill):  # killed during iteration 3, after the checkpoint at 2
-        condense(data, method, 2, model=MODEL, config=cfg, seed=3, checkpoint=tmp_path / "b.pt",
+        condense(data, method, 2, model=MODEL, config=cfg, seed=3, **T3, checkpoint=tmp_path / "b.pt",
                  evaluate=killer(3))
-    resumed, r_res = condense(data, method, 2, model=MODEL, config=cfg, seed=3,
+    resumed, r_res = condense(data, method, 2, model=MODEL, config=cfg, seed=3, **T3,
                               checkpoint=tmp_path / "b.pt", resume=True,
                               evaluate=lambda t, i: {})
     assert r_res.resumed_from == 2
     assert torch.equal(resumed.images, full.images)
     assert r_res.losses == r_full.losses
     assert not torch.equal(full.images, condense(data, method, 2, model=MODEL, config=cfg,
-                                                 seed=4)[0].images)  # the seed matters
+                                                 seed=4, **T3)[0].images)  # the seed matters
 
 
 def test_learned_lr_and_labels_resume_too(tmp_path):
     data = tiny()
     cfg = condense_config("dd", iterations=4, checkpoint_every=2, eval_every=1, **SMALL)
-    kw = dict(model=MODEL, config=cfg, seed=0, learn_lr=True, learn_labels=True)
+    kw = dict(model=MODEL, config=cfg, seed=0, learn_lr=True, learn_labels=True, **T3)
     full, _ = condense(data, "dd", 1, **kw)
     assert full.lr != pytest.approx(cfg.strategy_config.inner_lr)  # the lr was learned
     with pytest.raises(Kill):
@@ -103,7 +104,7 @@ def test_bad_configuration_is_one_typed_line():
     with pytest.raises(ConfigError, match="init"):
         condense(data, "dc", 1, init="herding", model=MODEL)
     with pytest.raises(ConfigError, match="inner_steps"):
-        StrategyConfig(inner_steps=0)
+        condense(data, "dd", 1, model=MODEL, inner_steps=0)
     with pytest.raises(ConfigError, match="distance"):
         StrategyConfig(distance="l1")
 
@@ -125,13 +126,15 @@ def test_unrolled_memory_grows_with_steps_while_implicit_stays_flat():
     data = tiny()
 
     def saved(method, steps):
-        cfg = condense_config(method, iterations=1, **{**SMALL, "inner_steps": steps})
-        return condense(data, method, 1, model=MODEL, config=cfg)[1].memory["saved_peak_bytes"]
+        cfg = condense_config(method, iterations=1, **SMALL)
+        return condense(data, method, 1, model=MODEL, config=cfg, inner_steps=steps
+                        )[1].memory["saved_peak_bytes"]
 
     assert saved("dd", 8) > 3 * saved("dd", 2)
     assert saved("ift", 8) == saved("ift", 2)  # no graph across the student steps
-    cut = condense_config("dd", iterations=1, checkpoint_steps=2, **{**SMALL, "inner_steps": 8})
-    cut = condense(data, "dd", 1, model=MODEL, config=cut)[1].memory["saved_peak_bytes"]
+    cut = condense_config("dd", iterations=1, checkpoint_steps=2, **SMALL)
+    cut = condense(data, "dd", 1, model=MODEL, config=cut, inner_steps=8
+                   )[1].memory["saved_peak_bytes"]
     assert cut < saved("dd", 8) / 2
 
 

@@ -241,7 +241,7 @@ def test_checkpointed_unrolled_gtn_gives_the_same_teacher_gradient():
                         generator=GeneratorConfig(4, 8, 4), student="convnet:width=4,depth=1",
                         meta_iterations=1, real_batch=8, validation=6, checkpoint_steps=steps)
         t = make_teacher(data.info, cfg, seed=0)
-        strategy = make_strategy("unrolled", cfg.meta_config().strategy_config, ipc=1)
+        strategy = make_strategy("unrolled", cfg.meta_config().strategy_config)
         opt = torch.optim.SGD(t.parameters(), lr=0.0)  # keeps the gradient, moves nothing
         from distill.memory import SavedTensorMeter
 

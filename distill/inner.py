@@ -1,0 +1,181 @@
+"""The inner loop: T student SGD steps as a function of the parameters, written once.
+
+``student_steps(model, params, batches, lrs, momentum, weight_decay) -> params`` is the
+functional inner loop of learn2learn's ``adapt`` / torchopt's functional optimisers: the
+student's parameters are a list of tensors that the function maps to new ones, and the module
+only supplies the architecture (:func:`torch.func.functional_call`). Every user of "train a
+student for T steps" calls it: the unrolled (Wang et al. 2018; Such et al., ICML 2020) and
+implicit (Lorraine, Vicol & Duvenaud, AISTATS 2020) strategies, the checkpointed unroll of
+:mod:`distill.unrolled`, a GTN's few-step score and its architecture-search proxy.
+
+The step is SGD as ``torch.optim.SGD`` takes it (no dampening, no Nesterov)::
+
+    d_t = g_t + wd · p_t                    (g_t the gradient of the step's batch loss)
+    b_t = d_t            (t = 0)   |   b_t = μ_t · b_{t−1} + d_t
+    p_{t+1} = p_t − η_t · b_t
+
+With ``differentiable=True`` the new parameters keep a graph to the old ones, to the
+batches (so to the teacher) and to ``lrs`` / ``momentum`` tensors (learned per-step rates,
+Such et al.); the update is then written out as above (``higher``'s DifferentiableSGD). With
+``differentiable=False`` no graph is kept; with float rates the update then takes
+``torch.optim.SGD``'s own arithmetic (fused ``add(alpha=...)``), so the result is the one an
+``SGD`` optimiser stepping the module gives, bit for bit.
+
+``after_step(t, params)`` is called after step ``t`` (0-based) with the new parameters; what
+it returns (a loss tensor, or ``None``) is collected in :attr:`InnerState.losses`: the hook
+for *intermediate losses* (the student scored on real data during the inner loop, the GTN
+paper's meta-loss) and for monitoring.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .engine import classification_loss
+from .teacher import Batch
+
+__all__ = ["InnerState", "Rate", "forward", "load_params", "per_step", "rate_list",
+           "student_steps"]
+
+# A learning rate or momentum: one float / () tensor for every step, or one per step
+# (a sequence of floats / () tensors, or a (T,) tensor).
+Rate = Union[float, torch.Tensor, Sequence[Union[float, torch.Tensor]]]
+AfterStep = Callable[[int, list[torch.Tensor]], Union[torch.Tensor, None]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class InnerState:
+    """The student after the inner loop.
+
+    Attributes:
+        params: the parameters, in ``model.parameters()`` order.
+        buffers: the momentum buffers (``None`` entries when no momentum is used), to continue
+            the loop where it stopped (truncated / checkpointed unrolls).
+        losses: what ``after_step`` returned, in step order (``None`` results left out).
+        step_losses: each step's training loss on its batch, before its update (detached).
+    """
+
+    params: list[torch.Tensor]
+    buffers: list[torch.Tensor | None]
+    losses: list[torch.Tensor] = field(default_factory=list)
+    step_losses: list[torch.Tensor] = field(default_factory=list)
+
+
+def forward(model: nn.Module, params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` with ``params`` in place of its parameters (its buffers are its own)."""
+    names = [n for n, _ in model.named_parameters()]
+    return functional_call(model, dict(zip(names, params)), (x,))
+
+
+@torch.no_grad()
+def load_params(model: nn.Module, params: Sequence[torch.Tensor]) -> nn.Module:
+    """Copy ``params`` into ``model``'s parameters (in place) and return the model."""
+    for p, v in zip(model.parameters(), params):
+        p.copy_(v)
+    return model
+
+
+def per_step(rate: Rate) -> Iterator[float | torch.Tensor]:
+    """``rate`` as an endless (scalar) or finite (per-step) iterator of step values."""
+    if torch.is_tensor(rate):
+        return iter(rate.unbind()) if rate.dim() == 1 else itertools.repeat(rate)
+    if isinstance(rate, (int, float)):
+        return itertools.repeat(float(rate))
+    return iter(rate)
+
+
+def _count(rate: Rate) -> int | None:
+    if torch.is_tensor(rate):
+        return rate.numel() if rate.dim() == 1 else None
+    return None if isinstance(rate, (int, float)) else len(rate)
+
+
+def rate_list(rate: Rate, steps: int, name: str = "rates") -> list[float | torch.Tensor]:
+    """``rate`` as a list of ``steps`` step values (a scalar is repeated: the same object).
+
+    Raises:
+        ValueError: per-step values of another length.
+    """
+    n = _count(rate)
+    if n is not None and n != steps:
+        raise ValueError(f"{n} {name} for {steps} steps")
+    return list(itertools.islice(per_step(rate), steps))
+
+
+def student_steps(model: nn.Module, params: Sequence[torch.Tensor], batches: Iterable[Batch],
+                  lrs: Rate, momentum: Rate = 0.0, weight_decay: float = 0.0, *,
+                  differentiable: bool = False,
+                  buffers: Sequence[torch.Tensor | None] | None = None,
+                  after_step: AfterStep | None = None,
+                  loss_fn: LossFn = classification_loss) -> InnerState:
+    """Train the student ``model`` with ``params`` for one SGD step per batch.
+
+    Args:
+        model: the student's architecture (its own parameters are not read nor changed; its
+            buffers, e.g. batch-norm statistics, are used and updated as in training).
+        params: its parameters, in ``model.parameters()`` order.
+        batches: T (images (B, C, H, W), targets (B,) or (B, K)) pairs; may be a lazy
+            iterable (each batch is drawn when its step comes).
+        lrs: η: one value for every step, or T values (floats, () tensors or a (T,) tensor).
+        momentum: μ, likewise (0: plain SGD, no buffers).
+        weight_decay: wd, a float.
+        differentiable: keep the graph through the steps (to params, batches, lrs, momentum).
+        buffers: momentum buffers to continue from (``None``: start without).
+        after_step: ``after_step(t, params)`` after each step; returned losses are collected.
+        loss_fn: ``loss_fn(logits, targets)`` (default: cross-entropy, hard or soft targets).
+
+    Returns:
+        :class:`InnerState` (parameters, momentum buffers, collected losses).
+
+    Raises:
+        ValueError: per-step rates of another length than the batches.
+    """
+    batches = list(batches) if isinstance(batches, Sequence) else batches
+    steps = len(batches) if isinstance(batches, list) else None
+    for name, rate in (("learning rates", lrs), ("momenta", momentum)):
+        n = _count(rate)
+        if n is not None and steps is not None and n != steps:
+            raise ValueError(f"{n} {name} for {steps} steps")
+    names = [n for n, _ in model.named_parameters()]
+    params = list(params)
+    bufs: list[torch.Tensor | None] = list(buffers) if buffers is not None \
+        else [None] * len(params)
+    if differentiable:
+        params = [p if p.requires_grad else p.detach().requires_grad_() for p in params]
+    losses: list[torch.Tensor] = []
+    step_losses: list[torch.Tensor] = []
+    for t, ((x, y), lr, mu) in enumerate(zip(batches, per_step(lrs), per_step(momentum))):
+        leaves = params if differentiable else [p.detach().requires_grad_() for p in params]
+        with torch.enable_grad():
+            loss = loss_fn(functional_call(model, dict(zip(names, leaves)), (x,)), y)
+            grads = torch.autograd.grad(loss, leaves, create_graph=differentiable)
+        step_losses.append(loss.detach())
+        # torch.optim.SGD's fused arithmetic for float rates without a graph; else written out
+        fused = not differentiable and not torch.is_tensor(lr)
+        use_buffers = torch.is_tensor(mu) or mu != 0
+        with torch.set_grad_enabled(differentiable):
+            new_p, new_b = [], []
+            for p, b, g in zip(leaves, bufs, grads):
+                if not differentiable:
+                    p = p.detach()
+                d = (g.add(p, alpha=weight_decay) if fused else g + weight_decay * p) \
+                    if weight_decay else g
+                if use_buffers or b is not None:  # a zero step momentum keeps the buffer
+                    b = d if b is None else b * mu + d
+                    d = b
+                new_p.append(p.add(d, alpha=-lr) if fused else p - lr * d)
+                new_b.append(b)
+        params, bufs = new_p, new_b
+        if after_step is not None:
+            out = after_step(t, params)
+            if out is not None:
+                losses.append(out)
+    return InnerState(params, bufs, losses, step_losses)
