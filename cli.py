@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import json
 import logging
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import click
 
@@ -32,10 +32,11 @@ def _library_errors() -> tuple[type[BaseException], ...]:
     from distill.models import ModelError
     from distill.store import StoreError
     from gtn.generator import GeneratorError
+    from gtn.nas import NASError
     from selection import SelectionError
 
     return (DataError, StoreError, SelectionError, ModelError, DeviceError, AugmentError,
-            ConfigError, NonFiniteError, GeneratorError)
+            ConfigError, NonFiniteError, GeneratorError, NASError)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -91,35 +92,85 @@ def write_run(out: Path, command: str, config: dict, results: dict) -> None:
     atomic_write_json(out / "results.json", results)
 
 
-class Checkpoint:
-    """Partial results of a long command in ``path``, resumable when the config matches."""
+class TableChoice(click.Choice):
+    """A click choice whose names come from a library table, read when first needed (the
+    library imports torch; ``gtnkit --help`` stays instant)."""
 
-    def __init__(self, path: Path, config: dict, resume: bool):
-        from distill.store import StoreError, to_jsonable
+    def __init__(self, names: Callable[[], Iterable[str]]) -> None:
+        self._names = functools.cache(lambda: tuple(names()))
+        super().__init__(())
 
-        self.path, self.config = path, to_jsonable(config)
-        self.state: dict = {}
-        if resume:
-            if not path.is_file():
-                raise StoreError(f"nothing to resume: {path} does not exist")
-            try:
-                saved = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                raise StoreError(f"{path} is unreadable; rerun without --resume") from None
-            if saved.get("config") != self.config:
-                raise StoreError(f"{path} belongs to a run with other options; rerun without "
-                                 f"--resume or with the same options")
-            self.state = saved.get("state", {})
-            log.info("resuming from %s", path)
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return self._names()
 
-    def append(self, key: str, value: Any) -> None:
-        from distill.store import atomic_write_json
+    @choices.setter
+    def choices(self, value: Any) -> None:  # click's __init__ assigns; the table decides
+        pass
 
-        self.state.setdefault(key, []).append(value)
-        atomic_write_json(self.path, {"config": self.config, "state": self.state})
 
-    def finish(self) -> None:
-        self.path.unlink(missing_ok=True)
+class TableHelpOption(click.Option):
+    """An option whose help text is built from a library table when ``--help`` shows it."""
+
+    def __init__(self, *args: Any, help_from: Callable[[], str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._help_from = help_from
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        self.help = self._help_from()
+        return super().get_help_record(ctx)
+
+
+# the library's tables (imported on first use)
+def _condense_methods() -> dict[str, Any]:
+    from distill.methods import METHODS
+
+    return METHODS
+
+
+def _selection_rules() -> list[str]:
+    from selection import available_methods
+
+    return available_methods()
+
+
+def _datasets() -> list[str]:
+    from distill.data import DATASETS
+
+    return list(DATASETS)
+
+
+def _gtn_methods() -> dict[str, str]:
+    from gtn.train import GTN_METHODS
+
+    return GTN_METHODS
+
+
+def _curricula() -> tuple[str, ...]:
+    from gtn.generator import CURRICULA
+
+    return CURRICULA
+
+
+def _gtn_budgets() -> list[str]:
+    from gtn.compare import BUDGETS
+
+    return list(BUDGETS)
+
+
+def _nas_budgets() -> list[str]:
+    from gtn.nas import NAS_BUDGETS
+
+    return list(NAS_BUDGETS)
+
+
+def _method_help() -> str:
+    return "; ".join(f"{m.name}: {m.help}" for m in _condense_methods().values()) + "."
+
+
+def _gtn_method_help() -> str:
+    return "Meta-gradient of the generator: " + "; ".join(
+        f"{name}: {text}" for name, text in _gtn_methods().items()) + "."
 
 
 def parse_options(pairs: tuple[str, ...]) -> dict:
@@ -201,9 +252,8 @@ def datasets(data_root: str | None) -> None:
 
 @main.command()
 @click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
-@click.option("--method", required=True,
-              help="Selection rule: random, herding, kcenter, forgetting, gradnorm, entropy, "
-                   "kmeans or dbscan.")
+@click.option("--method", required=True, type=TableChoice(_selection_rules),
+              help="Selection rule.")
 @click.option("--ipc", type=click.IntRange(min=1), required=True,
               help="Images per class to select.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
@@ -225,7 +275,7 @@ def select(ctx, dataset, method, ipc, options, feature_model, signal_epochs, poo
     Writes OUT/set.pt (images, labels, indices, metadata), config.json and results.json.
     Rules: random, herding, kcenter, forgetting, gradnorm, entropy, kmeans, dbscan.
     """
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     from distill.data import load_dataset
     from distill.devices import resolve_device
@@ -233,7 +283,6 @@ def select(ctx, dataset, method, ipc, options, feature_model, signal_epochs, poo
     from distill.store import SavedSet, check_run_dir, save_set
     from selection import SignalConfig, SignalProvider, get_method
     from selection import select as run_select
-    from selection.driver import check_ipc
 
     out_dir = check_run_dir(out, force)
     rule_options = parse_options(options)
@@ -242,12 +291,9 @@ def select(ctx, dataset, method, ipc, options, feature_model, signal_epochs, poo
     if signal_epochs < 1:
         raise click.BadParameter("must be >= 1", param_hint="--signal-epochs")
     dev = resolve_device(device)
-    base = SignalConfig()
-    signal_config = SignalConfig(model=feature_model, pool_per_class=pool_per_class,
-                                 train=replace(base.train, epochs=signal_epochs))
+    signal_config = SignalConfig.of(feature_model, signal_epochs, pool_per_class)
     data = load_dataset(dataset, "train", root=data_root, download=download)
     provider = SignalProvider(data, signal_config, seed=seed, device=dev, progress=_progress(ctx))
-    check_ipc(ipc, data.labels[provider.pool].bincount(minlength=data.info.num_classes))
     start = time.perf_counter()
     sel = run_select(data, rule, ipc, seed=seed, signals=provider)
     seconds = time.perf_counter() - start
@@ -297,7 +343,7 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
     from distill.devices import resolve_device
     from distill.engine import EvalProtocol, TrainConfig, evaluate_set
     from distill.models import parse_model_spec
-    from distill.store import check_run_dir, load_set
+    from distill.store import PartialResults, check_run_dir, load_set
 
     out_dir = check_run_dir(out, force)
     parse_model_spec(model)
@@ -314,7 +360,7 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
     config = {"set": str(set_path), "set_meta": {k: v for k, v in saved.meta.items()
                                                  if k != "indices"},
               "protocol": asdict(protocol), "seed": seed, "device": str(dev)}
-    checkpoint = Checkpoint(out_dir / "progress.json", config, resume)
+    checkpoint = PartialResults(out_dir / "progress.json", config, resume)
     result = evaluate_set(saved.images.to(dev), saved.labels.to(dev), test.images.to(dev),
                           test.labels.to(dev), protocol, seed, num_classes=test.info.num_classes,
                           progress=_progress(ctx), done=checkpoint.state.get("accuracies", []),
@@ -327,13 +373,13 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
 
 @main.command(name="distill")
 @click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
-@click.option("--method", required=True, type=click.Choice(["dc", "dsa", "dm", "dd", "ift"]),
-              help="dc/dsa: gradient matching (dsa with siamese augmentation); dm: "
-                   "distribution matching; dd: unrolled backprop; ift: implicit function theorem.")
+@click.option("--method", required=True, type=TableChoice(_condense_methods), cls=TableHelpOption,
+              help_from=_method_help)
 @click.option("--ipc", type=click.IntRange(min=1), required=True, help="Images per class.")
 @click.option("--init", "init", default="real", show_default=True,
-              help="noise, real (random real images) or a selection method (herding, kcenter, "
-                   "forgetting, ...) whose coreset seeds the synthetic set.")
+              type=TableChoice(lambda: ["noise", "real", *_selection_rules()]),
+              help="noise, real (random real images) or a selection method whose coreset "
+                   "seeds the synthetic set.")
 @click.option("--model", default="convnet", show_default=True,
               help="Student meta-trained against (zoo spec, e.g. convnet:width=32).")
 @click.option("--iterations", type=click.IntRange(min=1), default=1000, show_default=True)
@@ -401,20 +447,17 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
     from distill.data import load_dataset
     from distill.devices import resolve_device
     from distill.engine import EvalProtocol, evaluate_set
+    from distill.grid import write_grid
+    from distill.methods import get_method
     from distill.models import parse_model_spec
     from distill.store import check_run_dir, save_set
-    from selection import available_methods
 
     out_dir = check_run_dir(out, force and not resume)
     parse_model_spec(model)
     parse_model_spec(eval_model or model)
-    if init not in ("noise", "real") and init not in available_methods():
-        raise click.BadParameter(f"{init!r} is not noise, real or a selection method "
-                                 f"({', '.join(available_methods())})", param_hint="--init")
-    if learn_lr and method != "dd":
-        raise click.BadParameter("only dd learns the student lr", param_hint="--learn-lr")
-    if checkpoint_steps and method != "dd" or truncate and method != "dd":
-        raise click.UsageError("--truncate and --checkpoint-steps apply to --method dd only")
+    if learn_lr and not get_method(method).learns_lr:
+        raise click.BadParameter(f"only dd learns the student lr, not {method}",
+                                 param_hint="--learn-lr")
     config = condense_config(
         method, iterations=iterations, lr=image_lr, real_batch=real_batch,
         outer_loop=outer_loop, inner_loop=inner_loop, distance=distance,
@@ -429,22 +472,20 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
         raise click.BadParameter(f"{ipc} exceeds the smallest class ({int(counts.min())})",
                                  param_hint="--ipc")
     test = load_dataset(dataset, "test", root=data_root, download=download)
-    augment = method in ("dsa", "dm")
     protocol = EvalProtocol.dc(model=eval_model or model, n_students=max(students, 1),
-                               augment=augment)
+                               augment=get_method(method).augments)
     if eval_epochs:
         protocol = replace(protocol, train=replace(protocol.train, epochs=eval_epochs))
     protocol = replace(protocol, test_limit=test_limit)
     init_value: Any = init
     if init not in ("noise", "real"):  # a coreset seeds the synthetic set
-        from selection import SignalConfig, SignalProvider, get_method
+        from selection import SignalConfig
         from selection import select as run_select
 
-        base = SignalConfig()
-        provider = SignalProvider(data, replace(base, pool_per_class=pool_per_class,
-                                                train=replace(base.train, epochs=signal_epochs)),
-                                  seed=seed, device=dev, progress=_progress(ctx))
-        init_value = run_select(data, get_method(init), ipc, seed=seed, signals=provider).indices
+        init_value = run_select(data, init, ipc, seed=seed,
+                                signal_config=SignalConfig.of(epochs=signal_epochs,
+                                                              pool_per_class=pool_per_class),
+                                device=dev, progress=_progress(ctx)).indices
     test_x, test_y = test.images.to(dev), test.labels.to(dev)
 
     def periodic(teacher, iteration):
@@ -460,7 +501,7 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
                   "inner_steps": inner_steps, "meta": asdict(config), "protocol": asdict(protocol),
                   "students": students}
     start = time.perf_counter()
-    teacher, meta = condense(data, method, ipc, init=init_value, model=model, config=config,
+    teacher, meta = condense(data, config, ipc, init=init_value, model=model,
                              seed=seed, device=dev, learn_labels=learn_labels,
                              learn_lr=learn_lr, inner_steps=inner_steps,
                              checkpoint=out_dir / "checkpoint.pt",
@@ -532,6 +573,7 @@ def compare(runs, by, out) -> None:
 @handle_errors
 def show(set_path, out, per_class, force) -> None:
     """Draw a saved set as a PNG grid, one row per class."""
+    from distill.grid import write_grid
     from distill.store import check_run_dir, load_set
 
     out_dir = check_run_dir(out, force)
@@ -562,13 +604,12 @@ def _int_list(value: str, name: str) -> list[int]:
 
 @gtn.command("train")
 @click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
-@click.option("--method", type=click.Choice(["unrolled", "implicit", "matching"]),
-              default="unrolled", show_default=True, help="Meta-gradient of the generator.")
+@click.option("--method", type=TableChoice(_gtn_methods), default="unrolled", show_default=True,
+              cls=TableHelpOption, help_from=_gtn_method_help)
 @click.option("--inner-steps", default="32", show_default=True,
               help="T: student steps per meta-iteration.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--curriculum", type=click.Choice(["none", "all-shuffled", "shuffled-batch",
-                                                 "full"]), default="full", show_default=True)
+@click.option("--curriculum", type=TableChoice(_curricula), default="full", show_default=True)
 @click.option("--learn-labels", is_flag=True, help="Learn soft labels of the curriculum.")
 @click.option("--student", default="convnet:width=32", show_default=True,
               help="Zoo spec of the student.")
@@ -605,11 +646,12 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
     config.json and results.json (few-step test accuracy, peak memory, s/meta-step)."""
     from dataclasses import asdict
 
-    from distill.data import load_dataset
+    from distill.data import get_info, load_dataset
     from distill.devices import resolve_device
-    from distill.store import check_run_dir
+    from distill.engine import mean_std
+    from distill.grid import write_grid
+    from distill.store import SavedSet, check_run_dir
     from gtn import GeneratorConfig, GTNConfig, few_step_accuracy, save_generator, train_gtn
-    from distill.store import SavedSet
 
     out_dir = check_run_dir(out, force and not resume)
     steps = _int_list(inner_steps, "--inner-steps")
@@ -625,31 +667,15 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
                        checkpoint_steps=checkpoint_steps, neumann_terms=neumann_terms,
                        neumann_alpha=neumann_alpha, checkpoint_every=checkpoint_every,
                        eval_every=eval_every)
-    from distill.data import get_info
-
     config.check(get_info(dataset))
     dev = resolve_device(device)
     data = load_dataset(dataset, "train", root=data_root, download=download)
     test = load_dataset(dataset, "test", root=data_root, download=download)
-    holder: dict = {}
-
-    def periodic(teacher, iteration):
-        accs = few_step_accuracy(teacher, student, holder["val"].images.to(dev),
-                                 holder["val"].labels.to(dev), seed, 1)
-        log.info("meta-iteration %d: validation %.2f %%", iteration, accs[0])
-        return {"validation_accuracy": accs[0]}
-
-    from gtn.train import split_validation
-
-    holder["val"] = split_validation(data, validation)[1]
     teacher, meta, _ = train_gtn(data, config, seed=seed, device=dev,
                                  checkpoint=out_dir / "checkpoint.pt", resume=resume,
-                                 progress=_progress(ctx),
-                                 evaluate=periodic if eval_every else None)
+                                 progress=_progress(ctx))
     accs = few_step_accuracy(teacher, student, test.images.to(dev), test.labels.to(dev), seed,
                              students)
-    from distill.engine import mean_std
-
     mean, std = mean_std(accs)
     save_generator(out_dir / "generator.pt", teacher, config)
     images, labels = teacher.sample(8, torch_generator(seed))
@@ -683,6 +709,7 @@ def torch_generator(seed: int):
 def gtn_sample(generator_path, per_class, dataset, out, seed, device, force) -> None:
     """Export PER_CLASS generated images per class as a saved set (for evaluate/show/compare)."""
     from distill.devices import resolve_device
+    from distill.grid import write_grid
     from distill.store import SavedSet, check_run_dir, save_set
     from gtn import load_generator
 
@@ -704,15 +731,13 @@ def gtn_sample(generator_path, per_class, dataset, out, seed, device, force) -> 
 
 
 @gtn.command("compare")
-@click.option("--dataset", required=True, type=click.Choice(["mnist", "fashion_mnist",
-                                                             "cifar10"]))
-@click.option("--methods", default="unrolled,implicit,matching", show_default=True)
+@click.option("--dataset", required=True, type=TableChoice(_datasets))
+@click.option("--methods", default="unrolled,implicit,matching", show_default=True,
+              help="Comma-separated meta-gradients of the generator.")
 @click.option("--inner-steps", default="8,16,32,64", show_default=True,
               help="Comma-separated T values.")
-@click.option("--budget", type=click.Choice(["smoke", "short", "paper"]), default="smoke",
-              show_default=True)
-@click.option("--curriculum", type=click.Choice(["none", "all-shuffled", "shuffled-batch",
-                                                 "full"]), default="full", show_default=True)
+@click.option("--budget", type=TableChoice(_gtn_budgets), default="smoke", show_default=True)
+@click.option("--curriculum", type=TableChoice(_curricula), default="full", show_default=True)
 @click.option("--resume", is_flag=True, help="Keep finished cells; continue the running one.")
 @data_options
 @run_options
@@ -729,10 +754,10 @@ def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, resume, 
 
     out_dir = check_run_dir(out, force and not resume)
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in names if m not in ("unrolled", "implicit", "matching")]
+    bad = [m for m in names if m not in _gtn_methods()]
     if bad or not names:
         raise click.BadParameter(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from "
-                                 f"unrolled, implicit, matching", param_hint="--methods")
+                                 f"{', '.join(_gtn_methods())}", param_hint="--methods")
     steps = _int_list(inner_steps, "--inner-steps")
     dev = resolve_device(device)
     train_set = load_dataset(dataset, "train", root=data_root, download=download).to(dev)
@@ -759,8 +784,8 @@ def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, resume, 
                    " / `gtnkit distill` output folder or its generator.pt / set.pt. gtn: the "
                    "generator's curriculum as a fixed set; gtn-steps: its own protocol (T "
                    "steps at its learned lrs and momentum).")
-@click.option("--budget", type=click.Choice(["smoke", "short", "paper"]), default="smoke",
-              show_default=True, help="Ground-truth and proxy training budget.")
+@click.option("--budget", type=TableChoice(_nas_budgets), default="smoke", show_default=True,
+              help="Ground-truth and proxy training budget.")
 @click.option("--families", default=None,
               help="Comma-separated model families to sample (default: the budget's), from "
                    "convnet, mlp, lenet, alexnet, vgg11, resnet18.")
@@ -787,40 +812,27 @@ def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k
 
     Writes OUT/nas.md, OUT/nas.png (proxy vs true accuracy), config.json and results.json.
     """
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     from distill.data import get_info, load_dataset
     from distill.devices import resolve_device
     from distill.store import atomic_write_text, check_run_dir
-    from gtn.nas import (NAS_BUDGETS, NASError, parse_proxy, plot_scatter, report_markdown,
+    from gtn.nas import (NAS_BUDGETS, parse_proxies, plot_scatter, report_markdown,
                          resolve_proxy, run_search)
 
-    try:
-        out_dir = check_run_dir(out, force)
-        info = get_info(dataset)
-        specs = [parse_proxy(p) for p in proxies]
-        labels = [s.label for s in specs]
-        if len(set(labels)) != len(labels):
-            raise NASError(f"a proxy is given twice: {', '.join(labels)}")
-        plan = NAS_BUDGETS[budget]
-        space = plan.space
-        if families:
-            space = replace(space, families=tuple(f.strip().lower() for f in families.split(",")
-                                                  if f.strip()))
-        if max_params:
-            space = replace(space, max_params=max_params)
-        resolved = [(s, resolve_proxy(s, info.name)) for s in specs]
-        dev = resolve_device(device)
-    except NASError as exc:
-        raise click.UsageError(str(exc)) from None
+    out_dir = check_run_dir(out, force)
+    info = get_info(dataset)
+    specs = parse_proxies(proxies)
+    labels = [s.label for s in specs]
+    plan = NAS_BUDGETS[budget]
+    space = plan.search_space(families, max_params)
+    resolved = [(s, resolve_proxy(s, info.name)) for s in specs]
+    dev = resolve_device(device)
     data = load_dataset(info.name, "train", root=data_root, download=download)
-    try:
-        report = run_search(data, resolved, plan, n_candidates, seed=seed,
-                            cache=Path(cache) if cache else out_dir / "cache", workers=workers,
-                            device=dev, space=space, top_k=top_k, progress=_progress(ctx),
-                            log=log.info)
-    except NASError as exc:
-        raise click.UsageError(str(exc)) from None
+    report = run_search(data, resolved, plan, n_candidates, seed=seed,
+                        cache=Path(cache) if cache else out_dir / "cache", workers=workers,
+                        device=dev, space=space, top_k=top_k, progress=_progress(ctx),
+                        log=log.info)
     text = report_markdown(report)
     atomic_write_text(out_dir / "nas.md", text)
     plotted = plot_scatter(report, out_dir / "nas.png")
@@ -832,39 +844,6 @@ def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k
                                "top_k": top_k, "workers": workers, "seed": seed,
                                "device": str(dev)}, report)
     click.echo(text, nl=False)
-
-
-def write_grid(path: Path, saved: Any, per_class: int = 10) -> tuple[int, int]:
-    """Write a saved set as a PNG grid (one row per class); returns (images shown, columns)."""
-    import torch
-    from torchvision.utils import save_image
-
-    from distill.data import get_info
-    from distill.store import atomic_write_bytes
-
-    info = get_info(saved.dataset)
-    labels = saved.labels if saved.labels.dim() == 1 else saved.labels.argmax(1)
-    rows, shown = [], 0
-    ncol = min(per_class, max(int((labels == c).sum()) for c in range(info.num_classes)))
-    for c in range(info.num_classes):
-        imgs = saved.images[labels == c][:ncol].detach().cpu()
-        pad = torch.zeros((ncol - imgs.shape[0], *saved.images.shape[1:]))
-        rows.append(torch.cat([imgs, pad + _blank(info)]))
-        shown += imgs.shape[0]
-    grid = torch.cat(rows)
-    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
-    std = torch.tensor(info.std).view(1, -1, 1, 1)
-    buf = io.BytesIO()
-    save_image((grid * std + mean).clamp(0, 1), buf, nrow=ncol, padding=2, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-    return shown, ncol
-
-
-def _blank(info) -> "Any":
-    """The normalised value of a black pixel, so padding cells render black."""
-    import torch
-
-    return (-torch.tensor(info.mean) / torch.tensor(info.std)).view(1, -1, 1, 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -165,8 +165,8 @@ class Bench:
                               real_batch=self.budget.real_batch[ipc], checkpoint_every=10, **kw)
         ckpt = self.ckpt / f"{name}-{method}-{ipc}-{tag}-{seed}.pt"
         t0 = time.perf_counter()
-        teacher, meta = condense(train_set, method, ipc, init=init, model=self.budget.model,
-                                 config=cfg, seed=seed, device=self.device, checkpoint=ckpt,
+        teacher, meta = condense(train_set, cfg, ipc, init=init, model=self.budget.model,
+                                 seed=seed, device=self.device, checkpoint=ckpt,
                                  inner_steps=inner_steps,
                                  resume=ckpt.exists())
         return teacher, meta, time.perf_counter() - t0
@@ -262,11 +262,11 @@ class Bench:
                                           memory_iterations=0)
                     if fast:  # compile once outside the timing (a one-off cost, reported)
                         t0 = time.perf_counter()
-                        condense(train_set, "dc", 1, model=model, device=self.device,
-                                 config=replace(cfg, iterations=1), seed=99)
+                        condense(train_set, replace(cfg, iterations=1), 1, model=model,
+                                 device=self.device, seed=99)
                         times.setdefault("first_fast_call_seconds", []).append(
                             time.perf_counter() - t0)
-                    t, meta = condense(train_set, "dc", 1, model=model, config=cfg, seed=0,
+                    t, meta = condense(train_set, cfg, 1, model=model, seed=0,
                                        device=self.device)
                     times[mode].append(meta.seconds_per_iteration)
                     images[mode] = t.images.detach()

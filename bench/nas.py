@@ -112,8 +112,8 @@ def make_dc(fit, plan: Plan, folder: Path, seed: int, device, resume: bool, log
                              checkpoint_every=max(1, plan.dc_iterations // 4))
     start = time.perf_counter()
     ckpt = folder / "dm-checkpoint.pt"
-    teacher, _ = condense(fit, "dm", plan.dc_ipc, init="real", model=plan.dc_model,
-                             config=config, seed=seed, device=device, checkpoint=ckpt,
+    teacher, _ = condense(fit, config, plan.dc_ipc, init="real", model=plan.dc_model,
+                             seed=seed, device=device, checkpoint=ckpt,
                              resume=resume and ckpt.exists())
     save_set(path, teacher.to_saved({"dataset": fit.info.name, "method": "dm", "seed": seed}))
     seconds = time.perf_counter() - start

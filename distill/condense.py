@@ -27,19 +27,23 @@ import io
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from .data import ImageSet
 from .memory import SavedTensorMeter, peak_rss_bytes
 from .progress import Progress, task
 from .rng import generator as make_generator
 from .store import StoreError, atomic_write_bytes, read_tagged, to_jsonable
-from .strategies import (METHODS, ConfigError, NonFiniteError, RealSampler, Strategy,
-                         StrategyConfig, Teacher, make_strategy)
+from .synthetic import SyntheticSet
+from .methods import METHODS, get_method
+from .strategies import (ConfigError, NonFiniteError, RealSampler, Strategy, StrategyConfig,
+                         make_strategy)
+from .teacher import Teacher
 
 __all__ = ["ConfigError", "MetaConfig", "MetaResult", "CheckpointError", "NonFiniteError",
-           "meta_train", "condense", "condense_config", "METHOD_DEFAULTS"]
+           "meta_train", "condense", "condense_config", "METHODS"]
 
 CHECKPOINT_FORMAT = "gtnkit.meta-checkpoint"
 
@@ -54,6 +58,8 @@ class MetaConfig:
 
     Attributes:
         strategy: ``matching`` | ``distribution`` | ``unrolled`` | ``implicit``.
+        method: the paper method it configures (:data:`~distill.methods.METHODS`; set by
+            :func:`condense_config`), "" for none (a GTN).
         iterations: meta-iterations (fresh students).
         optimizer: ``sgd`` (with ``momentum``) or ``adam`` for the teacher.
         lr, momentum: the teacher's optimiser.
@@ -64,6 +70,7 @@ class MetaConfig:
     """
 
     strategy: str = "matching"
+    method: str = ""
     iterations: int = 1000
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -84,33 +91,29 @@ class MetaConfig:
             raise ConfigError("checkpoint_every must be >= 1 and eval_every >= 0")
 
 
-# Per-method defaults: DC/DSA (image lr 0.1, SGD momentum 0.5), DM (lr 1.0), DD and IFT
-# (Adam 0.01: their meta-gradients' scale varies with T and the student, Adam is scale-free).
-METHOD_DEFAULTS = {
-    "dc": dict(optimizer="sgd", lr=0.1, momentum=0.5),
-    "dsa": dict(optimizer="sgd", lr=0.1, momentum=0.5),
-    "dm": dict(optimizer="sgd", lr=1.0, momentum=0.5),
-    "dd": dict(optimizer="adam", lr=0.01, momentum=0.0),
-    "ift": dict(optimizer="adam", lr=0.01, momentum=0.0),
-}
-
-
 def condense_config(method: str, iterations: int = 1000, lr: float | None = None,
-                    **strategy_overrides) -> MetaConfig:
-    """The :class:`MetaConfig` of a paper method (``dc``, ``dsa``, ``dm``, ``dd``, ``ift``)."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    strategy, augment = METHODS[method]
-    defaults = dict(METHOD_DEFAULTS[method])
+                    **overrides: Any) -> MetaConfig:
+    """The :class:`MetaConfig` of a paper method (:data:`~distill.methods.METHODS`) with its
+    defaults; ``overrides`` set :class:`MetaConfig` fields (``optimizer``, ``momentum``,
+    ``checkpoint_every``, ...) or :class:`~distill.strategies.StrategyConfig` fields.
+
+    Raises:
+        ConfigError: an unknown method, or an option its strategy does not have.
+    """
+    m = get_method(method)
+    loop = {k: overrides.pop(k) for k in ("checkpoint_every", "eval_every", "memory_iterations",
+                                          "optimizer", "momentum") if k in overrides}
+    if m.strategy != "unrolled" and (overrides.get("truncate") or
+                                     overrides.get("checkpoint_steps")):
+        raise ConfigError(f"truncate and checkpoint_steps apply to dd only (unrolled "
+                          f"backprop), not to {method}")
+    overrides.setdefault("augment", m.augment)
+    settings: dict[str, Any] = {"optimizer": m.optimizer, "lr": m.lr, "momentum": m.momentum,
+                                **loop}
     if lr is not None:
-        defaults["lr"] = lr
-    extra = {k: strategy_overrides.pop(k) for k in ("checkpoint_every", "eval_every",
-                                                    "memory_iterations", "optimizer",
-                                                    "momentum") if k in strategy_overrides}
-    defaults.update(extra)
-    strategy_overrides.setdefault("augment", augment)
-    return MetaConfig(strategy=strategy, iterations=iterations,
-                      strategy_config=StrategyConfig(**strategy_overrides), **defaults)
+        settings["lr"] = lr
+    return MetaConfig(strategy=m.strategy, method=m.name, iterations=iterations,
+                      strategy_config=StrategyConfig(**overrides), **settings)
 
 
 @dataclass
@@ -248,12 +251,11 @@ def meta_train(
 
 
 def condense(
-    train_set,
-    method: str,
+    train_set: ImageSet,
+    method: str | MetaConfig,
     ipc: int,
     init: str | torch.Tensor = "real",
     model: str = "convnet",
-    config: MetaConfig | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     learn_labels: bool = False,
@@ -263,17 +265,17 @@ def condense(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     progress: Progress | None = None,
-    evaluate: Callable[[object, int], dict] | None = None,
-):
+    evaluate: Callable[[SyntheticSet, int], dict] | None = None,
+) -> tuple[SyntheticSet, MetaResult]:
     """Condense ``train_set`` into ``ipc`` learnable images per class with a paper method.
 
     Args:
         train_set: the real :class:`~distill.data.ImageSet` (training split).
-        method: ``dc`` | ``dsa`` | ``dm`` | ``dd`` | ``ift``.
+        method: a method's name (``dc`` | ``dsa`` | ``dm`` | ``dd`` | ``ift``: its defaults),
+            or its configuration from :func:`condense_config`.
         init: ``"noise"``, ``"real"`` (random real images) or indices into ``train_set``
             (``ipc`` per class, grouped by class), e.g. a coreset from ``selection``.
         model: the zoo spec of the students the teacher is meta-trained against.
-        config: the loop's configuration (default: :func:`condense_config` of ``method``).
         learn_labels / learn_lr: also learn soft labels / the student lr (``dd``).
         inner_steps / inner_batch: the set's inner schedule for ``dd`` / ``ift``: T student
             steps on random batches of this many images (``None``: all of them).
@@ -281,13 +283,20 @@ def condense(
 
     Returns:
         ``(SyntheticSet, MetaResult)``.
+
+    Raises:
+        ConfigError: a bad option (one line).
     """
     from .models import build_model, parse_model_spec
-    from .synthetic import SyntheticSet
 
     parse_model_spec(model)
     info = train_set.info
-    config = config or condense_config(method)
+    config = condense_config(method) if isinstance(method, str) else method
+    if not config.method:
+        raise ConfigError("condense needs a paper method's configuration (condense_config)")
+    if learn_lr and not get_method(config.method).learns_lr:
+        raise ConfigError(f"only dd (unrolled backprop) learns the student lr, not "
+                          f"{config.method}")
     counts = train_set.class_counts() if hasattr(train_set, "class_counts") else None
     if ipc < 1 or (counts is not None and ipc > int(min(counts))):
         raise ConfigError(f"ipc must be between 1 and {int(min(counts))} (the smallest class), "
@@ -317,7 +326,7 @@ def condense(
         return build_model(model, info.channels, info.num_classes, info.im_size,
                            generator=gen).to(device)
 
-    extra = {"dataset": info.name, "method": method, "ipc": ipc, "model": model,
+    extra = {"dataset": info.name, "method": config.method, "ipc": ipc, "model": model,
              "init": init if isinstance(init, str) else init.tolist(),
              "learn_labels": learn_labels, "learn_lr": learn_lr, "inner_steps": inner_steps,
              "inner_batch": inner_batch}

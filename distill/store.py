@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -26,6 +27,7 @@ import torch
 __all__ = [
     "StoreError",
     "SavedSet",
+    "PartialResults",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -187,3 +189,38 @@ def check_run_dir(out: str | os.PathLike, force: bool = False) -> Path:
     if not force and out.is_dir() and any((out / m).exists() for m in RUN_MARKERS):
         raise StoreError(f"{out} already holds a run; pass --force to overwrite it")
     return out
+
+
+class PartialResults:
+    """Partial results of a long command (e.g. each finished student of an evaluation) in a
+    JSON file, so a rerun with ``resume`` continues where it stopped; refused when the file
+    was written with another configuration.
+
+    Attributes:
+        state: ``{key: [values appended so far]}`` (read back on resume).
+    """
+
+    def __init__(self, path: str | os.PathLike, config: dict, resume: bool) -> None:
+        self.path, self.config = Path(path), to_jsonable(config)
+        self.state: dict[str, list] = {}
+        if resume:
+            if not self.path.is_file():
+                raise StoreError(f"nothing to resume: {self.path} does not exist")
+            try:
+                saved = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError):
+                raise StoreError(f"{self.path} is unreadable; rerun without --resume") from None
+            if saved.get("config") != self.config:
+                raise StoreError(f"{self.path} belongs to a run with other options; rerun "
+                                 f"without --resume or with the same options")
+            self.state = saved.get("state", {})
+            logging.getLogger("gtnkit").info("resuming from %s", self.path)
+
+    def append(self, key: str, value: Any) -> None:
+        """Record ``value`` under ``key`` and rewrite the file atomically."""
+        self.state.setdefault(key, []).append(value)
+        atomic_write_json(self.path, {"config": self.config, "state": self.state})
+
+    def finish(self) -> None:
+        """Remove the file (the run is complete)."""
+        self.path.unlink(missing_ok=True)

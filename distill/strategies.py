@@ -45,7 +45,7 @@ from .teacher import StepChoice, Teacher
 from .unrolled import unrolled_loss
 
 __all__ = ["ConfigError", "Teacher", "RealSampler", "NonFiniteError", "StrategyConfig", "Strategy",
-           "STRATEGIES", "METHODS", "make_strategy", "check_finite", "dc_loops"]
+           "STRATEGIES", "make_strategy", "check_finite", "dc_loops"]
 
 log = logging.getLogger("gtnkit")
 
@@ -339,16 +339,6 @@ class Implicit(Strategy):
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Matching, Distribution, Unrolled,
                                                               Implicit)}
-
-# The method names of the papers -> (strategy, default augmentation).
-METHODS = {
-    "dc": ("matching", ""),
-    "dsa": ("matching", "color_crop_cutout_flip_scale_rotate"),
-    "dm": ("distribution", "color_crop_cutout_flip_scale_rotate"),
-    "dd": ("unrolled", ""),
-    "ift": ("implicit", ""),
-}
-
 
 def make_strategy(name: str, config: StrategyConfig) -> Strategy:
     """A strategy by its name (``matching``, ``distribution``, ``unrolled``, ``implicit``)."""

@@ -69,6 +69,7 @@ __all__ = [
     "kendall",
     "model_cost",
     "nas_split",
+    "parse_proxies",
     "parse_proxy",
     "plot_scatter",
     "rank_quality",
@@ -278,6 +279,19 @@ class NASBudget:
         if self.truth_train is not None and self.truth_train < 1:
             raise NASError(f"truth_train must be >= 1, got {self.truth_train}")
 
+    def search_space(self, families: str | Sequence[str] | None = None,
+                     max_params: int | None = None) -> SearchSpace:
+        """The budget's search space, with other families (a comma-separated string or a
+        sequence) and/or another parameter limit where given."""
+        space = self.space
+        if families:
+            names = families.split(",") if isinstance(families, str) else families
+            space = replace(space, families=tuple(f.strip().lower() for f in names
+                                                  if f.strip()))
+        if max_params:
+            space = replace(space, max_params=max_params)
+        return space
+
     def proxy_train(self, set_size: int) -> TrainConfig:
         """The proxy schedule for a set of ``set_size`` images (about ``proxy_steps`` steps)."""
         batch = min(self.proxy_batch, set_size)
@@ -397,6 +411,15 @@ def parse_proxy(text: str) -> ProxySpec:
     return ProxySpec(kind, arg)
 
 
+def parse_proxies(texts: Sequence[str]) -> list[ProxySpec]:
+    """:func:`parse_proxy` of every text; a proxy given twice is refused (NASError)."""
+    specs = [parse_proxy(t) for t in texts]
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise NASError(f"a proxy is given twice: {', '.join(labels)}")
+    return specs
+
+
 def _run_file(arg: str, name: str) -> Path:
     path = Path(arg)
     return path / name if path.is_dir() else path
@@ -479,14 +502,13 @@ def build_proxy_set(spec: ProxySpec, source, fit: ImageSet, budget: NASBudget, s
         x, y = source.images.to(device), source.labels.to(device)
         meta.update(method=source.meta.get("method"), ipc=source.meta.get("ipc"))
     elif spec.kind == "coreset":
-        from selection import SignalConfig, SignalProvider
+        from selection import SignalConfig
         from selection import select as run_select
 
-        base = SignalConfig()
-        config = SignalConfig(model=budget.signal_model, pool_per_class=budget.pool_per_class,
-                              train=replace(base.train, epochs=budget.signal_epochs))
-        provider = SignalProvider(fit, config, seed=seed, device=device, progress=progress)
-        sel = run_select(fit, source, budget.ipc, seed=seed, signals=provider)
+        config = SignalConfig.of(budget.signal_model, budget.signal_epochs,
+                                 budget.pool_per_class)
+        sel = run_select(fit, source, budget.ipc, seed=seed, signal_config=config,
+                         device=device, progress=progress)
         idx = sel.indices.to(fit.images.device)
         x, y = fit.images[idx], fit.labels[idx]
         meta.update(method=sel.method, ipc=budget.ipc)

@@ -22,6 +22,7 @@ Two ways to score a trained generator:
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -40,9 +41,17 @@ from distill.strategies import RealSampler, StrategyConfig
 from .generator import GeneratorConfig, GeneratorError, GeneratorTeacher
 
 __all__ = ["GTN_METHODS", "GTNConfig", "split_validation", "train_gtn", "few_step_accuracy",
-           "fixed_set_accuracy", "make_teacher", "save_generator", "load_generator"]
+           "fixed_set_accuracy", "make_teacher", "save_generator", "load_generator",
+           "validation_evaluator"]
 
-GTN_METHODS = {"unrolled": "unrolled", "implicit": "implicit", "matching": "matching"}
+log = logging.getLogger("gtnkit")
+
+# The meta-gradient strategies a GTN is trained with (distill.strategies names) and their help.
+GTN_METHODS = {
+    "unrolled": "backprop through the T student steps (Such et al., ICML 2020)",
+    "implicit": "implicit function theorem, Neumann series (Lorraine et al., AISTATS 2020)",
+    "matching": "per-class gradient matching (Medvedev & D'yakonov, AIST 2021)",
+}
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,7 @@ class GTNConfig:
         the teacher's (:func:`make_teacher`); matching's loops default to the teacher's T
         match-then-step rounds."""
         return MetaConfig(
-            strategy=GTN_METHODS[self.method], iterations=self.meta_iterations,
+            strategy=self.method, iterations=self.meta_iterations,
             optimizer="adam", lr=self.meta_lr, momentum=0.0,
             checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
             memory_iterations=self.memory_iterations,
@@ -151,15 +160,36 @@ def _student_factory(info, config: GTNConfig, device) -> Callable:
     return make
 
 
+def validation_evaluator(val: ImageSet, config: GTNConfig, seed: int,
+                         device: torch.device | str = "cpu"
+                         ) -> Callable[[GeneratorTeacher, int], dict]:
+    """``evaluate(teacher, iteration)``: one student's few-step accuracy on ``val`` (logged),
+    ``{"validation_accuracy": %}``; seeds of its own (the run's stream is not touched)."""
+    images, labels = val.images.to(device), val.labels.to(device)
+
+    def evaluate(teacher: GeneratorTeacher, iteration: int) -> dict:
+        acc = few_step_accuracy(teacher, config.student, images, labels, seed, 1)[0]
+        log.info("meta-iteration %d: validation %.2f %%", iteration, acc)
+        return {"validation_accuracy": acc}
+
+    return evaluate
+
+
 def train_gtn(train_set: ImageSet, config: GTNConfig, seed: int = 0,
               device: torch.device | str = "cpu", checkpoint: str | Path | None = None,
               resume: bool = False, progress: Progress | None = None,
               evaluate: Callable[[GeneratorTeacher, int], dict] | None = None
               ) -> tuple[GeneratorTeacher, MetaResult, ImageSet]:
-    """Meta-train a generator teacher; returns (teacher, run record, validation split)."""
+    """Meta-train a generator teacher; returns (teacher, run record, validation split).
+
+    Every ``config.eval_every`` meta-iterations ``evaluate(teacher, iteration)`` is called
+    (default: :func:`validation_evaluator` on the held-out validation split).
+    """
     device = torch.device(device)
     config.check(train_set.info)
     fit, val = split_validation(train_set, config.validation)
+    if evaluate is None and config.eval_every:
+        evaluate = validation_evaluator(val, config, seed, device)
     teacher = make_teacher(train_set.info, config, seed).to(device)
     extra = {"dataset": train_set.info.name, "gtn": repr(config)}
     result = meta_train(teacher, RealSampler(fit, device),

@@ -68,6 +68,14 @@ class SignalConfig:
         if self.pool_per_class is not None and self.pool_per_class < 1:
             raise SelectionError(f"pool_per_class must be >= 1, got {self.pool_per_class}")
 
+    @classmethod
+    def of(cls, model: str = "convnet", epochs: int = 10,
+           pool_per_class: int | None = None) -> SignalConfig:
+        """The default config with this feature network, its epochs and candidate pool."""
+        base = cls()
+        return cls(model=model, pool_per_class=pool_per_class,
+                   train=replace(base.train, epochs=epochs))
+
 
 class _ForgettingTracker:
     """Counts correct→wrong transitions per example across its mini-batch presentations."""

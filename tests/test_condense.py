@@ -29,30 +29,30 @@ def tiny():
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, method):
     data = tiny()
     cfg = condense_config(method, iterations=5, checkpoint_every=2, eval_every=1, **SMALL)
-    full, r_full = condense(data, method, 2, model=MODEL, config=cfg, seed=3, **T3,
+    full, r_full = condense(data, cfg, 2, model=MODEL, seed=3, **T3,
                             checkpoint=tmp_path / "a.pt", evaluate=lambda t, i: {})
     with pytest.raises(Kill):  # killed during iteration 3, after the checkpoint at 2
-        condense(data, method, 2, model=MODEL, config=cfg, seed=3, **T3, checkpoint=tmp_path / "b.pt",
+        condense(data, cfg, 2, model=MODEL, seed=3, **T3, checkpoint=tmp_path / "b.pt",
                  evaluate=killer(3))
-    resumed, r_res = condense(data, method, 2, model=MODEL, config=cfg, seed=3, **T3,
+    resumed, r_res = condense(data, cfg, 2, model=MODEL, seed=3, **T3,
                               checkpoint=tmp_path / "b.pt", resume=True,
                               evaluate=lambda t, i: {})
     assert r_res.resumed_from == 2
     assert torch.equal(resumed.images, full.images)
     assert r_res.losses == r_full.losses
-    assert not torch.equal(full.images, condense(data, method, 2, model=MODEL, config=cfg,
-                                                 seed=4, **T3)[0].images)  # the seed matters
+    other = condense(data, cfg, 2, model=MODEL, seed=4, **T3)[0]
+    assert not torch.equal(full.images, other.images)  # the seed matters
 
 
 def test_learned_lr_and_labels_resume_too(tmp_path):
     data = tiny()
     cfg = condense_config("dd", iterations=4, checkpoint_every=2, eval_every=1, **SMALL)
-    kw = dict(model=MODEL, config=cfg, seed=0, learn_lr=True, learn_labels=True, **T3)
-    full, _ = condense(data, "dd", 1, **kw)
+    kw = dict(model=MODEL, seed=0, learn_lr=True, learn_labels=True, **T3)
+    full, _ = condense(data, cfg, 1, **kw)
     assert full.lr != pytest.approx(cfg.strategy_config.inner_lr)  # the lr was learned
     with pytest.raises(Kill):
-        condense(data, "dd", 1, checkpoint=tmp_path / "c.pt", evaluate=killer(3), **kw)
-    resumed, _ = condense(data, "dd", 1, checkpoint=tmp_path / "c.pt", resume=True, **kw)
+        condense(data, cfg, 1, checkpoint=tmp_path / "c.pt", evaluate=killer(3), **kw)
+    resumed, _ = condense(data, cfg, 1, checkpoint=tmp_path / "c.pt", resume=True, **kw)
     assert torch.equal(resumed.log_lr, full.log_lr)
     assert torch.equal(resumed.label_logits, full.label_logits)
 
@@ -71,7 +71,7 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_good_checkpo
 
     ckpt = tmp_path / "run.pt"
     with pytest.raises(NonFiniteError, match="iteration 4.*last good checkpoint") as info:
-        condense(data, "dc", 2, model=MODEL, config=cfg, checkpoint=ckpt, evaluate=poison)
+        condense(data, cfg, 2, model=MODEL, checkpoint=ckpt, evaluate=poison)
     assert "\n" not in str(info.value)
     state = torch.load(ckpt, weights_only=True)
     assert state["iteration"] == 2
@@ -82,16 +82,16 @@ def test_unreadable_or_foreign_checkpoints_are_refused(tmp_path):
     data = tiny()
     cfg = condense_config("dm", iterations=2, **SMALL)
     with pytest.raises(CheckpointError, match="nothing to resume"):
-        condense(data, "dm", 1, model=MODEL, config=cfg, checkpoint=tmp_path / "none.pt",
+        condense(data, cfg, 1, model=MODEL, checkpoint=tmp_path / "none.pt",
                  resume=True)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable"):
-        condense(data, "dm", 1, model=MODEL, config=cfg, checkpoint=tmp_path / "junk.pt",
+        condense(data, cfg, 1, model=MODEL, checkpoint=tmp_path / "junk.pt",
                  resume=True)
-    condense(data, "dm", 1, model=MODEL, config=cfg, seed=0, checkpoint=tmp_path / "ok.pt")
+    condense(data, cfg, 1, model=MODEL, seed=0, checkpoint=tmp_path / "ok.pt")
     shutil.copy(tmp_path / "ok.pt", tmp_path / "ok2.pt")
     with pytest.raises(CheckpointError, match="other options or seed"):
-        condense(data, "dm", 1, model=MODEL, config=cfg, seed=1, checkpoint=tmp_path / "ok2.pt",
+        condense(data, cfg, 1, model=MODEL, seed=1, checkpoint=tmp_path / "ok2.pt",
                  resume=True)
 
 
@@ -100,7 +100,7 @@ def test_bad_configuration_is_one_typed_line():
     with pytest.raises(ConfigError, match="unknown method"):
         condense_config("gan")
     with pytest.raises(ConfigError, match="ipc"):
-        condense(data, "dc", 9, model=MODEL, config=condense_config("dc", iterations=1))
+        condense(data, condense_config("dc", iterations=1), 9, model=MODEL)
     with pytest.raises(ConfigError, match="init"):
         condense(data, "dc", 1, init="herding", model=MODEL)
     with pytest.raises(ConfigError, match="inner_steps"):
@@ -117,8 +117,8 @@ def test_dc_loop_table():
 def test_selection_indices_seed_the_set():
     data = tiny()
     idx = torch.cat([data.class_indices(c)[:2] for c in range(10)])
-    teacher, _ = condense(data, "dm", 2, init=idx, model=MODEL,
-                          config=condense_config("dm", iterations=1, lr=1e-12, **SMALL))
+    cfg = condense_config("dm", iterations=1, lr=1e-12, **SMALL)
+    teacher, _ = condense(data, cfg, 2, init=idx, model=MODEL)
     torch.testing.assert_close(teacher.images, data.images[idx])  # tiny lr: still the coreset
 
 
@@ -127,13 +127,13 @@ def test_unrolled_memory_grows_with_steps_while_implicit_stays_flat():
 
     def saved(method, steps):
         cfg = condense_config(method, iterations=1, **SMALL)
-        return condense(data, method, 1, model=MODEL, config=cfg, inner_steps=steps
+        return condense(data, cfg, 1, model=MODEL, inner_steps=steps
                         )[1].memory["saved_peak_bytes"]
 
     assert saved("dd", 8) > 3 * saved("dd", 2)
     assert saved("ift", 8) == saved("ift", 2)  # no graph across the student steps
     cut = condense_config("dd", iterations=1, checkpoint_steps=2, **SMALL)
-    cut = condense(data, "dd", 1, model=MODEL, config=cut, inner_steps=8
+    cut = condense(data, cut, 1, model=MODEL, inner_steps=8
                    )[1].memory["saved_peak_bytes"]
     assert cut < saved("dd", 8) / 2
 
@@ -155,6 +155,6 @@ def test_compiled_real_side_matches_eager():
     results = {}
     for compiled in (False, True):
         cfg = condense_config("dc", iterations=2, compile=compiled, **SMALL)
-        teacher, r = condense(data, "dc", 1, model=MODEL, config=cfg, seed=1)
+        teacher, r = condense(data, cfg, 1, model=MODEL, seed=1)
         results[compiled] = teacher.images.detach()
     torch.testing.assert_close(results[True], results[False], rtol=1e-3, atol=1e-4)
