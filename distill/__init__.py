@@ -3,10 +3,11 @@ explicit randomness and atomic result files, and dataset condensation (the one m
 loop with its interchangeable meta-gradient strategies). Nothing here imports ``selection`` or
 ``gtn``."""
 
-from .condense import (CheckpointError, MetaConfig, MetaResult, condense, condense_config,
-                       meta_train)
+from .condense import condense, condense_config
 from .data import DATASETS, DataError, DatasetInfo, ImageSet, get_info, load_dataset
 from .devices import DeviceError, resolve_device
+from .metatrain import CheckpointError, MetaConfig, MetaResult, meta_train
+from .methods import METHODS, Method, get_method
 from .engine import (EvalProtocol, EvalResult, TrainConfig, accuracy, evaluate_set, mean_std,
                      predict, train)
 from .models import ModelError, available_models, build_model, parse_model_spec
@@ -15,6 +16,7 @@ from .store import SavedSet, StoreError, load_set, save_set
 from .strategies import (ConfigError, NonFiniteError, RealSampler, StrategyConfig,
                          make_strategy)
 from .synthetic import SyntheticSet
+from .teacher import Teacher
 
 __all__ = [
     "DATASETS", "DataError", "DatasetInfo", "ImageSet", "get_info", "load_dataset",
@@ -26,5 +28,5 @@ __all__ = [
     "SavedSet", "StoreError", "load_set", "save_set",
     "CheckpointError", "MetaConfig", "MetaResult", "condense", "condense_config", "meta_train",
     "ConfigError", "NonFiniteError", "RealSampler", "StrategyConfig", "make_strategy",
-    "SyntheticSet",
+    "SyntheticSet", "Teacher", "METHODS", "Method", "get_method",
 ]

@@ -1,94 +1,29 @@
-"""The one meta-training loop: a teacher improved by a meta-gradient strategy.
+"""Dataset condensation: a :class:`~distill.synthetic.SyntheticSet` improved by a paper
+method through the one meta-training loop (:func:`distill.metatrain.meta_train`).
 
-Every condensation method (DC, DSA, DM, DD, IFT) and, in ``gtn``, every generative teaching
-network runs through :func:`meta_train`:
-
-* each iteration draws a **fresh student** (and every other random choice) from one
-  ``torch.Generator`` whose state is checkpointed, so ``resume`` continues the very same
-  random stream: an interrupted run ends with the same teacher as an uninterrupted one;
-* **periodic evaluation** through a callback that derives its own seeds (it never touches
-  the run's stream);
-* **checkpoints** every N iterations, written atomically (teacher, meta-optimiser, generator
-  state, history, timings, memory);
-* a **non-finite guard**: a NaN/inf meta-loss or gradient stops the run with
-  :class:`NonFiniteError` before the update; the last good checkpoint on disk is kept;
-* **memory and time accounting**: seconds per iteration (strategy work only, not evaluation
-  or checkpoints); peak bytes autograd saves during the first ``memory_iterations``
-  iterations (their shapes repeat, so the peak does too), the process peak RSS, and the
-  CUDA allocator peak on GPU.
-
-The DC defaults (Zhao, Mopuri & Bilen, ICLR 2021) are :func:`condense_config`'s: image lr 0.1
-with momentum 0.5, 1000 iterations, real batch 256 per class, (outer, inner) loops by IPC.
+The methods and their defaults are :data:`distill.methods.METHODS`; the DC defaults (Zhao,
+Mopuri & Bilen, ICLR 2021) are image lr 0.1 with momentum 0.5, 1000 iterations, real batch 256
+per class, (outer, inner) loops by IPC. The loop's names (``MetaConfig``, ``meta_train``, ...)
+are also importable from here.
 """
 
 from __future__ import annotations
 
-import io
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .data import ImageSet
-from .memory import SavedTensorMeter, peak_rss_bytes
-from .progress import Progress, task
-from .rng import generator as make_generator
-from .store import StoreError, atomic_write_bytes, read_tagged, to_jsonable
-from .synthetic import SyntheticSet
+from .metatrain import CheckpointError, MetaConfig, MetaResult, meta_train
 from .methods import METHODS, get_method
-from .strategies import (ConfigError, NonFiniteError, RealSampler, Strategy, StrategyConfig,
-                         make_strategy)
-from .teacher import Teacher
+from .progress import Progress
+from .rng import generator as make_generator
+from .strategies import ConfigError, NonFiniteError, RealSampler, StrategyConfig
+from .synthetic import SyntheticSet
 
 __all__ = ["ConfigError", "MetaConfig", "MetaResult", "CheckpointError", "NonFiniteError",
            "meta_train", "condense", "condense_config", "METHODS"]
-
-CHECKPOINT_FORMAT = "gtnkit.meta-checkpoint"
-
-
-class CheckpointError(StoreError):
-    """A checkpoint that cannot be read, or belongs to another configuration."""
-
-
-@dataclass(frozen=True)
-class MetaConfig:
-    """The meta-training loop.
-
-    Attributes:
-        strategy: ``matching`` | ``distribution`` | ``unrolled`` | ``implicit``.
-        method: the paper method it configures (:data:`~distill.methods.METHODS`; set by
-            :func:`condense_config`), "" for none (a GTN).
-        iterations: meta-iterations (fresh students).
-        optimizer: ``sgd`` (with ``momentum``) or ``adam`` for the teacher.
-        lr, momentum: the teacher's optimiser.
-        checkpoint_every: write a checkpoint every this many iterations (and at the end).
-        eval_every: call the evaluation callback every this many iterations (0: never).
-        memory_iterations: iterations run under the saved-tensor meter.
-        strategy_config: the strategy's knobs.
-    """
-
-    strategy: str = "matching"
-    method: str = ""
-    iterations: int = 1000
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.5
-    checkpoint_every: int = 50
-    eval_every: int = 0
-    memory_iterations: int = 1
-    strategy_config: StrategyConfig = field(default_factory=StrategyConfig)
-
-    def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"the teacher's lr must be > 0, got {self.lr}")
-        if self.checkpoint_every < 1 or self.eval_every < 0:
-            raise ConfigError("checkpoint_every must be >= 1 and eval_every >= 0")
 
 
 def condense_config(method: str, iterations: int = 1000, lr: float | None = None,
@@ -114,140 +49,6 @@ def condense_config(method: str, iterations: int = 1000, lr: float | None = None
         settings["lr"] = lr
     return MetaConfig(strategy=m.strategy, method=m.name, iterations=iterations,
                       strategy_config=StrategyConfig(**overrides), **settings)
-
-
-@dataclass
-class MetaResult:
-    iterations: int
-    losses: list[float]
-    evals: list[dict]
-    seconds: float                 # strategy work only, summed over all iterations
-    seconds_per_iteration: float
-    memory: dict
-    resumed_from: int | None = None
-
-    def as_dict(self) -> dict:
-        return {"iterations": self.iterations, "final_loss": self.losses[-1],
-                "losses": self.losses, "evals": self.evals, "seconds": self.seconds,
-                "seconds_per_iteration": self.seconds_per_iteration, "memory": self.memory,
-                "resumed_from": self.resumed_from}
-
-
-def _make_optimizer(config: MetaConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
-
-
-def _fingerprint(config: MetaConfig, seed: int, extra: dict | None) -> dict:
-    return to_jsonable({"config": asdict(config), "seed": seed, "extra": extra or {}})
-
-
-def _load_checkpoint(path: Path, fingerprint: dict) -> dict:
-    state = read_tagged(path, CHECKPOINT_FORMAT, "gtnkit meta-training checkpoint",
-                        CheckpointError, missing="nothing to resume: {path} does not exist")
-    if state.get("fingerprint") != fingerprint:
-        raise CheckpointError(f"{path} was written by a run with other options or seed; "
-                              f"rerun with the same options, or without --resume")
-    return state
-
-
-def meta_train(
-    teacher: Teacher,
-    real: RealSampler,
-    make_student: Callable[[torch.Generator], torch.nn.Module],
-    config: MetaConfig,
-    seed: int,
-    checkpoint: str | Path | None = None,
-    resume: bool = False,
-    progress: Progress | None = None,
-    evaluate: Callable[[int], dict] | None = None,
-    fingerprint_extra: dict | None = None,
-    device: torch.device | str = "cpu",
-) -> MetaResult:
-    """Improve ``teacher`` in place for ``config.iterations`` meta-iterations.
-
-    Args:
-        teacher: see :class:`~distill.strategies.Teacher`; its parameters are updated.
-        real: the real training data sampler.
-        make_student: builds a fresh student from a generator (on the right device).
-        seed: the run's seed: all randomness comes from ``generator(seed, "meta")``.
-        checkpoint: file for periodic checkpoints (``None``: none).
-        resume: continue from ``checkpoint`` (it must exist and match the configuration).
-        evaluate: called as ``evaluate(iteration)`` every ``config.eval_every`` iterations;
-            returns a dict stored in the history. It must use its own seeds.
-        fingerprint_extra: anything else the checkpoint must match (data set, model, ...).
-
-    Raises:
-        NonFiniteError: a non-finite meta-loss or gradient (the teacher update is skipped,
-            the checkpoint on disk is the last good one).
-        CheckpointError: ``resume`` with a missing, unreadable or foreign checkpoint.
-    """
-    device = torch.device(device)
-    strategy: Strategy = make_strategy(config.strategy, config.strategy_config)
-    params = [p for p in teacher.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(config, params)
-    gen = make_generator(seed, "meta")
-    fingerprint = _fingerprint(config, seed, fingerprint_extra)
-    path = Path(checkpoint) if checkpoint is not None else None
-    losses: list[float] = []
-    evals: list[dict] = []
-    seconds, saved_peak, start_it, resumed_from = 0.0, 0, 0, None
-    if resume:
-        if path is None:
-            raise CheckpointError("resume needs a checkpoint path")
-        state = _load_checkpoint(path, fingerprint)
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        losses, evals = list(state["losses"]), list(state["evals"])
-        seconds, saved_peak = float(state["seconds"]), int(state["saved_peak_bytes"])
-        start_it = resumed_from = int(state["iteration"])
-
-    def save(iteration: int) -> None:
-        if path is None:
-            return
-        buf = io.BytesIO()
-        torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "fingerprint": fingerprint,
-                    "iteration": iteration, "teacher": teacher.state_dict(),
-                    "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
-                    "losses": losses, "evals": evals, "seconds": seconds,
-                    "saved_peak_bytes": saved_peak}, buf)
-        atomic_write_bytes(path, buf.getvalue())
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with task(progress, f"{config.strategy}", config.iterations - start_it) as bar:
-        for it in range(start_it, config.iterations):
-            t0 = time.perf_counter()
-            try:
-                if it < config.memory_iterations or (it == start_it and saved_peak == 0):
-                    with SavedTensorMeter() as meter:
-                        stats = strategy.step(teacher, optimizer, real, make_student, gen)
-                    saved_peak = max(saved_peak, meter.peak)
-                else:
-                    stats = strategy.step(teacher, optimizer, real, make_student, gen)
-            except NonFiniteError as exc:
-                kept = f"; the last good checkpoint is {path}" if path is not None and \
-                    path.exists() else ""
-                raise NonFiniteError(f"stopped at iteration {it + 1}: {exc}{kept}") from None
-            seconds += time.perf_counter() - t0
-            losses.append(stats["loss"])
-            done = it + 1
-            if evaluate is not None and config.eval_every and done % config.eval_every == 0:
-                evals.append({"iteration": done, **evaluate(done)})
-            if done % config.checkpoint_every == 0 or done == config.iterations:
-                save(done)
-            bar.update(1)
-    memory = {"saved_peak_bytes": saved_peak, "rss_peak_bytes": peak_rss_bytes(),
-              "cuda_peak_bytes": int(torch.cuda.max_memory_allocated(device))
-              if device.type == "cuda" else None,
-              "measured_iterations": config.memory_iterations}
-    n = config.iterations
-    return MetaResult(iterations=n, losses=losses, evals=evals, seconds=seconds,
-                      seconds_per_iteration=seconds / n, memory=memory,
-                      resumed_from=resumed_from)
-
 
 
 def condense(

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from distill.condense import MetaConfig, MetaResult, meta_train
+from distill.metatrain import MetaConfig, MetaResult, meta_train
 from distill.data import DatasetInfo, ImageSet
 from distill.engine import EvalProtocol, EvalResult, accuracy, evaluate_set
 from distill.inner import load_params, student_steps

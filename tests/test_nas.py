@@ -17,6 +17,7 @@ from distill.engine import TrainConfig
 from distill.models import build_model
 from distill.store import SavedSet, save_set
 from gtn import nas
+from gtn.nas import candidates as nas_candidates  # where candidates are trained
 from gtn.generator import GeneratorConfig
 from gtn.train import GTNConfig, make_teacher, save_generator
 
@@ -214,7 +215,7 @@ def setup():
 class CountingTrain:
     def __init__(self, fail_at=None):
         self.calls, self.fail_at = 0, fail_at
-        self.real = nas.train
+        self.real = nas_candidates.train
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -228,7 +229,7 @@ def test_truth_cache_is_reused_and_survives_a_kill(tmp_path, setup, monkeypatch)
     truth = nas.truth_set(fit, BUDGET)
     cache = tmp_path / "cache"
     counter = CountingTrain(fail_at=3)
-    monkeypatch.setattr(nas, "train", counter)
+    monkeypatch.setattr(nas_candidates, "train", counter)
     with pytest.raises(KeyboardInterrupt):
         nas.evaluate_candidates(cands, [truth], val, seed=0, cache=cache)
     files = sorted(cache.rglob("*.json"))
@@ -238,7 +239,7 @@ def test_truth_cache_is_reused_and_survives_a_kill(tmp_path, setup, monkeypatch)
     mtime = files[1].stat().st_mtime_ns
 
     counter = CountingTrain()
-    monkeypatch.setattr(nas, "train", counter)
+    monkeypatch.setattr(nas_candidates, "train", counter)
     first = nas.evaluate_candidates(cands, [truth], val, seed=0, cache=cache)["truth"]
     assert counter.calls == 3                                  # 4 - 1 reused
     assert files[1].stat().st_mtime_ns == mtime
@@ -248,7 +249,7 @@ def test_truth_cache_is_reused_and_survives_a_kill(tmp_path, setup, monkeypatch)
     assert entry["seconds"] >= entry["train_seconds"] > 0 and entry["steps"] == 10
 
     counter = CountingTrain()
-    monkeypatch.setattr(nas, "train", counter)
+    monkeypatch.setattr(nas_candidates, "train", counter)
     again = nas.evaluate_candidates(cands, [truth], val, seed=0, cache=cache)["truth"]
     assert counter.calls == 0                                  # the second run trains nothing
     assert {k: v["accuracy"] for k, v in again.items()} == \
@@ -339,6 +340,6 @@ def test_gtn_steps_proxy_is_the_generators_own_protocol(tmp_path, setup):
     assert got["accuracy"] == pytest.approx(100.0 * accuracy(model, val.images, val.labels),
                                             abs=1e-6)
     # another momentum is another cache entry
-    fp1 = nas._fingerprint(ts, val, "mnist")[0]
-    fp2 = nas._fingerprint(replace(ts, momentum=0.1), val, "mnist")[0]
+    fp1 = nas_candidates._fingerprint(ts, val, "mnist")[0]
+    fp2 = nas_candidates._fingerprint(replace(ts, momentum=0.1), val, "mnist")[0]
     assert fp1 != fp2
