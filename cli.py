@@ -13,9 +13,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
-from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import click
@@ -817,8 +817,14 @@ def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k
     from distill.data import get_info, load_dataset
     from distill.devices import resolve_device
     from distill.store import atomic_write_text, check_run_dir
-    from gtn.nas import (NAS_BUDGETS, parse_proxies, plot_scatter, report_markdown,
-                         resolve_proxy, run_search)
+    from gtn.nas import (
+        NAS_BUDGETS,
+        parse_proxies,
+        plot_scatter,
+        report_markdown,
+        resolve_proxy,
+        run_search,
+    )
 
     out_dir = check_run_dir(out, force)
     info = get_info(dataset)

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill.data import load_dataset  # noqa: E402
 from distill.devices import resolve_device  # noqa: E402
-from distill.store import atomic_write_json, atomic_write_text  # noqa: E402
 from distill.engine import EvalProtocol, TrainConfig, evaluate_set, fixed_test_subset  # noqa: E402
 from distill.rng import generator as make_generator  # noqa: E402
+from distill.store import atomic_write_json, atomic_write_text  # noqa: E402
 from gtn.compare import BUDGETS, comparison_table, restore_teacher, run_comparison  # noqa: E402
 
 PUBLISHED_CURRICULUM = {"full": 98.5, "shuffled-batch": 97.5, "all-shuffled": 97.0,
@@ -87,7 +87,7 @@ def ratios(state: dict, steps) -> list[str]:
     return lines
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def splits(name: str, root, device):
     """(train, test) of a data set on ``device``, read once however many sections use it."""
     return (load_dataset(name, "train", root=root).to(device),
@@ -172,7 +172,7 @@ def learning_curve(budget, plan: Plan, root: Path, summary: dict, args, device,
         ckpt = root / "curve" / "ckpt" / f"{method}.pt"
         ckpt.parent.mkdir(parents=True, exist_ok=True)
 
-        def validate(teacher, iteration):
+        def validate(teacher, iteration, method=method):
             accs = few_step_accuracy(teacher, budget.student, val_x, val_y, 0, budget.students)
             print(f"curve {method:<9} it {iteration:4d}  validation {sum(accs) / len(accs):5.1f} %")
             return {"validation": accs}

@@ -6,15 +6,22 @@ loop with its interchangeable meta-gradient strategies). Nothing here imports ``
 from .condense import condense, condense_config
 from .data import DATASETS, DataError, DatasetInfo, ImageSet, get_info, load_dataset
 from .devices import DeviceError, resolve_device
+from .engine import (
+                     EvalProtocol,
+                     EvalResult,
+                     TrainConfig,
+                     accuracy,
+                     evaluate_set,
+                     mean_std,
+                     predict,
+                     train,
+)
 from .metatrain import CheckpointError, MetaConfig, MetaResult, meta_train
 from .methods import METHODS, Method, get_method
-from .engine import (EvalProtocol, EvalResult, TrainConfig, accuracy, evaluate_set, mean_std,
-                     predict, train)
 from .models import ModelError, available_models, build_model, parse_model_spec
 from .rng import child_seed, generator
 from .store import SavedSet, StoreError, load_set, save_set
-from .strategies import (ConfigError, NonFiniteError, RealSampler, StrategyConfig,
-                         make_strategy)
+from .strategies import ConfigError, NonFiniteError, RealSampler, StrategyConfig, make_strategy
 from .synthetic import SyntheticSet
 from .teacher import Teacher
 

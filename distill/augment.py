@@ -62,7 +62,7 @@ class AugmentParams:
 class DiffAugment:
     """Sample-then-apply differentiable augmentation (see module docstring)."""
 
-    def __init__(self, config: AugmentConfig = AugmentConfig()):
+    def __init__(self, config: AugmentConfig = AugmentConfig()) -> None:
         tokens = tuple(t for t in config.strategy.split("_") if t)
         bad = [t for t in tokens if t not in OPS]
         if bad or not tokens:
@@ -119,7 +119,7 @@ class DiffAugment:
     def _col(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return t.to(x.dtype).view(-1, 1, 1, 1)
 
-    def _color(self, x, v):
+    def _color(self, x: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
         x = x + self._col(v["brightness"], x)
         mean = x.mean(dim=1, keepdim=True)
         x = (x - mean) * self._col(v["saturation"], x) + mean
@@ -132,22 +132,22 @@ class DiffAugment:
         grid = F.affine_grid(theta, list(x.shape), align_corners=True)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
-    def _scale(self, x, v):
+    def _scale(self, x: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
         sx, sy = v["sx"], v["sy"]
         z = torch.zeros_like(sx)
         theta = torch.stack([torch.stack([sx, z, z], 1), torch.stack([z, sy, z], 1)], 1)
         return self._warp(x, theta)
 
-    def _rotate(self, x, v):
+    def _rotate(self, x: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
         c, s = torch.cos(v["theta"]), torch.sin(v["theta"])
         z = torch.zeros_like(c)
         theta = torch.stack([torch.stack([c, s, z], 1), torch.stack([-s, c, z], 1)], 1)
         return self._warp(x, theta)
 
-    def _flip(self, x, v):
+    def _flip(self, x: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.where(v["flip"].view(-1, 1, 1, 1), x.flip(3), x)
 
-    def _crop(self, x, v):
+    def _crop(self, x: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
         h, w = x.shape[2:]
         # Integer pixel shifts; with align_corners=True a shift of k pixels is 2k/(size-1).
         kx = torch.round(v["tx"] * w)
@@ -157,7 +157,7 @@ class DiffAugment:
                              torch.stack([z, one, -2 * ky / max(h - 1, 1)], 1)], 1)
         return self._warp(x, theta)
 
-    def _cutout(self, x, v):
+    def _cutout(self, x: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
         h, w = x.shape[2:]
         sh = int(self.config.cutout_ratio * h + 0.5)
         sw = int(self.config.cutout_ratio * w + 0.5)

@@ -121,11 +121,11 @@ class ImageSet:
     def class_counts(self) -> torch.Tensor:
         return torch.bincount(self.labels.cpu(), minlength=self.info.num_classes)
 
-    def subset(self, indices: torch.Tensor) -> "ImageSet":
+    def subset(self, indices: torch.Tensor) -> ImageSet:
         idx = torch.as_tensor(indices, device=self.labels.device)
         return ImageSet(self.images[idx.to(self.images.device)], self.labels[idx], self.info)
 
-    def to(self, device: torch.device | str) -> "ImageSet":
+    def to(self, device: torch.device | str) -> ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device), self.info)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +134,7 @@ class ImageSet:
         std = torch.tensor(self.info.std, device=x.device, dtype=x.dtype).view(-1, 1, 1)
         return x * std + mean
 
-    def balanced_subset(self, per_class: int, generator: torch.Generator) -> "ImageSet":
+    def balanced_subset(self, per_class: int, generator: torch.Generator) -> ImageSet:
         """``per_class`` random members of every class (all of a smaller class), by class."""
         parts = []
         for c in range(self.info.num_classes):
@@ -268,7 +268,8 @@ def _read(info: DatasetInfo, root: Path, split: str) -> tuple[np.ndarray, np.nda
     reader = _read_cifar if info.name == "cifar10" else _read_mnist_like
     images, labels = reader(info, root, split)
     if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
-        raise DataError(f"{root / info.folder} has {split} labels outside 0..{info.num_classes - 1}")
+        raise DataError(f"{root / info.folder} has {split} labels outside "
+                        f"0..{info.num_classes - 1}")
     return images, labels
 
 

@@ -9,7 +9,7 @@ parameters concatenated) are the alternatives the paper compares against.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -11,16 +11,18 @@ forward pass per side, which is why DM scales to large IPC.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from .augment import DiffAugment
 
 __all__ = ["distribution_loss"]
 
 
 def distribution_loss(embed: nn.Module, real: Sequence[torch.Tensor],
-                      synthetic: Sequence[torch.Tensor], augment=None,
+                      synthetic: Sequence[torch.Tensor], augment: DiffAugment | None = None,
                       generator: torch.Generator | None = None,
                       embed_real: nn.Module | None = None) -> torch.Tensor:
     """Σ_c ||mean ψ(T_c) − mean ψ(S_c)||², differentiable w.r.t. the synthetic images.

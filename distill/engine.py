@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +102,7 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits, targets)
 
 
-def _call(hook: object, name: str, *args) -> None:
+def _call(hook: object, name: str, *args: object) -> None:
     fn = getattr(hook, name, None)
     if fn is not None:
         fn(*args)
@@ -210,7 +211,7 @@ class EvalProtocol:
 
     @classmethod
     def dc(cls, model: str = "convnet", n_students: int = 5, augment: bool = False,
-           **overrides) -> "EvalProtocol":
+           **overrides: Any) -> EvalProtocol:
         """The DC protocol: 300 epochs, or 1000 with augmentation."""
         train_cfg = TrainConfig(epochs=1000 if augment else 300, augment=augment)
         if overrides:

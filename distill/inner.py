@@ -32,7 +32,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import nn
@@ -46,8 +45,8 @@ __all__ = ["InnerState", "Rate", "forward", "load_params", "per_step", "rate_lis
 
 # A learning rate or momentum: one float / () tensor for every step, or one per step
 # (a sequence of floats / () tensors, or a (T,) tensor).
-Rate = Union[float, torch.Tensor, Sequence[Union[float, torch.Tensor]]]
-AfterStep = Callable[[int, list[torch.Tensor]], Union[torch.Tensor, None]]
+Rate = float | torch.Tensor | Sequence[float | torch.Tensor]
+AfterStep = Callable[[int, list[torch.Tensor]], torch.Tensor | None]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

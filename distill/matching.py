@@ -14,11 +14,12 @@ is drawn per class and applied to both sides (the siamese property).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from .augment import DiffAugment
 from .distances import gradient_distance
 from .engine import classification_loss
 
@@ -51,7 +52,7 @@ def class_gradient(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
 
 def matching_loss(model: nn.Module, real: Sequence[torch.Tensor],
                   synthetic: Sequence[torch.Tensor], synthetic_targets: Sequence[torch.Tensor],
-                  distance: str = "layerwise", augment=None,
+                  distance: str = "layerwise", augment: DiffAugment | None = None,
                   generator: torch.Generator | None = None,
                   real_model: nn.Module | None = None,
                   real_chunk: int | None = None) -> torch.Tensor:

@@ -40,7 +40,7 @@ class MemoryReport:
 class _Saved:
     __slots__ = ("tensor", "__weakref__")
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
 
 
@@ -52,7 +52,7 @@ class SavedTensorMeter:
     >>> meter.report().saved_peak_bytes            # doctest: +SKIP
     """
 
-    def __init__(self, device: torch.device | str | None = None):
+    def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else None
         self.live = 0
         self.peak = 0
@@ -82,13 +82,13 @@ class SavedTensorMeter:
     def _unpack(holder: _Saved) -> torch.Tensor:
         return holder.tensor
 
-    def __enter__(self) -> "SavedTensorMeter":
+    def __enter__(self) -> SavedTensorMeter:
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._hooks.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._hooks.__exit__(*exc)
         if self.device is not None and self.device.type == "cuda":
             self._cuda_peak = int(torch.cuda.max_memory_allocated(self.device))

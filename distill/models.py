@@ -14,7 +14,8 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,7 +81,7 @@ class ConvNet(_Student):
 
     def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int],
                  width: int = 128, depth: int = 3, norm: str = "instance", act: str = "relu",
-                 pool: str = "avg"):
+                 pool: str = "avg") -> None:
         super().__init__()
         if pool not in POOLS:
             raise ModelError(f"unknown pool {pool!r}; choose one of: {', '.join(POOLS)}")
@@ -103,7 +104,8 @@ class ConvNet(_Student):
 class MLP(_Student):
     """flatten -> width -> act -> width -> act -> linear (DC's MLP: 128, 128, ReLU)."""
 
-    def __init__(self, channels, num_classes, im_size, width: int = 128, act: str = "relu"):
+    def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int],
+                 width: int = 128, act: str = "relu") -> None:
         super().__init__()
         self.features = nn.Sequential(nn.Flatten(), nn.Linear(channels * im_size[0] * im_size[1],
                                                                width), _act(act),
@@ -112,9 +114,11 @@ class MLP(_Student):
 
 
 class LeNet(_Student):
-    """LeNet-5: conv5(6) relu maxpool, conv5(16) relu maxpool, fc 120, fc 84 (padding 2 on 28 px)."""
+    """LeNet-5: conv5(6) relu maxpool, conv5(16) relu maxpool, fc 120, fc 84 (padding 2 on
+    28 px)."""
 
-    def __init__(self, channels, num_classes, im_size, act: str = "relu"):
+    def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int],
+                 act: str = "relu") -> None:
         super().__init__()
         pad = 2 if tuple(im_size) == (28, 28) else 0
         conv = nn.Sequential(nn.Conv2d(channels, 6, 5, padding=pad), _act(act), nn.MaxPool2d(2),
@@ -129,12 +133,13 @@ class LeNet(_Student):
 class AlexNet(_Student):
     """The small 32-px AlexNet of the DC code: five convs (128,192,256,192,192), three pools."""
 
-    def __init__(self, channels, num_classes, im_size, norm: str = "none"):
+    def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int],
+                 norm: str = "none") -> None:
         super().__init__()
         pad = 4 if (channels == 1 and tuple(im_size) == (28, 28)) else 2
         hw = [im_size[0] + 2 * pad - 4, im_size[1] + 2 * pad - 4]
 
-        def block(cin, cout, k, p, pool):
+        def block(cin: int, cout: int, k: int, p: int, pool: bool) -> list[nn.Module]:
             nonlocal hw
             mods = [nn.Conv2d(cin, cout, k, padding=p), _norm(norm, cout, tuple(hw)),
                     nn.ReLU()]
@@ -154,7 +159,8 @@ class AlexNet(_Student):
 class VGG11(_Student):
     """VGG-11 (cfg A) with a configurable norm (DC default: instance); 28 px inputs padded to 32."""
 
-    def __init__(self, channels, num_classes, im_size, width: int = 64, norm: str = "instance"):
+    def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int],
+                 width: int = 64, norm: str = "instance") -> None:
         super().__init__()
         cfg = [1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"]
         layers: list[nn.Module] = []
@@ -177,7 +183,8 @@ class VGG11(_Student):
 
 
 class _BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride, norm, hw):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str, hw: tuple[int, int]
+                 ) -> None:
         super().__init__()
         out_hw = ((hw[0] - 1) // stride + 1, (hw[1] - 1) // stride + 1)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -190,7 +197,7 @@ class _BasicBlock(nn.Module):
                                        _norm(norm, cout, out_hw))
         self.out_hw = out_hw
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.n1(self.conv1(x)))
         return torch.relu(self.n2(self.conv2(y)) + self.short(x))
 
@@ -198,7 +205,8 @@ class _BasicBlock(nn.Module):
 class ResNet18(_Student):
     """CIFAR-style ResNet-18: 3x3 stem, BasicBlocks [2, 2, 2, 2], no max pool."""
 
-    def __init__(self, channels, num_classes, im_size, width: int = 64, norm: str = "instance"):
+    def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int],
+                 width: int = 64, norm: str = "instance") -> None:
         super().__init__()
         hw = tuple(im_size)
         layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, 1, 1, bias=False),
@@ -225,7 +233,7 @@ def available_models() -> list[str]:
     return sorted(_ZOO)
 
 
-def _value(text: str):
+def _value(text: str) -> int | float | str:
     for cast in (int, float):
         try:
             return cast(text)
@@ -250,7 +258,7 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
 
 
 def build_model(spec: str, channels: int, num_classes: int, im_size: tuple[int, int],
-                generator: torch.Generator | None = None, **overrides) -> nn.Module:
+                generator: torch.Generator | None = None, **overrides: Any) -> nn.Module:
     """Build a zoo model for inputs (N, channels, *im_size) and ``num_classes`` outputs.
 
     Args:

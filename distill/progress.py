@@ -7,7 +7,8 @@ passes an implementation that draws bars (click), tests pass nothing (:class:`Nu
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 __all__ = ["Progress", "NullProgress", "Task", "task"]
 
@@ -33,6 +34,7 @@ class NullProgress:
         yield _NullTask()
 
 
-def task(progress: Progress | None, description: str, total: int):
+def task(progress: Progress | None, description: str, total: int
+         ) -> contextlib.AbstractContextManager[Task]:
     """``progress.task(...)`` or a silent task when ``progress`` is None."""
     return (progress or NullProgress()).task(description, total)

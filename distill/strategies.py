@@ -26,8 +26,8 @@ implicit     implicit function theorem + Neumann series (Lorraine, Vicol & Duven
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -216,10 +216,9 @@ class Matching(Strategy):
             xr = [real.class_batch(c, cfg.per_class, generator) for c in range(real.num_classes)]
             syn = teacher.class_batches(generator)
             loss = self._fast(
-                lambda real_net, n: matching_loss(n, xr, [x for x, _ in syn],
-                                                  [y for _, y in syn], cfg.distance,
-                                                  self.augment, generator, real_model=real_net,
-                                                  real_chunk=cfg.real_chunk),
+                lambda real_net, n, xr=xr, syn=syn: matching_loss(
+                    n, xr, [x for x, _ in syn], [y for _, y in syn], cfg.distance, self.augment,
+                    generator, real_model=real_net, real_chunk=cfg.real_chunk),
                 net, net)
             losses.append(self._update(loss, teacher, optimizer))
             if ol == outer - 1:
@@ -229,7 +228,8 @@ class Matching(Strategy):
             inner_cfg = TrainConfig(epochs=inner, lr=cfg.net_lr, momentum=0.0, weight_decay=0.0,
                                     batch_size=256, decay_at=None,
                                     augment=self.augment is not None)
-            self._fast(lambda m: train(m, x.detach(), y.detach(), inner_cfg, generator), net)
+            self._fast(lambda m, x=x, y=y, c=inner_cfg: train(m, x.detach(), y.detach(), c,
+                                                               generator), net)
         return {"loss": sum(losses) / len(losses)}
 
 

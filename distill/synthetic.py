@@ -12,6 +12,7 @@ seeds condensation, the initialisation study of Zhao, Mopuri & Bilen (ICLR 2021)
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ class SyntheticSet(Teacher):
     """
 
     def __init__(self, images: torch.Tensor, num_classes: int, learn_labels: bool = False,
-                 lr: float | None = None, steps: int = 10, step_size: int | None = None):
+                 lr: float | None = None, steps: int = 10, step_size: int | None = None) -> None:
         super().__init__()
         n = images.shape[0]
         if n % num_classes:
@@ -70,14 +71,14 @@ class SyntheticSet(Teacher):
     # ------------------------------------------------------------------ initialisation
     @classmethod
     def from_noise(cls, shape: tuple[int, int, int], num_classes: int, ipc: int,
-                   generator: torch.Generator, **kw) -> "SyntheticSet":
+                   generator: torch.Generator, **kw: Any) -> SyntheticSet:
         """Standard-normal pixels (in the normalised space)."""
         images = torch.randn(num_classes * ipc, *shape, generator=generator)
         return cls(images, num_classes, **kw)
 
     @classmethod
     def from_real(cls, dataset: ImageSet, ipc: int, generator: torch.Generator,
-                  **kw) -> "SyntheticSet":
+                  **kw: Any) -> SyntheticSet:
         """``ipc`` random real images of every class."""
         idx = []
         for c in range(dataset.info.num_classes):
@@ -88,7 +89,8 @@ class SyntheticSet(Teacher):
         return cls.from_indices(dataset, torch.cat(idx), **kw)
 
     @classmethod
-    def from_indices(cls, dataset: ImageSet, indices: torch.Tensor, **kw) -> "SyntheticSet":
+    def from_indices(cls, dataset: ImageSet, indices: torch.Tensor, **kw: Any
+                     ) -> SyntheticSet:
         """Copies of ``dataset`` images at ``indices`` (grouped by class, ipc per class)."""
         indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
         labels = dataset.labels.cpu()[indices]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import ClassVar, Union
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ __all__ = ["Batch", "StepChoice", "Teacher"]
 Batch = tuple[torch.Tensor, torch.Tensor]
 # What ``order`` returns per step: ``None`` (a fresh / random batch), a learned batch's index,
 # or a (B,) tensor of positions in a learned pool (a GTN's all-shuffled curriculum).
-StepChoice = Union[None, int, torch.Tensor]
+StepChoice = int | torch.Tensor | None
 
 
 class Teacher(nn.Module):

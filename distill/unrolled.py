@@ -23,7 +23,7 @@ with :func:`torch.func.functional_call`); the tests check it against ``higher``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from .teacher import Batch
 
 __all__ = ["unrolled_loss"]
 
-Scalar = Union[float, torch.Tensor]
+Scalar = float | torch.Tensor
 
 
 def _value(v: Scalar) -> float:

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from distill.data import DatasetInfo, ImageSet
 from distill.engine import EvalProtocol, TrainConfig, fixed_test_subset, mean_std
+from distill.progress import Progress
 from distill.store import atomic_write_json, atomic_write_text, save_figure
 
-from .generator import GeneratorConfig, GeneratorError
+from .generator import GeneratorConfig, GeneratorError, GeneratorTeacher
 from .train import GTNConfig, few_step_accuracy, fixed_set_accuracy, train_gtn
 
 __all__ = ["Budget", "BUDGETS", "cell_config", "restore_teacher", "run_comparison",
@@ -74,9 +76,9 @@ def cell_checkpoint(out: Path, method: str, steps: int) -> Path:
     return Path(out) / "ckpt" / f"{method}-T{steps}.pt"
 
 
-def restore_teacher(train_set, budget: Budget, method: str, steps: int, out: Path,
+def restore_teacher(train_set: ImageSet, budget: Budget, method: str, steps: int, out: Path,
                     seed: int = 0, device: torch.device | str = "cpu",
-                    curriculum: str = "full"):
+                    curriculum: str = "full") -> GeneratorTeacher:
     """The trained generator of a finished cell, read back from its checkpoint."""
     config = cell_config(budget, method, steps, curriculum)
     teacher, _, _ = train_gtn(train_set, config, seed=seed, device=device,
@@ -84,7 +86,8 @@ def restore_teacher(train_set, budget: Budget, method: str, steps: int, out: Pat
     return teacher
 
 
-def plain_step_bytes(info, budget: Budget, device: torch.device | str = "cpu") -> int:
+def plain_step_bytes(info: DatasetInfo, budget: Budget, device: torch.device | str = "cpu"
+                     ) -> int:
     """Bytes autograd saves for one plain student training step on a batch of the budget's
     size: the yardstick for "within a few times one plain training step"."""
     from distill.engine import classification_loss
@@ -102,9 +105,10 @@ def plain_step_bytes(info, budget: Budget, device: torch.device | str = "cpu") -
     return meter.peak
 
 
-def run_comparison(train_set, test_set, methods: list[str], steps: list[int], budget: Budget,
-                   out: Path, seed: int = 0, device: torch.device | str = "cpu",
-                   resume: bool = False, curriculum: str = "full", progress=None,
+def run_comparison(train_set: ImageSet, test_set: ImageSet, methods: list[str], steps: list[int],
+                   budget: Budget, out: Path, seed: int = 0, device: torch.device | str = "cpu",
+                   resume: bool = False, curriculum: str = "full",
+                   progress: Progress | None = None,
                    log: Callable[[str], None] = lambda s: None) -> dict:
     """Run every (method, T) cell; returns the state written to ``out/gtn-compare.json``."""
     if any(t < 1 for t in steps):

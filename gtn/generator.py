@@ -65,7 +65,7 @@ class Generator(nn.Module):
     """noise ++ one-hot label -> normalised image of shape (C, H, W); H and W divisible by 4."""
 
     def __init__(self, info: DatasetInfo, config: GeneratorConfig = GeneratorConfig(),
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         h, w = info.im_size
         if h % 4 or w % 4:
@@ -128,7 +128,7 @@ class GeneratorTeacher(Teacher):
     def __init__(self, info: DatasetInfo, steps: int, batch_size: int = 128,
                  curriculum: str = "full", config: GeneratorConfig = GeneratorConfig(),
                  learn_labels: bool = False, lr: float = 0.02, momentum: float = 0.5,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         if curriculum not in CURRICULA:
             raise GeneratorError(f"unknown curriculum {curriculum!r}; choose from "

@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from distill.metatrain import MetaConfig, MetaResult, meta_train
 from distill.data import DatasetInfo, ImageSet
 from distill.engine import EvalProtocol, EvalResult, accuracy, evaluate_set
 from distill.inner import load_params, student_steps
+from distill.metatrain import MetaConfig, MetaResult, meta_train
 from distill.models import build_model, parse_model_spec
 from distill.progress import Progress
 from distill.rng import generator as make_generator
@@ -107,7 +107,7 @@ class GTNConfig:
             raise GeneratorError(f"meta_iterations must be >= 1, got {self.meta_iterations}")
         parse_model_spec(self.student)
 
-    def check(self, info) -> None:
+    def check(self, info: DatasetInfo) -> None:
         """Refuse settings that cannot run on data set ``info`` (one-line GeneratorError)."""
         if self.batch_size < 2:
             raise GeneratorError(f"batch size must be >= 2 (the generator's batch norm needs "
@@ -149,7 +149,8 @@ def make_teacher(info: DatasetInfo, config: GTNConfig, seed: int) -> GeneratorTe
                             config.inner_momentum, generator=make_generator(seed, "generator"))
 
 
-def _student_factory(info, config: GTNConfig, device) -> Callable:
+def _student_factory(info: DatasetInfo, config: GTNConfig, device: torch.device
+                     ) -> Callable[[torch.Generator], torch.nn.Module]:
     def make(gen: torch.Generator) -> torch.nn.Module:
         overrides = {}
         if config.width_choices:
@@ -253,7 +254,6 @@ def load_generator(path: str | Path, dataset: str | None = None
                    ) -> tuple[GeneratorTeacher, GTNConfig]:
     """Read :func:`save_generator`'s file; ``dataset`` checks it makes that data set's shape."""
     from distill.data import get_info
-
     from distill.store import read_tagged
 
     obj = read_tagged(path, GENERATOR_FORMAT, "gtnkit generator", GeneratorError,

@@ -10,14 +10,20 @@ forgetting events, gradient norm (EL2N / GraNd), entropy, k-means and DBSCAN rep
 
 from __future__ import annotations
 
-from .base import (SIGNALS, Selection, SelectionError, SelectionMethod, available_methods,
-                   check_choice, get_method, register)
-from .signals import SignalConfig, SignalProvider
-from .driver import select
-
 # Importing the rule modules registers them.
-from . import (dbscan, entropy, forgetting, gradnorm, herding, kcenter,  # noqa: F401,E402
-               kmeans, random_subset)
+from . import dbscan, entropy, forgetting, gradnorm, herding, kcenter, kmeans, random_subset  # noqa: F401,E402
+from .base import (
+                   SIGNALS,
+                   Selection,
+                   SelectionError,
+                   SelectionMethod,
+                   available_methods,
+                   check_choice,
+                   get_method,
+                   register,
+)
+from .driver import select
+from .signals import SignalConfig, SignalProvider
 
 __all__ = [
     "SIGNALS",

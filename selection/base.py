@@ -9,8 +9,9 @@ therefore pure functions of tensors and are tested as such (oracle tests on tiny
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -108,7 +109,7 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_method(name: str, **options) -> SelectionMethod:
+def get_method(name: str, **options: Any) -> SelectionMethod:
     """Instantiate a registered rule with its options.
 
     Raises:
@@ -129,7 +130,8 @@ def get_method(name: str, **options) -> SelectionMethod:
 def check_choice(picked: torch.Tensor, n: int, k: int, name: str) -> torch.Tensor:
     """Validate a rule's output (distinct, in range, right count); returns it as int64 CPU."""
     picked = torch.as_tensor(picked).to(device="cpu", dtype=torch.int64).flatten()
-    if picked.numel() != k or picked.unique().numel() != k or (picked < 0).any() or (picked >= n).any():
+    if picked.numel() != k or picked.unique().numel() != k or (picked < 0).any() or \
+            (picked >= n).any():
         raise RuntimeError(f"selection rule {name!r} returned an invalid choice of {k} out of {n}")
     return picked
 

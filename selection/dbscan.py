@@ -66,7 +66,8 @@ def dbscan(features: torch.Tensor, eps: float, min_samples: int) -> torch.Tensor
     return labels
 
 
-def _farthest_fill(x: torch.Tensor, candidates: torch.Tensor, chosen: list[int], m: int) -> list[int]:
+def _farthest_fill(x: torch.Tensor, candidates: torch.Tensor, chosen: list[int], m: int
+                   ) -> list[int]:
     """Add ``m`` of ``candidates`` by farthest-point traversal from ``chosen``."""
     if m <= 0:
         return []
@@ -88,7 +89,7 @@ class DBSCAN:
     signal = "embedding"
 
     def __init__(self, *, space: str = "embedding", eps: float | None = None,
-                 min_samples: int = 5, eps_quantile: float = 0.5):
+                 min_samples: int = 5, eps_quantile: float = 0.5) -> None:
         self.signal = space_signal(space)
         if eps is not None and float(eps) <= 0:
             raise SelectionError(f"eps must be > 0, got {eps}")

@@ -36,7 +36,7 @@ def select(
     seed: int = 0,
     options: dict | None = None,
     signals: SignalProvider | None = None,
-    signal_config: SignalConfig = SignalConfig(),
+    signal_config: SignalConfig | None = None,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> Selection:
@@ -59,7 +59,7 @@ def select(
     """
     rule = get_method(method, **(options or {})) if isinstance(method, str) else method
     if signals is None:
-        signals = SignalProvider(dataset, signal_config, seed=seed, device=device,
+        signals = SignalProvider(dataset, signal_config or SignalConfig(), seed=seed, device=device,
                                  progress=progress)
     counts = torch.bincount(signals.pool_labels, minlength=dataset.info.num_classes)
     check_ipc(ipc, counts)

@@ -20,7 +20,7 @@ class Entropy:
     name = "entropy"
     signal = "entropy"
 
-    def __init__(self, *, order: str = "highest"):
+    def __init__(self, *, order: str = "highest") -> None:
         self.order = check_choice_option("order", order, ("highest", "lowest"))
 
     def options(self) -> dict:

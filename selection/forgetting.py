@@ -21,7 +21,7 @@ class Forgetting:
     name = "forgetting"
     signal = "forgetting"
 
-    def __init__(self, *, order: str = "most"):
+    def __init__(self, *, order: str = "most") -> None:
         self.order = check_choice_option("order", order, ("most", "least"))
 
     def options(self) -> dict:

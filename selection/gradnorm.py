@@ -23,7 +23,7 @@ class GradNorm:
     signal = "el2n"
 
     def __init__(self, *, score: str = "el2n", order: str = "highest",
-                 skip_fraction: float = 0.0):
+                 skip_fraction: float = 0.0) -> None:
         self.signal = check_choice_option("score", score, ("el2n", "grand"))
         self.order = check_choice_option("order", order, ("highest", "lowest"))
         if not 0.0 <= float(skip_fraction) < 1.0:

@@ -44,7 +44,7 @@ class Herding:
     name = "herding"
     signal = "embedding"
 
-    def __init__(self, *, space: str = "embedding", normalize: bool = False):
+    def __init__(self, *, space: str = "embedding", normalize: bool = False) -> None:
         self.signal = space_signal(space)
         self.space, self.normalize = space, bool(normalize)
 

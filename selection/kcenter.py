@@ -35,7 +35,7 @@ class KCenter:
     name = "kcenter"
     signal = "embedding"
 
-    def __init__(self, *, space: str = "embedding", first: str = "mean"):
+    def __init__(self, *, space: str = "embedding", first: str = "mean") -> None:
         self.signal = space_signal(space)
         self.space, self.first = space, check_choice_option("first", first, ("mean", "random"))
 

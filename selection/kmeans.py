@@ -63,7 +63,7 @@ class KMeans:
     name = "kmeans"
     signal = "embedding"
 
-    def __init__(self, *, space: str = "embedding", iters: int = 50):
+    def __init__(self, *, space: str = "embedding", iters: int = 50) -> None:
         self.signal = space_signal(space)
         self.space, self.iters = space, int(iters)
 

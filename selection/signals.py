@@ -80,12 +80,13 @@ class SignalConfig:
 class _ForgettingTracker:
     """Counts correct→wrong transitions per example across its mini-batch presentations."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int) -> None:
         self.last_correct = torch.zeros(n, dtype=torch.bool)
         self.ever_correct = torch.zeros(n, dtype=torch.bool)
         self.forgets = torch.zeros(n, dtype=torch.float32)
 
-    def on_batch(self, epoch, indices, logits, labels) -> None:
+    def on_batch(self, epoch: int, indices: torch.Tensor, logits: torch.Tensor,
+                 labels: torch.Tensor) -> None:
         correct = (logits.argmax(1) == labels).cpu()
         self.forgets[indices] += (self.last_correct[indices] & ~correct).float()
         self.last_correct[indices] = correct
@@ -100,7 +101,8 @@ class _ForgettingTracker:
 class _EarlyScores:
     """Records EL2N (and GraNd when asked) once, at the end of epoch ``epoch``."""
 
-    def __init__(self, epoch: int, images, labels, num_classes: int, grand: bool, chunk: int):
+    def __init__(self, epoch: int, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 grand: bool, chunk: int) -> None:
         self.epoch, self.images, self.labels = epoch, images, labels
         self.num_classes, self.grand, self.chunk = num_classes, grand, chunk
         self.el2n: torch.Tensor | None = None
@@ -130,7 +132,7 @@ def per_example_grad_norm(model: nn.Module, images: torch.Tensor, labels: torch.
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 
-    def loss_one(p, x, y):
+    def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
         return F.cross_entropy(out, y.unsqueeze(0))
 
@@ -155,7 +157,7 @@ class SignalProvider:
     """
 
     def __init__(self, dataset: Any, config: SignalConfig = SignalConfig(), seed: int = 0,
-                 device: torch.device | str = "cpu", progress: Progress | None = None):
+                 device: torch.device | str = "cpu", progress: Progress | None = None) -> None:
         self.dataset, self.config, self.seed = dataset, config, int(seed)
         self.device = torch.device(device)
         self.progress = progress

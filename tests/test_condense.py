@@ -8,13 +8,13 @@ import shutil
 import pytest
 import torch
 
-from .conftest import Kill, killer, make_tiny_set
-from distill.condense import (CheckpointError, ConfigError, NonFiniteError, condense,
-                              condense_config)
+from distill.condense import CheckpointError, ConfigError, NonFiniteError, condense, condense_config
 from distill.matching import class_gradient
 from distill.models import build_model
 from distill.rng import generator
 from distill.strategies import StrategyConfig, dc_loops
+
+from .conftest import Kill, killer, make_tiny_set
 
 MODEL = "convnet:width=4,depth=2"
 SMALL = dict(real_batch=6, outer_loop=2, inner_loop=2)

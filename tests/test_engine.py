@@ -10,8 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.engine import (EvalProtocol, TrainConfig, accuracy, evaluate_set, mean_std,
-                            fixed_test_subset, train)
+from distill.engine import (
+    EvalProtocol,
+    TrainConfig,
+    accuracy,
+    evaluate_set,
+    fixed_test_subset,
+    mean_std,
+    train,
+)
 
 
 class Flat(nn.Module):

@@ -15,8 +15,15 @@ from distill.hypergrad import implicit_hypergradient
 from distill.matching import matching_loss
 from distill.models import build_model
 from distill.unrolled import unrolled_loss
-from gtn import (GeneratorConfig, GeneratorError, GeneratorTeacher, GTNConfig, load_generator,
-                 save_generator, train_gtn)
+from gtn import (
+    GeneratorConfig,
+    GeneratorError,
+    GeneratorTeacher,
+    GTNConfig,
+    load_generator,
+    save_generator,
+    train_gtn,
+)
 from gtn.train import few_step_accuracy
 
 from .conftest import Kill, killer, make_tiny_set

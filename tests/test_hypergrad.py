@@ -14,7 +14,7 @@ MU = 0.5  # ridge strength: makes the inner problem strongly convex
 
 def problem(seed=0):
     g = torch.Generator().manual_seed(seed)
-    xs = torch.randn(6, 3, generator=g, dtype=D)           # "synthetic" inputs: the hyper-parameters
+    xs = torch.randn(6, 3, generator=g, dtype=D)  # "synthetic" inputs: the hyper-parameters
     ys = torch.randn(6, generator=g, dtype=D)
     xv, yv = torch.randn(20, 3, generator=g, dtype=D), torch.randn(20, generator=g, dtype=D)
     return xs, ys, xv, yv

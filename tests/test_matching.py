@@ -24,7 +24,8 @@ def test_zero_when_synthetic_equals_real():
     _, model, real = setup()
     labels = [torch.full((r.shape[0],), c) for c, r in enumerate(real)]
     syn = [r.clone().requires_grad_() for r in real]
-    assert matching_loss(model, real, syn, labels, distance="mse").item() < 1e-9  # float32 rounding only
+    # float32 rounding only
+    assert matching_loss(model, real, syn, labels, distance="mse").item() < 1e-9
     noise = [torch.randn_like(r) for r in real]
     # layer-wise cosine: zero up to the epsilon that guards near-zero gradient rows
     base = matching_loss(model, real, noise, labels).item()

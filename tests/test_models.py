@@ -7,8 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.models import (ModelError, available_models, build_model, init_parameters,
-                            parse_model_spec)
+from distill.models import (
+    ModelError,
+    available_models,
+    build_model,
+    init_parameters,
+    parse_model_spec,
+)
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 
@@ -32,7 +37,8 @@ def test_every_model_of_the_brief_is_there():
 @pytest.mark.parametrize("act", ["relu", "sigmoid", "leakyrelu"])
 @pytest.mark.parametrize("pool", ["avg", "max", "none"])
 def test_convnet_variants(norm, act, pool):
-    model = build_model(f"convnet:width=8,depth=2,norm={norm},act={act},pool={pool}", 3, 4, (16, 16))
+    spec = f"convnet:width=8,depth=2,norm={norm},act={act},pool={pool}"
+    model = build_model(spec, 3, 4, (16, 16))
     assert model(torch.randn(3, 3, 16, 16)).shape == (3, 4)
     assert model.feature_dim == 8 * (4 * 4 if pool != "none" else 16 * 16)
 

@@ -17,8 +17,8 @@ from distill.engine import TrainConfig
 from distill.models import build_model
 from distill.store import SavedSet, save_set
 from gtn import nas
-from gtn.nas import candidates as nas_candidates  # where candidates are trained
 from gtn.generator import GeneratorConfig
+from gtn.nas import candidates as nas_candidates  # where candidates are trained
 from gtn.train import GTNConfig, make_teacher, save_generator
 
 from .conftest import make_tiny_set

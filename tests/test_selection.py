@@ -11,8 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.engine import TrainConfig
-from selection import (SignalConfig, SignalProvider, SelectionError, available_methods,
-                       get_method, select)
+from selection import (
+    SelectionError,
+    SignalConfig,
+    SignalProvider,
+    available_methods,
+    get_method,
+    select,
+)
 from selection.signals import _ForgettingTracker, per_example_grad_norm
 
 from .conftest import make_tiny_set

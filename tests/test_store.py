@@ -8,8 +8,15 @@ import os
 import pytest
 import torch
 
-from distill.store import (SavedSet, StoreError, atomic_write_bytes, atomic_write_json,
-                           check_run_dir, load_set, save_set)
+from distill.store import (
+    SavedSet,
+    StoreError,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_run_dir,
+    load_set,
+    save_set,
+)
 
 
 def test_saved_set_round_trip(tmp_path):

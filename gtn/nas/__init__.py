@@ -4,7 +4,8 @@ Such, Rawal, Lehman, Stanley & Clune, "Generative Teaching Networks: Acceleratin
 Architecture Search by Learning to Generate Synthetic Training Data", ICML 2020, train every
 candidate architecture for a few steps on GTN-generated data and keep the order that full
 training on real data would give (published: Spearman 0.56 with the true accuracy on the top
-half of the architectures, at about 9x fewer steps). This package measures that for any proxy, one concept per module:
+half of the architectures, at about 9x fewer steps). This package measures that for any
+proxy, one concept per module:
 
 * a **search space** over the student zoo (:func:`sample_candidates`): ConvNets of depth 1-4,
   width 16-256, every norm / activation / pooling of :mod:`distill.models`, plus MLP, LeNet,

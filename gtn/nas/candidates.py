@@ -109,7 +109,8 @@ def _few_steps(model: torch.nn.Module, ts: TrainSet) -> tuple[float, int, float]
 _WORKER: dict = {}
 
 
-def _worker_init(sets: dict, val_x, val_y, num_classes: int, threads: int) -> None:
+def _worker_init(sets: dict, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
+                 threads: int) -> None:
     torch.set_num_threads(max(1, threads))
     _WORKER.update(sets=sets, val_x=val_x, val_y=val_y, num_classes=num_classes)
 
@@ -164,7 +165,8 @@ def evaluate_candidates(candidates: Sequence[Candidate], sets: Sequence[TrainSet
         log(f"training {len(jobs)} student(s) ({sum(len(r) for r in results.values())} cached)"
             f" with {workers} worker(s)")
 
-    def finish(ts: TrainSet, cand: Candidate, path, fp: str, fp_dict: dict, out: dict) -> None:
+    def finish(ts: TrainSet, cand: Candidate, path: Path | None, fp: str, fp_dict: dict,
+               out: dict) -> None:
         entry = {"id": cand.id, "spec": cand.spec, "kind": ts.label, "seed": seed,
                  "fingerprint": fp, "budget": fp_dict, **out}
         if path is not None:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +21,8 @@ from distill.rng import generator as make_generator
 from .budgets import NASBudget
 from .errors import NASError
 
-__all__ = ["PROXY_KINDS", "TrainSet", "ProxySpec", "nas_split", "truth_set", "parse_proxy", "parse_proxies", "resolve_proxy", "build_proxy_set"]
+__all__ = ["PROXY_KINDS", "TrainSet", "ProxySpec", "nas_split", "truth_set", "parse_proxy",
+           "parse_proxies", "resolve_proxy", "build_proxy_set", "tensor_digest"]
 
 
 PROXY_KINDS = ("gtn", "gtn-steps", "dc", "coreset", "real-subset", "real-steps")
@@ -121,7 +123,7 @@ def _run_file(arg: str, name: str) -> Path:
     return path / name if path.is_dir() else path
 
 
-def resolve_proxy(spec: ProxySpec, dataset: str):
+def resolve_proxy(spec: ProxySpec, dataset: str) -> Any:
     """Load and check what ``spec`` needs (a generator, a saved set, a selection rule).
 
     Cheap: call it before any training so a bad proxy is refused before anything is written.
@@ -158,7 +160,7 @@ def resolve_proxy(spec: ProxySpec, dataset: str):
     return None
 
 
-def build_proxy_set(spec: ProxySpec, source, fit: ImageSet, budget: NASBudget, seed: int,
+def build_proxy_set(spec: ProxySpec, source: Any, fit: ImageSet, budget: NASBudget, seed: int,
                     device: torch.device | str = "cpu", progress: Progress | None = None
                     ) -> TrainSet:
     """The fixed training set of a proxy, built once and shared by every candidate.

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from .errors import NASError
 __all__ = ["spearman", "kendall", "bootstrap_ci", "rank_quality"]
 
 
-def _as_float(values) -> list[float]:
+def _as_float(values: Iterable[float]) -> list[float]:
     return [float(v) for v in values]
 
 

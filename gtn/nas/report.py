@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 from distill.store import save_figure
 
 __all__ = ["report_markdown", "plot_scatter"]
 
 
-def _ci(value: float, ci) -> str:
+def _ci(value: float, ci: Sequence[float]) -> str:
     if not math.isfinite(value):
         return "—"
     lo, hi = ci

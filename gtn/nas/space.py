@@ -16,7 +16,8 @@ from distill.rng import generator as make_generator
 
 from .errors import NASError
 
-__all__ = ["FAMILIES", "Candidate", "SearchSpace", "canonical_spec", "model_cost", "sample_candidates"]
+__all__ = ["FAMILIES", "Candidate", "SearchSpace", "canonical_spec", "model_cost",
+           "sample_candidates"]
 
 
 FAMILIES = ("convnet", "mlp", "lenet", "alexnet", "vgg11", "resnet18")
@@ -103,7 +104,7 @@ def model_cost(spec: str, channels: int, num_classes: int, im_size: tuple[int, i
     """
     macs = 0
 
-    def count(module: nn.Module, inputs, output) -> None:
+    def count(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
         nonlocal macs
         if isinstance(module, nn.Conv2d):
             k = module.kernel_size[0] * module.kernel_size[1]
