@@ -7,7 +7,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.gtnkit-installed
 DEMO   ?= runs/demo
 
-.PHONY: install test test-fast demo demo-coreset bench-smoke clean
+.PHONY: install lint test test-fast demo demo-coreset bench-smoke clean
 
 install: $(STAMP)
 
@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[test,plot]'
 	touch $(STAMP)
+
+# Lint (ruff: pyflakes, pycodestyle, isort, pyupgrade, bugbear, annotations) and type-check
+# the library (mypy); both configured in pyproject.toml, seconds each.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # The whole suite; real-data tests run when GTNKIT_DATA points at the data (CI sets it).
 # pytest exits 5 when it collects nothing: that is a failure of this target too.

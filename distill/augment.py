@@ -70,15 +70,17 @@ class DiffAugment:
                                f"valid tokens: {', '.join(OPS)}")
         if config.mode not in ("one", "all"):
             raise AugmentError(f"mode must be one or all, got {config.mode!r}")
-        self.config, self.tokens = config, tokens
+        self.config = config
+        self.tokens: tuple[str, ...] = tokens
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, n: int, generator: torch.Generator) -> AugmentParams:
+    def sample(self, n: int, generator: torch.Generator | None) -> AugmentParams:
         """Draw parameters for ``n`` images (``n`` is ignored unless ``per_sample``)."""
         cfg = self.config
         m = n if cfg.per_sample else 1
         if cfg.mode == "one":
-            ops = (self.tokens[int(torch.randint(len(self.tokens), (1,), generator=generator))],)
+            pick = int(torch.randint(len(self.tokens), (1,), generator=generator))
+            ops: tuple[str, ...] = (self.tokens[pick],)
         else:
             ops = self.tokens
         u = lambda: torch.rand(m, generator=generator)  # noqa: E731

@@ -37,8 +37,8 @@ def condense_config(method: str, iterations: int = 1000, lr: float | None = None
         ConfigError: an unknown method, or an option its strategy does not have.
     """
     m = get_method(method)
-    loop = {k: overrides.pop(k) for k in ("checkpoint_every", "eval_every", "memory_iterations",
-                                          "optimizer", "momentum") if k in overrides}
+    loop_keys = ("checkpoint_every", "eval_every", "memory_iterations", "optimizer", "momentum")
+    loop: dict[str, Any] = {k: overrides.pop(k) for k in loop_keys if k in overrides}
     if m.strategy != "unrolled" and (overrides.get("truncate") or
                                      overrides.get("checkpoint_steps")):
         raise ConfigError(f"truncate and checkpoint_steps apply to dd only (unrolled "
@@ -99,8 +99,8 @@ def condense(
     if learn_lr and not get_method(config.method).learns_lr:
         raise ConfigError(f"only dd (unrolled backprop) learns the student lr, not "
                           f"{config.method}")
-    counts = train_set.class_counts() if hasattr(train_set, "class_counts") else None
-    if ipc < 1 or (counts is not None and ipc > int(min(counts))):
+    counts = train_set.class_counts()
+    if ipc < 1 or ipc > int(min(counts)):
         raise ConfigError(f"ipc must be between 1 and {int(min(counts))} (the smallest class), "
                          f"got {ipc}")
     g = make_generator(seed, "init")

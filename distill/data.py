@@ -188,7 +188,8 @@ def read_idx(path: Path, expected_count: int | None = None) -> np.ndarray:
         if len(data) < 16:
             raise DataError(f"{path} is truncated or corrupt (incomplete header)")
         n, rows, cols = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
-        shape, offset = (n, rows, cols), 16
+        shape: tuple[int, ...] = (n, rows, cols)
+        offset = 16
     elif magic == 2049:
         n = int.from_bytes(data[4:8], "big")
         shape, offset = (n,), 8

@@ -10,6 +10,7 @@ parameters concatenated) are the alternatives the paper compares against.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 
@@ -36,7 +37,7 @@ def layerwise_cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> to
 
 def mse(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sum of squared differences over every parameter."""
-    return sum(((ga - gb) ** 2).sum() for ga, gb in zip(a, b))
+    return cast(torch.Tensor, sum(((ga - gb) ** 2).sum() for ga, gb in zip(a, b)))
 
 
 def flat_cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -35,13 +35,13 @@ def distribution_loss(embed: nn.Module, real: Sequence[torch.Tensor],
             ``generator``, applied to both sides (siamese).
         embed_real: computes the real embeddings (e.g. a compiled ``embed``); default ``embed``.
     """
-    total = None
-    for xr, xs in zip(real, synthetic):
+    total = torch.zeros(())  # replaced by the first class's distance
+    for i, (xr, xs) in enumerate(zip(real, synthetic)):
         if augment is not None:
             params = augment.sample(1, generator)
             xr, xs = augment.apply(xr, params), augment.apply(xs, params)
         with torch.no_grad():
             mean_real = (embed if embed_real is None else embed_real)(xr).mean(0)
         d = ((mean_real - embed(xs).mean(0)) ** 2).sum()
-        total = d if total is None else total + d
+        total = d if i == 0 else total + d
     return total

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +177,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024,
     """Logits (N, classes), or ``model.embed`` features (N, D) when ``embed``, in eval mode."""
     was_training = model.training
     model.eval()
-    fn = model.embed if embed else model
+    fn = cast(Callable[[torch.Tensor], torch.Tensor], model.embed if embed else model)
     out = torch.cat([fn(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
     model.train(was_training)
     return out

@@ -15,6 +15,7 @@ grow with the number of inner steps.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 import torch
 
@@ -24,7 +25,7 @@ Tensors = Sequence[torch.Tensor]
 
 
 def _dot(a: Tensors, b: Tensors) -> torch.Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b))
+    return cast(torch.Tensor, sum((x * y).sum() for x, y in zip(a, b)))
 
 
 def neumann_inverse_hvp(inner_grads: Tensors, params: Tensors, v: Tensors, terms: int,
@@ -73,22 +74,23 @@ def implicit_hypergradient(inner_loss: torch.Tensor, outer_loss: torch.Tensor,
         One gradient per hyper-parameter (zeros where it does not influence the losses).
     """
     params, hparams = list(params), list(hparams)
-    v = torch.autograd.grad(outer_loss, params, retain_graph=True, allow_unused=True)
-    v = [torch.zeros_like(p) if g is None else g for p, g in zip(params, v)]
+    raw = torch.autograd.grad(outer_loss, params, retain_graph=True, allow_unused=True)
+    v = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
     direct = torch.autograd.grad(outer_loss, hparams, retain_graph=True, allow_unused=True)
     inner_grads = torch.autograd.grad(inner_loss, params, create_graph=True)
     p = neumann_inverse_hvp(inner_grads, params, v, terms, alpha)
     # ∂/∂h of (∂L_T/∂w · p) is the mixed second derivative applied to p.
+    mixed: list[torch.Tensor | None]
     if mixed_losses is None:
-        mixed = torch.autograd.grad(_dot(inner_grads, p), hparams, allow_unused=True)
+        mixed = list(torch.autograd.grad(_dot(inner_grads, p), hparams, allow_unused=True))
     else:
         del inner_grads
         mixed = [None] * len(hparams)
         for part in mixed_losses:
-            g = torch.autograd.grad(part(), params, create_graph=True)
-            m = torch.autograd.grad(_dot(g, p), hparams, allow_unused=True)
+            gp = torch.autograd.grad(part(), params, create_graph=True)
+            part_mixed = torch.autograd.grad(_dot(gp, p), hparams, allow_unused=True)
             mixed = [a if b is None else (b if a is None else a + b)
-                     for a, b in zip(mixed, m)]
+                     for a, b in zip(mixed, part_mixed)]
     out = []
     for h, d, m in zip(hparams, direct, mixed):
         g = torch.zeros_like(h)

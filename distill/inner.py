@@ -32,6 +32,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -170,7 +171,7 @@ def student_steps(model: nn.Module, params: Sequence[torch.Tensor], batches: Ite
                 if use_buffers or b is not None:  # a zero step momentum keeps the buffer
                     b = d if b is None else b * mu + d
                     d = b
-                new_p.append(p.add(d, alpha=-lr) if fused else p - lr * d)
+                new_p.append(p.add(d, alpha=-cast(float, lr)) if fused else p - lr * d)
                 new_b.append(b)
         params, bufs = new_p, new_b
         if after_step is not None:

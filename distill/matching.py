@@ -38,15 +38,16 @@ def class_gradient(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     n = images.shape[0]
     if chunk is None or chunk >= n:
         loss = classification_loss(model(images), targets)
-        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
-        return list(grads) if create_graph else [g.detach() for g in grads]
+        whole = torch.autograd.grad(loss, params, create_graph=create_graph)
+        return list(whole) if create_graph else [g.detach() for g in whole]
     total: list[torch.Tensor] | None = None
     for i in range(0, n, chunk):
         x, y = images[i:i + chunk], targets[i:i + chunk]
         loss = classification_loss(model(x), y) * (x.shape[0] / n)
-        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
-        grads = list(grads) if create_graph else [g.detach() for g in grads]
+        raw = torch.autograd.grad(loss, params, create_graph=create_graph)
+        grads = list(raw) if create_graph else [g.detach() for g in raw]
         total = grads if total is None else [a + b for a, b in zip(total, grads)]
+    assert total is not None  # n >= 1
     return total
 
 
@@ -71,7 +72,7 @@ def matching_loss(model: nn.Module, real: Sequence[torch.Tensor],
         real_chunk: compute each real gradient in pieces of this size (see
             :func:`class_gradient`).
     """
-    total = None
+    total = torch.zeros(())  # replaced by the first class's distance
     for c, (xr, xs, ys) in enumerate(zip(real, synthetic, synthetic_targets)):
         if augment is not None:
             params = augment.sample(1, generator)
@@ -81,5 +82,5 @@ def matching_loss(model: nn.Module, real: Sequence[torch.Tensor],
                                 chunk=real_chunk)
         g_syn = class_gradient(model, xs, ys, create_graph=True)
         d = gradient_distance(g_syn, g_real, distance)
-        total = d if total is None else total + d
+        total = d if c == 0 else total + d
     return total

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -109,7 +109,8 @@ class MetaResult:
                 "resumed_from": self.resumed_from}
 
 
-def _make_optimizer(config: MetaConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+def _make_optimizer(config: MetaConfig, params: Sequence[torch.Tensor]
+                    ) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)

@@ -29,8 +29,9 @@ class ModelError(ValueError):
 
 
 NORMS = ("none", "batch", "instance", "group", "layer")
-ACTS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "leakyrelu": lambda: nn.LeakyReLU(0.01),
-        "tanh": nn.Tanh, "gelu": nn.GELU, "elu": nn.ELU}
+ACTS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "leakyrelu": lambda: nn.LeakyReLU(0.01),
+    "tanh": nn.Tanh, "gelu": nn.GELU, "elu": nn.ELU}
 POOLS = ("avg", "max", "none")
 
 
@@ -88,7 +89,7 @@ class ConvNet(_Student):
         if width < 1 or depth < 1:
             raise ModelError(f"width and depth must be >= 1, got {width}, {depth}")
         layers: list[nn.Module] = []
-        hw, ch = tuple(im_size), channels
+        hw, ch = (im_size[0], im_size[1]), channels
         for _ in range(depth):
             layers += [nn.Conv2d(ch, width, 3, padding=1), _norm(norm, width, hw), _act(act)]
             if pool != "none":
@@ -141,7 +142,7 @@ class AlexNet(_Student):
 
         def block(cin: int, cout: int, k: int, p: int, pool: bool) -> list[nn.Module]:
             nonlocal hw
-            mods = [nn.Conv2d(cin, cout, k, padding=p), _norm(norm, cout, tuple(hw)),
+            mods = [nn.Conv2d(cin, cout, k, padding=p), _norm(norm, cout, (hw[0], hw[1])),
                     nn.ReLU()]
             if pool:
                 mods.append(nn.MaxPool2d(2))
@@ -162,13 +163,13 @@ class VGG11(_Student):
     def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int],
                  width: int = 64, norm: str = "instance") -> None:
         super().__init__()
-        cfg = [1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"]
+        cfg: list[int | str] = [1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"]
         layers: list[nn.Module] = []
         pad = 3 if tuple(im_size) == (28, 28) else 1
         hw = (im_size[0] + 2 * pad - 2, im_size[1] + 2 * pad - 2)
         ch, first = channels, True
         for v in cfg:
-            if v == "M":
+            if isinstance(v, str):  # "M": a max pool
                 if min(hw) < 2:
                     break
                 layers.append(nn.MaxPool2d(2))
@@ -191,7 +192,7 @@ class _BasicBlock(nn.Module):
         self.n1 = _norm(norm, cout, out_hw)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.n2 = _norm(norm, cout, out_hw)
-        self.short = nn.Identity()
+        self.short: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
                                        _norm(norm, cout, out_hw))
@@ -208,7 +209,7 @@ class ResNet18(_Student):
     def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int],
                  width: int = 64, norm: str = "instance") -> None:
         super().__init__()
-        hw = tuple(im_size)
+        hw = (im_size[0], im_size[1])
         layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, 1, 1, bias=False),
                                    _norm(norm, width, hw), nn.ReLU()]
         cin = width

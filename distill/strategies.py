@@ -258,7 +258,7 @@ class _Embed(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a zoo model: it has ``embed``
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.embed(x)

@@ -50,6 +50,10 @@ class SyntheticSet(Teacher):
         step_size: images per student step (``None``: the whole set every step).
     """
 
+    labels: torch.Tensor  # (N,) buffer
+    label_logits: nn.Parameter | None
+    log_lr: nn.Parameter | None
+
     def __init__(self, images: torch.Tensor, num_classes: int, learn_labels: bool = False,
                  lr: float | None = None, steps: int = 10, step_size: int | None = None) -> None:
         super().__init__()

@@ -129,7 +129,7 @@ class _Segment(torch.autograd.Function):
             params, bufs, batches, lrs, moms = _Segment._split(ctx.spec, inputs)
             state = student_steps(model, params, batches, lrs, moms, weight_decay,
                                   differentiable=True, buffers=bufs)
-            outputs = state.params + state.buffers
+            outputs = state.params + [b for b in state.buffers if b is not None]
             wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
             grads = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grad_out,
                                         allow_unused=True)

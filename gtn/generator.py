@@ -64,6 +64,9 @@ class GeneratorConfig:
 class Generator(nn.Module):
     """noise ++ one-hot label -> normalised image of shape (C, H, W); H and W divisible by 4."""
 
+    pixel_mean: torch.Tensor  # (1, C, 1, 1) buffers
+    pixel_std: torch.Tensor
+
     def __init__(self, info: DatasetInfo, config: GeneratorConfig = GeneratorConfig(),
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -85,6 +88,7 @@ class Generator(nn.Module):
                 bound = 1.0 / math.sqrt(m.weight[0].numel())
                 with torch.no_grad():
                     m.weight.uniform_(-bound, bound, generator=generator)
+                    assert m.bias is not None
                     m.bias.uniform_(-bound, bound, generator=generator)
         self.fc1, self.fc2 = wn(self.fc1), wn(self.fc2)
         self.conv1, self.conv2 = wn(self.conv1), wn(self.conv2)
@@ -159,6 +163,9 @@ class GeneratorTeacher(Teacher):
                                            if momentum > 0 else torch.tensor(-20.0))
 
     has_curriculum = True
+    batch_labels: torch.Tensor  # (B,) buffer
+    noise: nn.Parameter | None
+    label_logits: nn.Parameter | None
 
     # ---------------------------------------------------------------- curriculum
     def order(self, generator: torch.Generator) -> list[StepChoice]:

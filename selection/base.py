@@ -90,10 +90,10 @@ class SelectionMethod(Protocol):
         ...
 
 
-_REGISTRY: dict[str, type] = {}
+_REGISTRY: dict[str, type[Any]] = {}
 
 
-def register(cls: type) -> type:
+def register(cls: type[Any]) -> type[Any]:
     """Class decorator: add a rule to the registry under ``cls.name``."""
     name = cls.name
     if name in _REGISTRY:

@@ -18,7 +18,7 @@ __all__ = ["DBSCAN", "dbscan", "auto_eps"]
 
 def _neighbours(x: torch.Tensor, eps: float, chunk: int = 2048) -> list[torch.Tensor]:
     """For every point, the positions within distance ``eps`` (itself included)."""
-    out = []
+    out: list[torch.Tensor] = []
     for s in range(0, x.shape[0], chunk):
         close = torch.cdist(x[s:s + chunk], x) <= eps
         out.extend(torch.nonzero(row).flatten() for row in close)

@@ -205,7 +205,8 @@ class SignalProvider:
         cfg, info = self.config, self.dataset.info
         images, labels = self._pool_tensors()
         early = min(cfg.early_epoch, cfg.train.epochs)
-        el2n, grand = [], []
+        el2n: list[torch.Tensor] = []
+        grand: list[torch.Tensor] = []
         start = time.perf_counter()
         for init in range(cfg.n_inits):
             g = make_generator(self.seed, "signal-net", init)
@@ -222,10 +223,12 @@ class SignalProvider:
             train_cfg = cfg.train if init == 0 else replace(cfg.train, epochs=early)
             train(model, images, labels, train_cfg, g, hooks=hooks, progress=self.progress,
                   description=f"signal network {init + 1}/{cfg.n_inits}")
+            assert early_hook.el2n is not None  # taken at the end of its epoch
             el2n.append(early_hook.el2n)
             if want_grand:
+                assert early_hook.grand_scores is not None
                 grand.append(early_hook.grand_scores)
-            if init == 0:
+            if tracker is not None:  # the first network
                 self._cache["forgetting"] = tracker.counts()
                 self._cache["embedding"] = predict(model, images, embed=True).float().cpu()
                 probs = F.softmax(predict(model, images), dim=1).double()

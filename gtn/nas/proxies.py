@@ -99,14 +99,14 @@ def parse_proxy(text: str) -> ProxySpec:
         raise NASError(f"unknown proxy kind {kind!r} in {text!r}; choose from "
                        f"gtn:RUN, gtn-steps:RUN, dc:RUN, coreset:METHOD, real-subset, "
                        f"real-steps")
-    arg = arg.strip() or None
-    if kind in ("gtn", "gtn-steps", "dc", "coreset") and arg is None:
+    value = arg.strip() or None
+    if kind in ("gtn", "gtn-steps", "dc", "coreset") and value is None:
         form = {"gtn": "gtn:RUN", "gtn-steps": "gtn-steps:RUN", "dc": "dc:RUN",
                 "coreset": "coreset:METHOD"}[kind]
         raise NASError(f"proxy {kind!r} needs an argument: {form}")
-    if kind in ("real-subset", "real-steps") and arg is not None:
+    if kind in ("real-subset", "real-steps") and value is not None:
         raise NASError(f"proxy {kind!r} takes no argument, got {text!r}")
-    return ProxySpec(kind, arg)
+    return ProxySpec(kind, value)
 
 
 def parse_proxies(texts: Sequence[str]) -> list[ProxySpec]:
@@ -133,10 +133,11 @@ def resolve_proxy(spec: ProxySpec, dataset: str) -> Any:
             SelectionError: an unreadable run or an unknown selection method.
     """
     want = get_info(dataset).name
+    arg = spec.arg or ""  # parse_proxy: every kind read here has an argument
     if spec.kind in ("gtn", "gtn-steps"):
         from ..train import load_generator
 
-        path = _run_file(spec.arg, "generator.pt")
+        path = _run_file(arg, "generator.pt")
         teacher, _ = load_generator(path, dataset)
         if teacher.info.name != want:
             raise NASError(f"{path} is a generator of {teacher.info.name}, not of {want}")
@@ -144,7 +145,7 @@ def resolve_proxy(spec: ProxySpec, dataset: str) -> Any:
     if spec.kind == "dc":
         from distill.store import load_set
 
-        path = _run_file(spec.arg, "set.pt")
+        path = _run_file(arg, "set.pt")
         saved = load_set(path)
         if saved.dataset != want:
             raise NASError(f"{path} is a set of {saved.dataset}, not of {want}")
@@ -156,7 +157,7 @@ def resolve_proxy(spec: ProxySpec, dataset: str) -> Any:
     if spec.kind == "coreset":
         from selection import get_method
 
-        return get_method(spec.arg)
+        return get_method(arg)
     return None
 
 

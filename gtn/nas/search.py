@@ -83,8 +83,9 @@ def run_search(train_set: ImageSet, proxies: Sequence[tuple[ProxySpec, object]],
         report["proxies"][ts.label] = q
     if report["proxies"]:
         def score(q: dict) -> tuple[float, float]:
-            return tuple(v if math.isfinite(v) else -2.0
-                         for v in (q["spearman_top"], q["spearman"]))
+            top, every = (v if math.isfinite(v) else -2.0
+                          for v in (q["spearman_top"], q["spearman"]))
+            return top, every
 
         report["winner"] = max(report["proxies"], key=lambda k: score(report["proxies"][k]))
     return report

@@ -73,13 +73,15 @@ class SearchSpace:
 
     def options(self, family: str) -> dict[str, tuple]:
         """The option grid of ``family`` (keys sorted: the draw order is fixed)."""
-        return {"convnet": {"act": self.acts, "depth": self.conv_depths, "norm": self.norms,
-                            "pool": self.pools, "width": self.conv_widths},
-                "mlp": {"act": self.acts, "width": self.mlp_widths},
-                "lenet": {"act": self.acts},
-                "alexnet": {"norm": self.norms},
-                "vgg11": {"norm": self.norms, "width": self.big_widths},
-                "resnet18": {"norm": self.norms, "width": self.big_widths}}[family]
+        grids: dict[str, dict[str, tuple]] = {
+            "convnet": {"act": self.acts, "depth": self.conv_depths, "norm": self.norms,
+                        "pool": self.pools, "width": self.conv_widths},
+            "mlp": {"act": self.acts, "width": self.mlp_widths},
+            "lenet": {"act": self.acts},
+            "alexnet": {"norm": self.norms},
+            "vgg11": {"norm": self.norms, "width": self.big_widths},
+            "resnet18": {"norm": self.norms, "width": self.big_widths}}
+        return grids[family]
 
 
 def canonical_spec(spec: str) -> str:
@@ -113,7 +115,7 @@ def model_cost(spec: str, channels: int, num_classes: int, im_size: tuple[int, i
             macs += output[0].numel() * module.in_features
 
     with torch.device("meta"):
-        model = build_model(spec, channels, num_classes, tuple(im_size))
+        model = build_model(spec, channels, num_classes, (im_size[0], im_size[1]))
         handles = [m.register_forward_hook(count) for m in model.modules()
                    if isinstance(m, (nn.Conv2d, nn.Linear))]
         model.eval()
