@@ -96,9 +96,6 @@ def condense(
     config = condense_config(method) if isinstance(method, str) else method
     if not config.method:
         raise ConfigError("condense needs a paper method's configuration (condense_config)")
-    if learn_lr and not get_method(config.method).learns_lr:
-        raise ConfigError(f"only dd (unrolled backprop) learns the student lr, not "
-                          f"{config.method}")
     counts = train_set.class_counts()
     if ipc < 1 or ipc > int(min(counts)):
         raise ConfigError(f"ipc must be between 1 and {int(min(counts))} (the smallest class), "

@@ -124,12 +124,14 @@ class StrategyConfig:
     real_chunk: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("real_batch", "neumann_terms"):
-            if getattr(self, name) < (0 if name == "neumann_terms" else 1):
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("real_per_class", "outer_loop", "inner_loop", "truncate",
-                     "checkpoint_steps", "real_chunk"):
-            v = getattr(self, name)
+        for name, value, least in (("real_batch", self.real_batch, 1),
+                                   ("neumann_terms", self.neumann_terms, 0)):
+            if value < least:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        optional = {"real_per_class": self.real_per_class, "outer_loop": self.outer_loop,
+                    "inner_loop": self.inner_loop, "truncate": self.truncate,
+                    "checkpoint_steps": self.checkpoint_steps, "real_chunk": self.real_chunk}
+        for name, v in optional.items():
             if v is not None and v < 1:
                 raise ConfigError(f"{name} must be >= 1, got {v}")
         if self.distance not in ("layerwise", "mse", "cosine"):
