@@ -17,7 +17,7 @@ from .engine import (
                      train,
 )
 from .metatrain import CheckpointError, MetaConfig, MetaResult, meta_train
-from .methods import METHODS, Method, get_method
+from .methods import METHODS, Method
 from .models import ModelError, available_models, build_model, parse_model_spec
 from .rng import child_seed, generator
 from .store import SavedSet, StoreError, load_set, save_set
@@ -35,5 +35,5 @@ __all__ = [
     "SavedSet", "StoreError", "load_set", "save_set",
     "CheckpointError", "MetaConfig", "MetaResult", "condense", "condense_config", "meta_train",
     "ConfigError", "NonFiniteError", "RealSampler", "StrategyConfig", "make_strategy",
-    "SyntheticSet", "Teacher", "METHODS", "Method", "get_method",
+    "SyntheticSet", "Teacher", "METHODS", "Method",
 ]
