@@ -18,7 +18,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["neumann_inverse_hvp", "implicit_hypergradient"]
+__all__ = ["neumann_inverse_hvp", "implicit_hypergradient", "StepRecord",
+           "step_size_hypergradient"]
 
 Tensors = Sequence[torch.Tensor]
 
@@ -98,3 +99,73 @@ def implicit_hypergradient(inner_loss: torch.Tensor, outer_loss: torch.Tensor,
             g = g - m
         out.append(g)
     return out
+
+
+class StepRecord:
+    """The update directions of T momentum-SGD student steps, for
+    :func:`step_size_hypergradient`.
+
+    Step ``s`` moves the student by ``-lr_s · buf_s`` with ``buf_s = m · buf_{s-1} + d_s``
+    (``torch.optim.SGD``'s convention: ``buf_0 = d_0``). Only ``buf_s`` is kept, flattened:
+    T vectors of the student's size (no graph), small beside one step's activations.
+    """
+
+    def __init__(self, momentum: float = 0.0):
+        self.momentum = float(momentum)
+        self.buffers: list[torch.Tensor] = []
+
+    def add(self, buffer: Tensors) -> None:
+        """Record ``buf_s`` (one tensor per student parameter) after step ``s``."""
+        self.buffers.append(torch.cat([b.detach().reshape(-1) for b in buffer]).clone())
+
+
+def step_size_hypergradient(record: StepRecord, outer_grad: Tensors,
+                            lr: torch.Tensor | None, momentum: torch.Tensor | float,
+                            hparams: Tensors) -> list[torch.Tensor]:
+    """First-order hypergradient of the outer loss w.r.t. the student's step sizes.
+
+    The implicit gradient cannot reach the per-step learning rates or the momentum: the
+    inner optimum does not depend on them. Their gradient through the trajectory,
+    with the Jacobians ``∂w_T/∂w_{s+1}`` of the later steps taken as the identity and each
+    step's direction ``d_s`` as a constant (the approximation of hypergradient descent,
+    Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent", ICLR 2018,
+    here for the final loss of the whole run), is
+
+        dL/dlr_s = −v · buf_s,       dL/dm = −Σ_s lr_s · v · D_s,
+        D_0 = 0,  D_s = buf_{s-1} + m · D_{s-1}   (= ∂buf_s/∂m),
+
+    with ``v = ∂L_V/∂w`` at the trained student. It is exact for the last step's lr and, with
+    two steps, for the momentum (the tests check both against autograd); no graph is kept,
+    so memory does not grow with T beyond the T recorded directions.
+
+    Args:
+        record: the directions of the T steps.
+        outer_grad: ``v``, one tensor per student parameter.
+        lr: the learned step size(s): a scalar or (T,) tensor with a graph to ``hparams``
+            (``None`` or no graph: not learned).
+        momentum: the learned momentum (a tensor with a graph) or a fixed float.
+        hparams: the teacher's parameters; the result has one gradient per entry.
+
+    Returns:
+        One tensor per hyper-parameter (zeros where the step sizes do not depend on it).
+    """
+    v = torch.cat([g.detach().reshape(-1) for g in outer_grad])
+    b = torch.stack([v @ buf for buf in record.buffers])           # (T,)  v · buf_s
+    m = record.momentum
+    a = [torch.zeros((), dtype=b.dtype, device=b.device)]          # v · D_s
+    for s in range(1, b.numel()):
+        a.append(b[s - 1] + m * a[-1])
+    a_t = torch.stack(a)
+    surrogate = torch.zeros((), dtype=b.dtype, device=b.device)
+    if torch.is_tensor(lr) and lr.requires_grad:
+        lrs = lr.expand(b.numel()) if lr.dim() == 0 else lr
+        surrogate = surrogate - (lrs * b).sum()
+    if torch.is_tensor(momentum) and momentum.requires_grad:
+        lr_values = lr.detach().expand(b.numel()) if torch.is_tensor(lr) and lr.dim() == 0 \
+            else (lr.detach() if torch.is_tensor(lr) else torch.full_like(b, float(lr)))
+        surrogate = surrogate - momentum * (lr_values * a_t).sum()
+    hparams = list(hparams)
+    if not surrogate.requires_grad:
+        return [torch.zeros_like(h) for h in hparams]
+    grads = torch.autograd.grad(surrogate, hparams, allow_unused=True)
+    return [torch.zeros_like(h) if g is None else g for h, g in zip(hparams, grads)]

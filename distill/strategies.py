@@ -38,7 +38,7 @@ from .augment import AugmentConfig, DiffAugment
 from .data import ImageSet
 from .distribution import distribution_loss
 from .engine import TrainConfig, classification_loss, train
-from .hypergrad import implicit_hypergradient
+from .hypergrad import StepRecord, implicit_hypergradient, step_size_hypergradient
 from .matching import matching_loss
 from .unrolled import unrolled_loss
 
@@ -121,6 +121,16 @@ class StrategyConfig:
             Falls back to eager, with a warning, where compilation fails.
         real_chunk: ``matching`` computes each real gradient in pieces of this many images
             (same gradient up to rounding; smaller batches can be faster on a CPU).
+        step_size_grad: ``implicit`` also learns the student's learned step sizes (per-step
+            lr, momentum) by the first-order trajectory hypergradient (see
+            :func:`distill.hypergrad.step_size_hypergradient`); the implicit gradient itself
+            never reaches them (the inner optimum does not depend on the step size).
+        grad_clip: clip the teacher's gradient to this global L2 norm before each update
+            (``None``: no clipping).
+        intermediate_every, intermediate_weight: ``unrolled``'s *intermediate losses* (the
+            official GTN code, Such et al., ICML 2020): the student is also scored on the real
+            batch after every ``intermediate_every``-th inner step before the last, and the
+            meta-loss is ``final + intermediate_weight · mean(intermediate)``; 0 turns them off.
     """
 
     real_batch: int = 256
@@ -140,8 +150,21 @@ class StrategyConfig:
     neumann_alpha: float = 0.01
     compile: bool = False
     real_chunk: int | None = None
+    step_size_grad: bool = False
+    grad_clip: float | None = None
+    intermediate_every: int = 0
+    intermediate_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip is a gradient norm and must be > 0, got "
+                              f"{self.grad_clip}")
+        if self.intermediate_every < 0:
+            raise ConfigError(f"intermediate_every must be >= 0 (0: off), got "
+                              f"{self.intermediate_every}")
+        if not self.intermediate_weight >= 0:
+            raise ConfigError(f"intermediate_weight must be >= 0, got "
+                              f"{self.intermediate_weight}")
         for name in ("real_batch", "inner_steps", "neumann_terms"):
             if getattr(self, name) < (0 if name == "neumann_terms" else 1):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -190,8 +213,7 @@ class Strategy:
              make_student: StudentFactory, generator: torch.Generator) -> dict:
         raise NotImplementedError
 
-    @staticmethod
-    def _update(loss: torch.Tensor, teacher: Teacher, optimizer: torch.optim.Optimizer,
+    def _update(self, loss: torch.Tensor, teacher: Teacher, optimizer: torch.optim.Optimizer,
                 grads: Sequence[torch.Tensor] | None = None) -> float:
         params = [p for p in teacher.parameters() if p.requires_grad]
         optimizer.zero_grad(set_to_none=True)
@@ -201,6 +223,8 @@ class Strategy:
             for p, g in zip(params, grads):
                 p.grad = g
         check_finite(loss, params)
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         optimizer.step()
         return float(loss.detach())
 
@@ -320,7 +344,9 @@ class Unrolled(Strategy):
         loss = unrolled_loss(net, batches, xr, yr, cfg.inner_lr if lr is None else lr,
                              momentum=_inner_momentum(teacher, cfg),
                              weight_decay=cfg.inner_weight_decay,
-                             truncate=cfg.truncate, checkpoint_every=cfg.checkpoint_steps)
+                             truncate=cfg.truncate, checkpoint_every=cfg.checkpoint_steps,
+                             score_every=cfg.intermediate_every,
+                             score_weight=cfg.intermediate_weight)
         return {"loss": self._update(loss, teacher, optimizer)}
 
 
@@ -349,6 +375,7 @@ class Implicit(Strategy):
         momentum = float(momentum.detach()) if torch.is_tensor(momentum) else momentum
         opt = torch.optim.SGD(net.parameters(), lr=lrs[0], momentum=momentum,
                               weight_decay=cfg.inner_weight_decay)
+        record = StepRecord(momentum) if cfg.step_size_grad else None
         for choice, step_lr in zip(order, lrs):
             with torch.no_grad():
                 x, y = _inner_batch(teacher, cfg, choice, generator)
@@ -357,6 +384,10 @@ class Implicit(Strategy):
             opt.zero_grad(set_to_none=True)
             classification_loss(net(x), y).backward()
             opt.step()
+            if record is not None:
+                wd = cfg.inner_weight_decay
+                record.add([opt.state[p]["momentum_buffer"] if momentum else p.grad + wd * p
+                            for p in net.parameters() if p.requires_grad])
         params = [p for p in net.parameters() if p.requires_grad]
         k = int(torch.randint(len(order), (1,), generator=generator))
         x, y = _inner_batch(teacher, cfg, order[k], generator)
@@ -372,6 +403,13 @@ class Implicit(Strategy):
             mixed = [_mean_part(teacher, cfg, net, c, len(order), generator) for c in order]
         grads = implicit_hypergradient(inner, outer, params, hparams, cfg.neumann_terms,
                                        cfg.neumann_alpha, mixed_losses=mixed)
+        if record is not None:
+            v = torch.autograd.grad(outer, params, retain_graph=True, allow_unused=True)
+            v = [torch.zeros_like(p) if g is None else g for p, g in zip(params, v)]
+            step_grads = step_size_hypergradient(record, v, cfg.inner_lr if lr is None else lr,
+                                                 _inner_momentum(teacher, cfg),
+                                                 hparams)
+            grads = [g + s for g, s in zip(grads, step_grads)]
         return {"loss": self._update(outer, teacher, optimizer, grads)}
 
 

@@ -50,7 +50,8 @@ def unrolled_loss(model: nn.Module, batches: Sequence[Batch], real_images: torch
                   real_labels: torch.Tensor, lr: float | torch.Tensor,
                   momentum: float | torch.Tensor = 0.0, weight_decay: float = 0.0,
                   truncate: int | None = None,
-                  checkpoint_every: int | None = None) -> torch.Tensor:
+                  checkpoint_every: int | None = None, score_every: int = 0,
+                  score_weight: float = 1.0) -> torch.Tensor:
     """Train ``model`` on ``batches`` with differentiable SGD and return the real-data loss.
 
     Args:
@@ -64,9 +65,14 @@ def unrolled_loss(model: nn.Module, batches: Sequence[Batch], real_images: torch
         truncate: differentiate only the last ``truncate`` steps (``None``: all).
         checkpoint_every: recompute segments of this many steps in the backward pass
             instead of storing them (``None``: store everything).
+        score_every, score_weight: intermediate losses (Such et al., ICML 2020): the student
+            is also scored on the real batch after every ``score_every``-th differentiated
+            step before the last; the result is ``final + score_weight · mean(those)``
+            (0: only the final loss).
 
     Returns:
-        The scalar real-data loss after T steps; ``backward()`` reaches the teacher.
+        The scalar real-data loss after T steps (plus the weighted intermediate losses);
+        ``backward()`` reaches the teacher.
     """
     batches = list(batches)
     if truncate is not None and truncate < 1:
@@ -91,17 +97,25 @@ def unrolled_loss(model: nn.Module, batches: Sequence[Batch], real_images: torch
             classification_loss(opt_model(x.detach()), y.detach()).backward()
             opt.step()
         batches, lrs = batches[head:], lrs[head:]
+    if score_every and checkpoint_every is not None:
+        raise ValueError("intermediate losses are not supported with gradient checkpointing")
     if checkpoint_every is not None:
         return _functional_unroll(opt_model, opt, batches, real_images, real_labels, lrs,
                                   momentum, weight_decay, checkpoint_every)
     with higher.innerloop_ctx(opt_model, opt, copy_initial_weights=True,
                               track_higher_grads=True) as (fmodel, diffopt):
-        for (x, y), step_lr in zip(batches, lrs):
+        scores = []
+        for t, ((x, y), step_lr) in enumerate(zip(batches, lrs), start=1):
             override = {"lr": [step_lr]}
             if torch.is_tensor(momentum):
                 override["momentum"] = [momentum]
             diffopt.step(classification_loss(fmodel(x), y), override=override)
-        return classification_loss(fmodel(real_images), real_labels)
+            if score_every and t % score_every == 0 and t < len(batches):
+                scores.append(classification_loss(fmodel(real_images), real_labels))
+        final = classification_loss(fmodel(real_images), real_labels)
+        if scores:
+            final = final + score_weight * torch.stack(scores).mean()
+        return final
 
 
 # ------------------------------------------------------------------ functional, checkpointed
