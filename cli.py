@@ -586,6 +586,12 @@ def _int_list(value: str, name: str) -> list[int]:
                    "inner step (0: off).")
 @click.option("--intermediate-weight", type=click.FloatRange(min=0.0), default=1.0,
               show_default=True, help="Weight of the mean intermediate loss in the meta-loss.")
+@click.option("--mixed-sample", type=click.IntRange(min=1), default=None,
+              help="implicit: the mixed term from this many of the T batches (unbiased "
+                   "estimate; default all).")
+@click.option("--mixed-at", type=click.Choice(["final", "trajectory"]), default="final",
+              show_default=True, help="implicit: the implicit function theorem at the trained "
+                                      "student, or first-order along the trajectory.")
 @click.option("--step-size-grad", is_flag=True,
               help="implicit: learn the per-step lr and momentum by the first-order "
                    "trajectory hypergradient.")
@@ -612,7 +618,8 @@ def _int_list(value: str, name: str) -> list[int]:
 @handle_errors
 def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_labels, student,
               width_choices, meta_iterations, meta_lr, meta_schedule, meta_lr_floor, grad_clip,
-              intermediate_every, intermediate_weight, step_size_grad, real_batch, validation, noise_dim,
+              intermediate_every, intermediate_weight, mixed_sample, mixed_at, step_size_grad,
+              real_batch, validation, noise_dim,
               width_fc, width_conv, weight_norm, checkpoint_steps, neumann_terms, neumann_alpha,
               checkpoint_every, eval_every, students, resume, data_root, download, out, seed,
               device, force) -> None:
@@ -637,6 +644,7 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
                        meta_schedule=meta_schedule, meta_lr_floor=meta_lr_floor,
                        grad_clip=grad_clip, intermediate_every=intermediate_every,
                        intermediate_weight=intermediate_weight, step_size_grad=step_size_grad,
+                       mixed_sample=mixed_sample, mixed_at=mixed_at,
                        real_batch=real_batch, validation=validation,
                        generator=GeneratorConfig(noise_dim=noise_dim, width_fc=width_fc,
                                                  width_conv=width_conv, weight_norm=weight_norm),

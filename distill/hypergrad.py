@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 __all__ = ["neumann_inverse_hvp", "implicit_hypergradient", "StepRecord",
-           "step_size_hypergradient"]
+           "step_size_hypergradient", "trajectory_coefficients", "trajectory_hypergradient",
+           "sampled_parts"]
 
 Tensors = Sequence[torch.Tensor]
 
@@ -169,3 +170,75 @@ def step_size_hypergradient(record: StepRecord, outer_grad: Tensors,
         return [torch.zeros_like(h) for h in hparams]
     grads = torch.autograd.grad(surrogate, hparams, allow_unused=True)
     return [torch.zeros_like(h) if g is None else g for h, g in zip(hparams, grads)]
+
+
+def trajectory_coefficients(lrs: Sequence[float], momentum: float) -> list[float]:
+    """``c_t = Σ_{s≥t} lr_s · m^{s−t}``: how much of step t's gradient ends up in ``w_T``.
+
+    Momentum SGD (``buf_s = m · buf_{s−1} + g_s``, ``w_{s+1} = w_s − lr_s · buf_s``) moves the
+    student by ``w_T − w_0 = −Σ_t c_t · g_t``.
+    """
+    out, acc = [0.0] * len(lrs), 0.0
+    for t in reversed(range(len(lrs))):
+        acc = lrs[t] + momentum * acc
+        out[t] = acc
+    return out
+
+
+def trajectory_hypergradient(model: torch.nn.Module, snapshots: Sequence[Tensors],
+                             batches: Sequence[Callable[[], tuple[torch.Tensor, torch.Tensor]]],
+                             coefficients: Sequence[float], outer_grad: Tensors,
+                             hparams: Tensors,
+                             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                             ) -> list[torch.Tensor]:
+    """First-order hypergradient through a training trajectory, one step's graph at a time.
+
+    With the Jacobians ``∂w_T/∂w_{t+1}`` of the later steps taken as the identity (the
+    first-order approximation of MAML, Finn, Abbeel & Levine, ICML 2017, and of
+    hypergradient descent, Baydin et al., ICLR 2018), ``w_T = w_0 − Σ_t c_t g_t(w_t, h)`` gives
+
+        dL_V/dh ≈ −Σ_t c_t · ∂/∂h [ v · g_t(w_t, h) ],     v = ∂L_V/∂w at w_T,
+
+    each term evaluated at the student state ``w_t`` where batch t was actually trained on
+    (the implicit gradient evaluates every batch at ``w_T`` instead). Exact for one step.
+    Memory: the T parameter snapshots and one step's graph.
+
+    Args:
+        model: the student (its parameters are replaced by each snapshot in turn).
+        snapshots: ``w_t`` before step t, one list of tensors (the model's trainable
+            parameters, in ``named_parameters`` order) per selected step.
+        batches: callables rebuilding batch t's (images, targets) with a graph to ``hparams``.
+        coefficients: ``c_t`` per selected step (times any sampling scale).
+        outer_grad: ``v``.
+        hparams: the teacher's parameters.
+        loss_fn: the inner loss.
+
+    Returns:
+        One gradient per hyper-parameter (zeros where it does not influence the batches).
+    """
+    from torch.func import functional_call
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    hparams = list(hparams)
+    total = [torch.zeros_like(h) for h in hparams]
+    v = [g.detach() for g in outer_grad]
+    for w_t, make_batch, c in zip(snapshots, batches, coefficients):
+        w = [p.detach().requires_grad_() for p in w_t]
+        x, y = make_batch()
+        loss = loss_fn(functional_call(model, dict(zip(names, w)), (x,)), y)
+        g = torch.autograd.grad(loss, w, create_graph=True)
+        mixed = torch.autograd.grad(_dot(g, v), hparams, allow_unused=True)
+        for i, m in enumerate(mixed):
+            if m is not None:
+                total[i] = total[i] - c * m
+    return total
+
+
+def sampled_parts(parts: Sequence[Callable[[], torch.Tensor]], picks: Sequence[int]
+                  ) -> list[Callable[[], torch.Tensor]]:
+    """An unbiased estimate of ``Σ_t part_t`` from the parts at ``picks``: each picked part
+    scaled by ``T / k``. Drawn uniformly without replacement, every part is picked with
+    probability ``k / T``, so the expectation is the full sum (the tests average all subsets).
+    """
+    scale = len(parts) / len(picks)
+    return [(lambda part=parts[t]: scale * part()) for t in picks]

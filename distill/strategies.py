@@ -38,7 +38,9 @@ from .augment import AugmentConfig, DiffAugment
 from .data import ImageSet
 from .distribution import distribution_loss
 from .engine import TrainConfig, classification_loss, train
-from .hypergrad import StepRecord, implicit_hypergradient, step_size_hypergradient
+from .hypergrad import (StepRecord, implicit_hypergradient, sampled_parts,
+                        step_size_hypergradient, trajectory_coefficients,
+                        trajectory_hypergradient)
 from .matching import matching_loss
 from .unrolled import unrolled_loss
 
@@ -98,6 +100,9 @@ class RealSampler:
         return self.images[idx], self.labels[idx]
 
 
+MIXED_AT = ("final", "trajectory")
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     """Every strategy knob (each strategy reads the ones it uses).
@@ -121,6 +126,14 @@ class StrategyConfig:
             Falls back to eager, with a warning, where compilation fails.
         real_chunk: ``matching`` computes each real gradient in pieces of this many images
             (same gradient up to rounding; smaller batches can be faster on a CPU).
+        mixed_sample: ``implicit`` with a curriculum: compute the mixed term of only this many
+            of the T batches, drawn without replacement and scaled by T / k (an unbiased
+            estimate of the sum; ``None``: all T). Cuts the time of a meta-step.
+        mixed_at: ``implicit``: where each batch's mixed term is evaluated: ``final`` (the
+            implicit function theorem at the trained student, Neumann-series inverse
+            Hessian) or ``trajectory`` (at the student state where the batch was trained
+            on, first-order through the trajectory; no Hessian: see
+            :func:`distill.hypergrad.trajectory_hypergradient`).
         step_size_grad: ``implicit`` also learns the student's learned step sizes (per-step
             lr, momentum) by the first-order trajectory hypergradient (see
             :func:`distill.hypergrad.step_size_hypergradient`); the implicit gradient itself
@@ -150,12 +163,20 @@ class StrategyConfig:
     neumann_alpha: float = 0.01
     compile: bool = False
     real_chunk: int | None = None
+    mixed_sample: int | None = None
+    mixed_at: str = "final"
     step_size_grad: bool = False
     grad_clip: float | None = None
     intermediate_every: int = 0
     intermediate_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.mixed_sample is not None and self.mixed_sample < 1:
+            raise ConfigError(f"mixed_sample must be >= 1 (None: every batch), got "
+                              f"{self.mixed_sample}")
+        if self.mixed_at not in MIXED_AT:
+            raise ConfigError(f"unknown mixed_at {self.mixed_at!r}; choose from "
+                              f"{', '.join(MIXED_AT)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"grad_clip is a gradient norm and must be > 0, got "
                               f"{self.grad_clip}")
@@ -358,7 +379,13 @@ class Implicit(Strategy):
     the mixed derivative is that of the mean loss over all T batches, built batch by batch
     (memory of one batch), so every learned noise batch gets a gradient; for a synthetic set
     it is taken on the same batch as the Hessian. The learning rate and momentum are used but
-    not learned (the implicit gradient does not reach them).
+    not learned by the implicit gradient (it does not reach them); ``step_size_grad`` learns
+    them by the first-order trajectory hypergradient.
+
+    Options (see :class:`StrategyConfig`): ``mixed_sample`` estimates the mixed term from a
+    sample of the T batches (unbiased; fewer double-backward passes per meta-step);
+    ``mixed_at="trajectory"`` replaces the implicit gradient by the first-order gradient
+    through the trajectory, each batch at the student state it trained (no Hessian).
     """
 
     name = "implicit"
@@ -376,7 +403,11 @@ class Implicit(Strategy):
         opt = torch.optim.SGD(net.parameters(), lr=lrs[0], momentum=momentum,
                               weight_decay=cfg.inner_weight_decay)
         record = StepRecord(momentum) if cfg.step_size_grad else None
+        trainable = [p for p in net.parameters() if p.requires_grad]
+        snapshots = []
         for choice, step_lr in zip(order, lrs):
+            if cfg.mixed_at == "trajectory":
+                snapshots.append([p.detach().clone() for p in trainable])
             with torch.no_grad():
                 x, y = _inner_batch(teacher, cfg, choice, generator)
             for group in opt.param_groups:
@@ -387,22 +418,38 @@ class Implicit(Strategy):
             if record is not None:
                 wd = cfg.inner_weight_decay
                 record.add([opt.state[p]["momentum_buffer"] if momentum else p.grad + wd * p
-                            for p in net.parameters() if p.requires_grad])
-        params = [p for p in net.parameters() if p.requires_grad]
-        k = int(torch.randint(len(order), (1,), generator=generator))
-        x, y = _inner_batch(teacher, cfg, order[k], generator)
-        inner = classification_loss(net(x), y)
-        if cfg.inner_weight_decay:
-            inner = inner + cfg.inner_weight_decay / 2 * sum((p ** 2).sum() for p in params)
-        xr, yr = real.batch(cfg.real_batch, generator)
-        outer = classification_loss(net(xr), yr)
+                            for p in trainable])
+        params = trainable
+        t_count = len(order)
+        picks = list(range(t_count))
+        if cfg.mixed_sample is not None and cfg.mixed_sample < t_count:
+            picks = torch.randperm(t_count, generator=generator)[:cfg.mixed_sample].tolist()
         hparams = [p for p in teacher.parameters() if p.requires_grad]
-        mixed = None
-        if hasattr(teacher, "order"):  # a curriculum: the student minimised the mean loss
-            # over all T batches, so each of them (its learned noise) gets its mixed term.
-            mixed = [_mean_part(teacher, cfg, net, c, len(order), generator) for c in order]
-        grads = implicit_hypergradient(inner, outer, params, hparams, cfg.neumann_terms,
-                                       cfg.neumann_alpha, mixed_losses=mixed)
+        if cfg.mixed_at == "trajectory":
+            xr, yr = real.batch(cfg.real_batch, generator)
+            outer = classification_loss(net(xr), yr)
+            v = torch.autograd.grad(outer, params, retain_graph=True)
+            coeffs = trajectory_coefficients(lrs, momentum)
+            scale = t_count / len(picks)
+            grads = trajectory_hypergradient(
+                net, [snapshots[t] for t in picks],
+                [(lambda c=order[t]: _inner_batch(teacher, cfg, c, generator)) for t in picks],
+                [scale * coeffs[t] for t in picks], v, hparams, classification_loss)
+        else:
+            k = int(torch.randint(t_count, (1,), generator=generator))
+            x, y = _inner_batch(teacher, cfg, order[k], generator)
+            inner = classification_loss(net(x), y)
+            if cfg.inner_weight_decay:
+                inner = inner + cfg.inner_weight_decay / 2 * sum((p ** 2).sum() for p in params)
+            xr, yr = real.batch(cfg.real_batch, generator)
+            outer = classification_loss(net(xr), yr)
+            mixed = None
+            if hasattr(teacher, "order"):  # a curriculum: the student minimised the mean loss
+                # over all T batches, so each of them (its learned noise) gets its mixed term.
+                mixed = sampled_parts([_mean_part(teacher, cfg, net, c, t_count, generator)
+                                       for c in order], picks)
+            grads = implicit_hypergradient(inner, outer, params, hparams, cfg.neumann_terms,
+                                           cfg.neumann_alpha, mixed_losses=mixed)
         if record is not None:
             v = torch.autograd.grad(outer, params, retain_graph=True, allow_unused=True)
             v = [torch.zeros_like(p) if g is None else g for p, g in zip(params, v)]

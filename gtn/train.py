@@ -58,6 +58,10 @@ class GTNConfig:
         meta_iterations, meta_lr: Adam on the generator (and curriculum, lr, momentum).
         meta_schedule, meta_lr_floor: the meta-lr over the run (``constant`` or ``cosine``
             down to ``meta_lr_floor`` x ``meta_lr``; the official code: cosine to 10 %).
+        mixed_sample, mixed_at: ``implicit``: estimate the mixed term from this many of the
+            T batches (unbiased; ``None``: all), and where to evaluate it (``final``: the
+            implicit function theorem; ``trajectory``: first-order, each batch at the student
+            state it trained).
         step_size_grad: ``implicit`` learns the per-step lr and momentum too, by the
             first-order trajectory hypergradient (the implicit gradient does not reach them).
         grad_clip: clip the generator's meta-gradient to this L2 norm (``None``: off).
@@ -88,6 +92,8 @@ class GTNConfig:
     meta_lr: float = 1e-3
     meta_schedule: str = "constant"
     meta_lr_floor: float = 0.1
+    mixed_sample: int | None = None
+    mixed_at: str = "final"
     step_size_grad: bool = False
     grad_clip: float | None = None
     intermediate_every: int = 0
@@ -136,6 +142,7 @@ class GTNConfig:
             lr_floor=self.meta_lr_floor,
             strategy_config=StrategyConfig(
                 grad_clip=self.grad_clip, step_size_grad=self.step_size_grad,
+                mixed_sample=self.mixed_sample, mixed_at=self.mixed_at,
                 intermediate_every=self.intermediate_every,
                 intermediate_weight=self.intermediate_weight,
                 real_batch=self.match_real_per_class if self.method == "matching"
