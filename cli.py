@@ -617,7 +617,28 @@ def _int_list(value: str, name: str) -> list[int]:
               help="Randomise the student's width per meta-iteration, e.g. 16,32,64.")
 @click.option("--meta-iterations", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--meta-lr", type=float, default=1e-3, show_default=True, help="Adam lr.")
-@click.option("--real-batch", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--meta-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+              show_default=True, help="Meta-lr over the run (cosine: down to --meta-lr-floor).")
+@click.option("--meta-lr-floor", type=click.FloatRange(0.0, 1.0), default=0.1,
+              show_default=True, help="cosine: the last meta-lr as a fraction of --meta-lr.")
+@click.option("--grad-clip", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="Clip the generator's meta-gradient to this L2 norm.")
+@click.option("--intermediate-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="unrolled: also score the student on the real batch after every N-th "
+                   "inner step (0: off).")
+@click.option("--intermediate-weight", type=click.FloatRange(min=0.0), default=1.0,
+              show_default=True, help="Weight of the mean intermediate loss in the meta-loss.")
+@click.option("--mixed-sample", type=click.IntRange(min=1), default=None,
+              help="implicit: the mixed term from this many of the T batches (unbiased "
+                   "estimate; default all).")
+@click.option("--mixed-at", type=click.Choice(["final", "trajectory"]), default="final",
+              show_default=True, help="implicit: the implicit function theorem at the trained "
+                                      "student, or first-order along the trajectory.")
+@click.option("--step-size-grad", is_flag=True,
+              help="implicit: learn the per-step lr and momentum by the first-order "
+                   "trajectory hypergradient.")
+@click.option("--real-batch", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Real images the student is scored on per meta-iteration.")
 @click.option("--validation", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Training images held out for validation.")
 @click.option("--noise-dim", type=click.IntRange(min=1), default=128, show_default=True)
@@ -638,7 +659,9 @@ def _int_list(value: str, name: str) -> list[int]:
 @click.pass_context
 @handle_errors
 def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_labels, student,
-              width_choices, meta_iterations, meta_lr, real_batch, validation, noise_dim,
+              width_choices, meta_iterations, meta_lr, meta_schedule, meta_lr_floor, grad_clip,
+              intermediate_every, intermediate_weight, mixed_sample, mixed_at, step_size_grad,
+              real_batch, validation, noise_dim,
               width_fc, width_conv, weight_norm, checkpoint_steps, neumann_terms, neumann_alpha,
               checkpoint_every, eval_every, students, resume, data_root, download, out, seed,
               device, force) -> None:
@@ -661,6 +684,10 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
     config = GTNConfig(method=method, inner_steps=steps[0], batch_size=batch_size,
                        curriculum=curriculum, learn_labels=learn_labels, student=student,
                        width_choices=widths, meta_iterations=meta_iterations, meta_lr=meta_lr,
+                       meta_schedule=meta_schedule, meta_lr_floor=meta_lr_floor,
+                       grad_clip=grad_clip, intermediate_every=intermediate_every,
+                       intermediate_weight=intermediate_weight, step_size_grad=step_size_grad,
+                       mixed_sample=mixed_sample, mixed_at=mixed_at,
                        real_batch=real_batch, validation=validation,
                        generator=GeneratorConfig(noise_dim=noise_dim, width_fc=width_fc,
                                                  width_conv=width_conv, weight_norm=weight_norm),

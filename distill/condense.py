@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .data import ImageSet
-from .metatrain import CheckpointError, MetaConfig, MetaResult, meta_train
+from .metatrain import SCHEDULES, CheckpointError, MetaConfig, MetaResult, meta_train, scheduled_lr
 from .methods import METHODS, get_method
 from .progress import Progress
 from .rng import generator as make_generator
@@ -24,7 +24,8 @@ from .strategies import ConfigError, NonFiniteError, RealSampler, StrategyConfig
 from .synthetic import SyntheticSet
 
 __all__ = ["ConfigError", "MetaConfig", "MetaResult", "CheckpointError", "NonFiniteError",
-           "meta_train", "condense", "condense_config", "METHODS"]
+           "meta_train", "condense", "condense_config", "METHODS", "SCHEDULES",
+           "scheduled_lr"]
 
 
 def condense_config(method: str, iterations: int = 1000, lr: float | None = None,

@@ -19,7 +19,9 @@ from typing import cast
 
 import torch
 
-__all__ = ["neumann_inverse_hvp", "implicit_hypergradient"]
+__all__ = ["neumann_inverse_hvp", "implicit_hypergradient", "StepRecord",
+           "step_size_hypergradient", "trajectory_coefficients", "trajectory_hypergradient",
+           "sampled_parts"]
 
 Tensors = Sequence[torch.Tensor]
 
@@ -100,3 +102,150 @@ def implicit_hypergradient(inner_loss: torch.Tensor, outer_loss: torch.Tensor,
             g = g - m
         out.append(g)
     return out
+
+
+class StepRecord:
+    """The update directions of T momentum-SGD student steps, for
+    :func:`step_size_hypergradient`.
+
+    Step ``s`` moves the student by ``-lr_s · buf_s`` with ``buf_s = m · buf_{s-1} + d_s``
+    (``torch.optim.SGD``'s convention: ``buf_0 = d_0``). Only ``buf_s`` is kept, flattened:
+    T vectors of the student's size (no graph), small beside one step's activations.
+    """
+
+    def __init__(self, momentum: float = 0.0) -> None:
+        self.momentum = float(momentum)
+        self.buffers: list[torch.Tensor] = []
+
+    def add(self, buffer: Tensors) -> None:
+        """Record ``buf_s`` (one tensor per student parameter) after step ``s``."""
+        self.buffers.append(torch.cat([b.detach().reshape(-1) for b in buffer]).clone())
+
+
+def step_size_hypergradient(record: StepRecord, outer_grad: Tensors,
+                            lr: torch.Tensor | float, momentum: torch.Tensor | float | None,
+                            hparams: Tensors) -> list[torch.Tensor]:
+    """First-order hypergradient of the outer loss w.r.t. the student's step sizes.
+
+    The implicit gradient cannot reach the per-step learning rates or the momentum: the
+    inner optimum does not depend on them. Their gradient through the trajectory,
+    with the Jacobians ``∂w_T/∂w_{s+1}`` of the later steps taken as the identity and each
+    step's direction ``d_s`` as a constant (the approximation of hypergradient descent,
+    Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent", ICLR 2018,
+    here for the final loss of the whole run), is
+
+        dL/dlr_s = −v · buf_s,       dL/dm = −Σ_s lr_s · v · D_s,
+        D_0 = 0,  D_s = buf_{s-1} + m · D_{s-1}   (= ∂buf_s/∂m),
+
+    with ``v = ∂L_V/∂w`` at the trained student. It is exact for the last step's lr and, with
+    two steps, for the momentum (the tests check both against autograd); no graph is kept,
+    so memory does not grow with T beyond the T recorded directions.
+
+    Args:
+        record: the directions of the T steps.
+        outer_grad: ``v``, one tensor per student parameter.
+        lr: the learned step size(s): a scalar or (T,) tensor with a graph to ``hparams``
+            (a float or no graph: not learned).
+        momentum: the learned momentum (a tensor with a graph), or a fixed float / ``None``.
+        hparams: the teacher's parameters; the result has one gradient per entry.
+
+    Returns:
+        One tensor per hyper-parameter (zeros where the step sizes do not depend on it).
+    """
+    v = torch.cat([g.detach().reshape(-1) for g in outer_grad])
+    b = torch.stack([v @ buf for buf in record.buffers])           # (T,)  v · buf_s
+    m = record.momentum
+    a = [torch.zeros((), dtype=b.dtype, device=b.device)]          # v · D_s
+    for s in range(1, b.numel()):
+        a.append(b[s - 1] + m * a[-1])
+    a_t = torch.stack(a)
+    surrogate = torch.zeros((), dtype=b.dtype, device=b.device)
+    if isinstance(lr, torch.Tensor):
+        lr_values = lr.expand(b.numel()) if lr.dim() == 0 else lr
+    else:
+        lr_values = torch.full_like(b, float(lr))
+    if lr_values.requires_grad:
+        surrogate = surrogate - (lr_values * b).sum()
+    if isinstance(momentum, torch.Tensor) and momentum.requires_grad:
+        surrogate = surrogate - momentum * (lr_values.detach() * a_t).sum()
+    hparams = list(hparams)
+    if not surrogate.requires_grad:
+        return [torch.zeros_like(h) for h in hparams]
+    grads = torch.autograd.grad(surrogate, hparams, allow_unused=True)
+    return [torch.zeros_like(h) if g is None else g for h, g in zip(hparams, grads)]
+
+
+def trajectory_coefficients(lrs: Sequence[float], momentum: float) -> list[float]:
+    """``c_t = Σ_{s≥t} lr_s · m^{s−t}``: how much of step t's gradient ends up in ``w_T``.
+
+    Momentum SGD (``buf_s = m · buf_{s−1} + g_s``, ``w_{s+1} = w_s − lr_s · buf_s``) moves the
+    student by ``w_T − w_0 = −Σ_t c_t · g_t``.
+    """
+    out, acc = [0.0] * len(lrs), 0.0
+    for t in reversed(range(len(lrs))):
+        acc = lrs[t] + momentum * acc
+        out[t] = acc
+    return out
+
+
+def trajectory_hypergradient(model: torch.nn.Module, snapshots: Sequence[Tensors],
+                             batches: Sequence[Callable[[], tuple[torch.Tensor, torch.Tensor]]],
+                             coefficients: Sequence[float], outer_grad: Tensors,
+                             hparams: Tensors,
+                             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                             ) -> list[torch.Tensor]:
+    """First-order hypergradient through a training trajectory, one step's graph at a time.
+
+    With the Jacobians ``∂w_T/∂w_{t+1}`` of the later steps taken as the identity (the
+    first-order approximation of MAML, Finn, Abbeel & Levine, ICML 2017, and of
+    hypergradient descent, Baydin et al., ICLR 2018), ``w_T = w_0 − Σ_t c_t g_t(w_t, h)`` gives
+
+        dL_V/dh ≈ −Σ_t c_t · ∂/∂h [ v · g_t(w_t, h) ],     v = ∂L_V/∂w at w_T,
+
+    each term evaluated at the student state ``w_t`` where batch t was actually trained on
+    (the implicit gradient evaluates every batch at ``w_T`` instead). Exact for one step.
+    Memory: the T parameter snapshots and one step's graph.
+
+    Args:
+        model: the student (its parameters are replaced by each snapshot in turn).
+        snapshots: ``w_t`` before step t, one list of tensors (the model's trainable
+            parameters, in ``named_parameters`` order) per selected step.
+        batches: callables rebuilding batch t's (images, targets) with a graph to ``hparams``.
+        coefficients: ``c_t`` per selected step (times any sampling scale).
+        outer_grad: ``v``.
+        hparams: the teacher's parameters.
+        loss_fn: the inner loss.
+
+    Returns:
+        One gradient per hyper-parameter (zeros where it does not influence the batches).
+    """
+    from torch.func import functional_call
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    hparams = list(hparams)
+    total = [torch.zeros_like(h) for h in hparams]
+    v = [g.detach() for g in outer_grad]
+    for w_t, make_batch, c in zip(snapshots, batches, coefficients):
+        w = [p.detach().requires_grad_() for p in w_t]
+        x, y = make_batch()
+        loss = loss_fn(functional_call(model, dict(zip(names, w)), (x,)), y)
+        g = torch.autograd.grad(loss, w, create_graph=True)
+        mixed = torch.autograd.grad(_dot(g, v), hparams, allow_unused=True)
+        for i, m in enumerate(mixed):
+            if m is not None:
+                total[i] = total[i] - c * m
+    return total
+
+
+def sampled_parts(parts: Sequence[Callable[[], torch.Tensor]], picks: Sequence[int]
+                  ) -> list[Callable[[], torch.Tensor]]:
+    """An unbiased estimate of ``Σ_t part_t`` from the parts at ``picks``: each picked part
+    scaled by ``T / k``. Drawn uniformly without replacement, every part is picked with
+    probability ``k / T``, so the expectation is the full sum (the tests average all subsets).
+    """
+    scale = len(parts) / len(picks)
+
+    def scaled(part: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        return lambda: scale * part()
+
+    return [scaled(parts[t]) for t in picks]

@@ -23,6 +23,7 @@ two users.
 from __future__ import annotations
 
 import io
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,13 +45,31 @@ from .strategies import (
 )
 from .teacher import Teacher
 
-__all__ = ["CheckpointError", "MetaConfig", "MetaResult", "meta_train"]
+__all__ = ["CheckpointError", "MetaConfig", "MetaResult", "meta_train", "SCHEDULES", "scheduled_lr"]
 
 CHECKPOINT_FORMAT = "gtnkit.meta-checkpoint"
 
 
 class CheckpointError(StoreError):
     """A checkpoint that cannot be read, or belongs to another configuration."""
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(lr: float, iteration: int, iterations: int, schedule: str = "constant",
+                 floor: float = 0.1) -> float:
+    """The teacher's lr at 0-based ``iteration`` of ``iterations``.
+
+    ``cosine``: ``lr · (floor + (1 − floor) · (1 + cos(π · it / (n − 1))) / 2)``, i.e. ``lr``
+    at the first iteration and ``floor · lr`` at the last (Loshchilov & Hutter, ICLR 2017; the
+    official GTN code decays to 10 %). A pure function of the iteration, so a resumed run
+    follows the same schedule.
+    """
+    if schedule == "constant" or iterations <= 1:
+        return lr
+    frac = iteration / (iterations - 1)
+    return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,9 @@ class MetaConfig:
         checkpoint_every: write a checkpoint every this many iterations (and at the end).
         eval_every: call the evaluation callback every this many iterations (0: never).
         memory_iterations: iterations run under the saved-tensor meter.
+        schedule: the teacher's lr over the run: ``constant``, or ``cosine`` from ``lr`` down
+            to ``lr_floor`` x ``lr`` at the last iteration (:func:`scheduled_lr`).
+        lr_floor: the cosine schedule's final fraction of ``lr``, in [0, 1].
         strategy_config: the strategy's knobs.
     """
 
@@ -79,9 +101,16 @@ class MetaConfig:
     checkpoint_every: int = 50
     eval_every: int = 0
     memory_iterations: int = 1
+    schedule: str = "constant"
+    lr_floor: float = 0.1
     strategy_config: StrategyConfig = field(default_factory=StrategyConfig)
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown lr schedule {self.schedule!r}; choose from "
+                              f"{', '.join(SCHEDULES)}")
+        if not 0.0 <= self.lr_floor <= 1.0:
+            raise ConfigError(f"lr_floor is a fraction of the lr in [0, 1], got {self.lr_floor}")
         if self.iterations < 1:
             raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
         if self.optimizer not in ("sgd", "adam"):
@@ -197,6 +226,9 @@ def meta_train(
     with task(progress, f"{config.strategy}", config.iterations - start_it) as bar:
         for it in range(start_it, config.iterations):
             t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(config.lr, it, config.iterations, config.schedule,
+                                           config.lr_floor)
             try:
                 if it < config.memory_iterations or (it == start_it and saved_peak == 0):
                     with SavedTensorMeter() as meter:

@@ -37,7 +37,14 @@ from .augment import AugmentConfig, DiffAugment
 from .data import ImageSet
 from .distribution import distribution_loss
 from .engine import TrainConfig, classification_loss, train
-from .hypergrad import implicit_hypergradient
+from .hypergrad import (
+    StepRecord,
+    implicit_hypergradient,
+    sampled_parts,
+    step_size_hypergradient,
+    trajectory_coefficients,
+    trajectory_hypergradient,
+)
 from .inner import load_params, student_steps
 from .matching import matching_loss
 from .synthetic import dc_loops
@@ -78,6 +85,9 @@ class RealSampler:
         return self.images[idx], self.labels[idx]
 
 
+MIXED_AT = ("final", "trajectory")
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     """Every strategy knob (each strategy reads the ones it uses).
@@ -104,6 +114,24 @@ class StrategyConfig:
             Falls back to eager, with a warning, where compilation fails.
         real_chunk: ``matching`` computes each real gradient in pieces of this many images
             (same gradient up to rounding; smaller batches can be faster on a CPU).
+        mixed_sample: ``implicit`` with a curriculum: compute the mixed term of only this many
+            of the T batches, drawn without replacement and scaled by T / k (an unbiased
+            estimate of the sum; ``None``: all T). Cuts the time of a meta-step.
+        mixed_at: ``implicit``: where each batch's mixed term is evaluated: ``final`` (the
+            implicit function theorem at the trained student, Neumann-series inverse
+            Hessian) or ``trajectory`` (at the student state where the batch was trained
+            on, first-order through the trajectory; no Hessian: see
+            :func:`distill.hypergrad.trajectory_hypergradient`).
+        step_size_grad: ``implicit`` also learns the student's learned step sizes (per-step
+            lr, momentum) by the first-order trajectory hypergradient (see
+            :func:`distill.hypergrad.step_size_hypergradient`); the implicit gradient itself
+            never reaches them (the inner optimum does not depend on the step size).
+        grad_clip: clip the teacher's gradient to this global L2 norm before each update
+            (``None``: no clipping).
+        intermediate_every, intermediate_weight: ``unrolled``'s *intermediate losses* (the
+            official GTN code, Such et al., ICML 2020): the student is also scored on the real
+            batch after every ``intermediate_every``-th inner step before the last, and the
+            meta-loss is ``final + intermediate_weight · mean(intermediate)``; 0 turns them off.
     """
 
     real_batch: int = 256
@@ -122,8 +150,29 @@ class StrategyConfig:
     neumann_alpha: float = 0.01
     compile: bool = False
     real_chunk: int | None = None
+    mixed_sample: int | None = None
+    mixed_at: str = "final"
+    step_size_grad: bool = False
+    grad_clip: float | None = None
+    intermediate_every: int = 0
+    intermediate_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.mixed_sample is not None and self.mixed_sample < 1:
+            raise ConfigError(f"mixed_sample must be >= 1 (None: every batch), got "
+                              f"{self.mixed_sample}")
+        if self.mixed_at not in MIXED_AT:
+            raise ConfigError(f"unknown mixed_at {self.mixed_at!r}; choose from "
+                              f"{', '.join(MIXED_AT)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip is a gradient norm and must be > 0, got "
+                              f"{self.grad_clip}")
+        if self.intermediate_every < 0:
+            raise ConfigError(f"intermediate_every must be >= 0 (0: off), got "
+                              f"{self.intermediate_every}")
+        if not self.intermediate_weight >= 0:
+            raise ConfigError(f"intermediate_weight must be >= 0, got "
+                              f"{self.intermediate_weight}")
         for name, value, least in (("real_batch", self.real_batch, 1),
                                    ("neumann_terms", self.neumann_terms, 0)):
             if value < least:
@@ -180,8 +229,7 @@ class Strategy:
         """One meta-iteration on a fresh student; updates the teacher through ``optimizer``."""
         raise NotImplementedError
 
-    @staticmethod
-    def _update(loss: torch.Tensor, teacher: Teacher, optimizer: torch.optim.Optimizer,
+    def _update(self, loss: torch.Tensor, teacher: Teacher, optimizer: torch.optim.Optimizer,
                 grads: Sequence[torch.Tensor] | None = None) -> float:
         params = [p for p in teacher.parameters() if p.requires_grad]
         optimizer.zero_grad(set_to_none=True)
@@ -191,6 +239,8 @@ class Strategy:
             for p, g in zip(params, grads):
                 p.grad = g
         check_finite(loss, params)
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         optimizer.step()
         return float(loss.detach())
 
@@ -275,6 +325,12 @@ def _mean_part(teacher: Teacher, net: nn.Module, choice: StepChoice, t: int,
     return loss
 
 
+def _step_batch(teacher: Teacher, choice: StepChoice, generator: torch.Generator
+                ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """A callable rebuilding one inner step's batch with its graph to the teacher."""
+    return lambda: teacher.step_batch(choice, generator)
+
+
 class Unrolled(Strategy):
     """DD: the real-data loss after T differentiable student steps on the teacher's data."""
 
@@ -290,7 +346,9 @@ class Unrolled(Strategy):
         lr, momentum = self._rates(teacher)
         loss = unrolled_loss(net, batches, xr, yr, lr, momentum=momentum,
                              weight_decay=cfg.inner_weight_decay,
-                             truncate=cfg.truncate, checkpoint_every=cfg.checkpoint_steps)
+                             truncate=cfg.truncate, checkpoint_every=cfg.checkpoint_steps,
+                             score_every=cfg.intermediate_every,
+                             score_weight=cfg.intermediate_weight)
         return {"loss": self._update(loss, teacher, optimizer)}
 
 
@@ -302,7 +360,13 @@ class Implicit(Strategy):
     the mixed derivative is that of the mean loss over all T batches, built batch by batch
     (memory of one batch), so every learned noise batch gets a gradient; for a synthetic set
     it is taken on the same batch as the Hessian. The learning rate and momentum are used but
-    not learned (the implicit gradient does not reach them).
+    not learned by the implicit gradient (it does not reach them); ``step_size_grad`` learns
+    them by the first-order trajectory hypergradient.
+
+    Options (see :class:`StrategyConfig`): ``mixed_sample`` estimates the mixed term from a
+    sample of the T batches (unbiased; fewer double-backward passes per meta-step);
+    ``mixed_at="trajectory"`` replaces the implicit gradient by the first-order gradient
+    through the trajectory, each batch at the student state it trained (no Hessian).
     """
 
     name = "implicit"
@@ -317,25 +381,61 @@ class Implicit(Strategy):
         lrs = [lr] * len(order) if not torch.is_tensor(lr) else \
             (lr.detach().expand(len(order)) if lr.dim() == 0 else lr.detach()).tolist()
         momentum = float(momentum.detach()) if torch.is_tensor(momentum) else momentum
-        state = student_steps(net, [p.detach() for p in net.parameters()],
-                              teacher.inner_batches(generator, order, graph=False), lrs,
-                              momentum, cfg.inner_weight_decay)
+        keep = cfg.mixed_at == "trajectory" or cfg.step_size_grad
+        trainable = [p.requires_grad for p in net.parameters()]
+        snapshots: list[list[torch.Tensor]] = []
+
+        def remember(t: int, ps: list[torch.Tensor]) -> None:
+            snapshots.append([q.detach().clone() for q, keep_q in zip(ps, trainable) if keep_q])
+
+        params0 = [p.detach() for p in net.parameters()]
+        if keep:
+            remember(-1, params0)
+        state = student_steps(net, params0, teacher.inner_batches(generator, order, graph=False),
+                              lrs, momentum, cfg.inner_weight_decay,
+                              after_step=remember if keep else None)
         load_params(net, state.params)
         params = [p for p in net.parameters() if p.requires_grad]
-        k = int(torch.randint(len(order), (1,), generator=generator))
-        x, y = teacher.step_batch(order[k], generator)
-        inner = classification_loss(net(x), y)
-        if cfg.inner_weight_decay:
-            inner = inner + cfg.inner_weight_decay / 2 * sum((p ** 2).sum() for p in params)
-        xr, yr = real.batch(cfg.real_batch, generator)
-        outer = classification_loss(net(xr), yr)
+        t_count = len(order)
+        picks = list(range(t_count))
+        if cfg.mixed_sample is not None and cfg.mixed_sample < t_count:
+            picks = torch.randperm(t_count, generator=generator)[:cfg.mixed_sample].tolist()
         hparams = [p for p in teacher.parameters() if p.requires_grad]
-        mixed = None
-        if teacher.has_curriculum:  # the student minimised the mean loss over all T
-            # batches, so each of them (its learned noise) gets its mixed term.
-            mixed = [_mean_part(teacher, net, c, len(order), generator) for c in order]
-        grads = implicit_hypergradient(inner, outer, params, hparams, cfg.neumann_terms,
-                                       cfg.neumann_alpha, mixed_losses=mixed)
+        if cfg.mixed_at == "trajectory":
+            xr, yr = real.batch(cfg.real_batch, generator)
+            outer = classification_loss(net(xr), yr)
+            v = torch.autograd.grad(outer, params, retain_graph=True)
+            coeffs = trajectory_coefficients(lrs, momentum)
+            scale = t_count / len(picks)
+            grads = trajectory_hypergradient(
+                net, [snapshots[t] for t in picks],
+                [_step_batch(teacher, order[t], generator) for t in picks],
+                [scale * coeffs[t] for t in picks], v, hparams, classification_loss)
+        else:
+            k = int(torch.randint(t_count, (1,), generator=generator))
+            x, y = teacher.step_batch(order[k], generator)
+            inner = classification_loss(net(x), y)
+            if cfg.inner_weight_decay:
+                inner = inner + cfg.inner_weight_decay / 2 * sum((p ** 2).sum() for p in params)
+            xr, yr = real.batch(cfg.real_batch, generator)
+            outer = classification_loss(net(xr), yr)
+            mixed = None
+            if teacher.has_curriculum:  # the student minimised the mean loss over all T
+                # batches, so each of them (its learned noise) gets its mixed term.
+                mixed = sampled_parts([_mean_part(teacher, net, c, t_count, generator)
+                                       for c in order], picks)
+            grads = implicit_hypergradient(inner, outer, params, hparams, cfg.neumann_terms,
+                                           cfg.neumann_alpha, mixed_losses=mixed)
+        if cfg.step_size_grad:
+            # the update directions, from consecutive snapshots: w_t - w_{t+1} = lr_t · buf_t
+            record = StepRecord(momentum)
+            for t in range(t_count):
+                record.add([(a - b) / lrs[t] for a, b in zip(snapshots[t], snapshots[t + 1])])
+            raw = torch.autograd.grad(outer, params, retain_graph=True, allow_unused=True)
+            v_out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
+            step_grads = step_size_hypergradient(record, v_out, lr, teacher.momentum_tensor(),
+                                                 hparams)
+            grads = [g + s for g, s in zip(grads, step_grads)]
         return {"loss": self._update(outer, teacher, optimizer, grads)}
 
 

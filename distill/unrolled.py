@@ -44,7 +44,8 @@ def _value(v: Scalar) -> float:
 def unrolled_loss(model: nn.Module, batches: Sequence[Batch], real_images: torch.Tensor,
                   real_labels: torch.Tensor, lr: Rate, momentum: Rate = 0.0,
                   weight_decay: float = 0.0, truncate: int | None = None,
-                  checkpoint_every: int | None = None) -> torch.Tensor:
+                  checkpoint_every: int | None = None, score_every: int = 0,
+                  score_weight: float = 1.0) -> torch.Tensor:
     """Train ``model`` on ``batches`` with differentiable SGD and return the real-data loss.
 
     Args:
@@ -59,9 +60,14 @@ def unrolled_loss(model: nn.Module, batches: Sequence[Batch], real_images: torch
         truncate: differentiate only the last ``truncate`` steps (``None``: all).
         checkpoint_every: recompute segments of this many steps in the backward pass
             instead of storing them (``None``: store everything).
+        score_every, score_weight: intermediate losses (Such et al., ICML 2020): the student
+            is also scored on the real batch after every ``score_every``-th differentiated
+            step before the last; the result is ``final + score_weight · mean(those)``
+            (0: only the final loss).
 
     Returns:
-        The scalar real-data loss after T steps; ``backward()`` reaches the teacher.
+        The scalar real-data loss after T steps (plus the weighted intermediate losses);
+        ``backward()`` reaches the teacher.
     """
     batches = list(batches)
     if truncate is not None and truncate < 1:
@@ -80,12 +86,24 @@ def unrolled_loss(model: nn.Module, batches: Sequence[Batch], real_images: torch
                               weight_decay)
         params, bufs = state.params, state.buffers
         batches, lrs, moms = batches[head:], lrs[head:], moms[head:]
+    if score_every and checkpoint_every is not None:
+        raise ValueError("intermediate losses are not supported with gradient checkpointing")
     if checkpoint_every is not None:
         return _checkpointed(model, params, bufs, batches, real_images, real_labels, lrs,
                              moms, weight_decay, checkpoint_every)
+    n = len(batches)
+
+    def score(t: int, p: list[torch.Tensor]) -> torch.Tensor | None:
+        if (t + 1) % score_every == 0 and t + 1 < n:
+            return classification_loss(forward(model, p, real_images), real_labels)
+        return None
+
     state = student_steps(model, params, batches, lrs, moms, weight_decay, differentiable=True,
-                          buffers=bufs)
-    return classification_loss(forward(model, state.params, real_images), real_labels)
+                          buffers=bufs, after_step=score if score_every else None)
+    final = classification_loss(forward(model, state.params, real_images), real_labels)
+    if state.losses:
+        final = final + score_weight * torch.stack(state.losses).mean()
+    return final
 
 
 # ------------------------------------------------------------------ checkpointed segments

@@ -66,6 +66,19 @@ class GTNConfig:
         student: zoo spec of the student; ``width_choices`` randomises its width each
             meta-iteration (a ``width`` option of the spec is then overridden).
         meta_iterations, meta_lr: Adam on the generator (and curriculum, lr, momentum).
+        meta_schedule, meta_lr_floor: the meta-lr over the run (``constant`` or ``cosine``
+            down to ``meta_lr_floor`` x ``meta_lr``; the official code: cosine to 10 %).
+        mixed_sample, mixed_at: ``implicit``: estimate the mixed term from this many of the
+            T batches (unbiased; ``None``: all), and where to evaluate it (``final``: the
+            implicit function theorem; ``trajectory``: first-order, each batch at the student
+            state it trained).
+        step_size_grad: ``implicit`` learns the per-step lr and momentum too, by the
+            first-order trajectory hypergradient (the implicit gradient does not reach them).
+        grad_clip: clip the generator's meta-gradient to this L2 norm (``None``: off).
+        intermediate_every, intermediate_weight: ``unrolled`` also scores the student on
+            the real batch after every ``intermediate_every``-th inner step and adds
+            ``intermediate_weight`` x their mean to the meta-loss (the official code's
+            intermediate losses; 0: off).
         real_batch: real images the student is scored on (unrolled / implicit).
         match_real_per_class: real images per class whose gradient the generated images of
             that class must match, per step (matching). Matching trains the generator on
@@ -87,6 +100,14 @@ class GTNConfig:
     width_choices: tuple[int, ...] | None = None
     meta_iterations: int = 200
     meta_lr: float = 1e-3
+    meta_schedule: str = "constant"
+    meta_lr_floor: float = 0.1
+    mixed_sample: int | None = None
+    mixed_at: str = "final"
+    step_size_grad: bool = False
+    grad_clip: float | None = None
+    intermediate_every: int = 0
+    intermediate_weight: float = 1.0
     real_batch: int = 128
     match_real_per_class: int = 64
     validation: int = 10000
@@ -106,6 +127,10 @@ class GTNConfig:
         if self.meta_iterations < 1:
             raise GeneratorError(f"meta_iterations must be >= 1, got {self.meta_iterations}")
         parse_model_spec(self.student)
+        if self.intermediate_every and self.checkpoint_steps is not None:
+            raise GeneratorError("intermediate losses do not combine with gradient "
+                                 "checkpointing (--checkpoint-steps); choose one")
+        self.meta_config()  # one-line ConfigError for a bad schedule, clip or weight
 
     def check(self, info: DatasetInfo) -> None:
         """Refuse settings that cannot run on data set ``info`` (one-line GeneratorError)."""
@@ -126,9 +151,14 @@ class GTNConfig:
             strategy=self.method, iterations=self.meta_iterations,
             optimizer="adam", lr=self.meta_lr, momentum=0.0,
             checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
-            memory_iterations=self.memory_iterations,
+            memory_iterations=self.memory_iterations, schedule=self.meta_schedule,
+            lr_floor=self.meta_lr_floor,
             strategy_config=StrategyConfig(
                 real_batch=self.real_batch, real_per_class=self.match_real_per_class,
+                grad_clip=self.grad_clip, step_size_grad=self.step_size_grad,
+                mixed_sample=self.mixed_sample, mixed_at=self.mixed_at,
+                intermediate_every=self.intermediate_every,
+                intermediate_weight=self.intermediate_weight,
                 checkpoint_steps=self.checkpoint_steps, neumann_terms=self.neumann_terms,
                 neumann_alpha=self.neumann_alpha))
 

@@ -216,13 +216,21 @@ def test_generated_sets_are_usable_image_sets():
     ImageSet(x, y, get_info("mnist")).class_indices(3)  # grouped by class
 
 
-@pytest.mark.parametrize("method", ["unrolled", "implicit", "matching"])
-def test_gtn_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, method):
+RECIPES = {"plain": {},
+           "recipe": dict(meta_schedule="cosine", grad_clip=1.0, intermediate_every=1),
+           "implicit-variants": dict(meta_schedule="cosine", step_size_grad=True,
+                                     mixed_at="trajectory", mixed_sample=2)}
+
+
+@pytest.mark.parametrize("method,recipe", [("unrolled", "plain"), ("implicit", "plain"),
+                                           ("matching", "plain"), ("unrolled", "recipe"),
+                                           ("implicit", "implicit-variants")])
+def test_gtn_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, method, recipe):
     data = make_tiny_set(per_class=12)
     cfg = GTNConfig(method=method, inner_steps=3, batch_size=20, curriculum="full",
                     generator=GeneratorConfig(4, 8, 4), student="convnet:width=4,depth=1",
                     meta_iterations=5, meta_lr=1e-2, real_batch=8, match_real_per_class=4,
-                    validation=6, checkpoint_every=2, eval_every=1)
+                    validation=6, checkpoint_every=2, eval_every=1, **RECIPES[recipe])
     full, r_full, _ = train_gtn(data, cfg, seed=2, checkpoint=tmp_path / "a.pt",
                                 evaluate=lambda t, i: {})
     with pytest.raises(Kill):  # killed during iteration 3, after the checkpoint at 2
