@@ -246,7 +246,7 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
     later rule, IPC and fraction with the same data, network, epochs and seed; the training
     checkpoints every epoch and resumes after a kill (progress bar with ETA). Measured:
     `select --dataset mnist --method herding --ipc 10` costs 90 s of CPU from a cold cache
-    (4 min wall on our 2-core CPU shared by four jobs; about 1.5 min when the core is free)
+    (4 min wall while four jobs shared our 2-core CPU, so it got ~40 % of a core)
     and 11 s from a warm one (3.5 s CPU; loading and hashing the data, then 0.7 s of
     herding).
     """
