@@ -18,6 +18,7 @@ Cells are appended to a JSON state file as they finish, so a killed run resumes 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -132,8 +133,6 @@ def run_curve(train_set: Any, test_set: Any, config: CurveConfig, signals: Signa
     state: dict = {"config": cfg_json, "dataset": train_set.info.name, "cells": []}
     path = Path(state_path) if state_path is not None else None
     if path is not None and path.is_file() and resume:
-        import json
-
         saved = json.loads(path.read_text())
         if saved.get("config") != cfg_json or saved.get("dataset") != train_set.info.name:
             raise SelectionError(f"{path} holds a curve with other options; remove it or "
