@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,8 @@ class SignalCache:
             return None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # a torn or foreign file: treat as absent, it is rebuilt
-            return None
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+            return None   # a torn or foreign file: treat as absent, it is rebuilt
         if not isinstance(obj, dict) or obj.get("key") != self.key:
             return None
         return obj["payload"]

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -38,8 +39,16 @@ from .driver import select
 from .ranking import ORDERS
 from .signals import SignalProvider
 
-__all__ = ["CurveConfig", "parse_rule", "run_curve", "summarise", "curve_markdown",
-           "curve_figure", "WHOLE", "ARTICLE"]
+__all__ = [
+    "ARTICLE",
+    "WHOLE",
+    "CurveConfig",
+    "curve_figure",
+    "curve_markdown",
+    "parse_rule",
+    "run_curve",
+    "summarise",
+]
 
 #: Name of the reference rows (fraction 1, every rule alike).
 WHOLE = "whole set"
@@ -165,7 +174,7 @@ def run_curve(train_set: Any, test_set: Any, config: CurveConfig, signals: Signa
         cpu = time.process_time()
         stats = train(model, x, y, config.train, g)
         cpu = time.process_time() - cpu
-        record = {"rule": rule, "fraction": fraction, "seed": seed, "n": int(len(y)),
+        record = {"rule": rule, "fraction": fraction, "seed": seed, "n": len(y),
                   "accuracy": accuracy(model, test_x, test_y), "train_seconds": stats.seconds,
                   "train_cpu_seconds": cpu, "steps": stats.steps,
                   "select_seconds": select_seconds}
@@ -243,13 +252,13 @@ def curve_markdown(state: dict, title: str, notes: str = "") -> str:
     sig = state.get("signals", {})
     if sig:
         secs = sig.get("seconds")
-        lines += [f"Signals: `{sig.get('model')}` trained {sig.get('epochs')} epochs on the whole "
-                  f"training set once" + (f" ({secs:.0f} s)" if secs else " (cache hit)")
-                  + "; every rule, fraction and seed reuses them.", ""]
-    lines += [f"Whole set ({w['n']} images): **{w['accuracy']:.2f} ± {w['std']:.2f} %**, "
-              f"{w['train_seconds']:.1f} s of training (mean of {w['seeds']} seeds).", "",
-              "Test accuracy (%, mean ± std over seeds) and training speed-up against the whole "
-              "set (CPU time where recorded, else wall time):", "",
+        lines += [(f"Signals: `{sig.get('model')}` trained {sig.get('epochs')} epochs on the "
+                   f"whole training set once" + (f" ({secs:.0f} s)" if secs else " (cache hit)")
+                   + "; every rule, fraction and seed reuses them."), ""]
+    lines += [(f"Whole set ({w['n']} images): **{w['accuracy']:.2f} ± {w['std']:.2f} %**, "
+               f"{w['train_seconds']:.1f} s of training (mean of {w['seeds']} seeds)."), "",
+              ("Test accuracy (%, mean ± std over seeds) and training speed-up against the "
+               "whole set (CPU time where recorded, else wall time):"), "",
               "| rule | " + " | ".join(_pct(f) for f in fractions) + " | saturates at |",
               "|---|" + "---|" * (len(fractions) + 1)]
     for rule, r in s["rules"].items():
@@ -262,11 +271,11 @@ def curve_markdown(state: dict, title: str, notes: str = "") -> str:
         sat = "not within 1 pt" if r["saturates_at"] is None else _pct(r["saturates_at"])
         lines.append(f"| {rule} | " + " | ".join(cells) + f" | {sat} |")
     lines += ["", "The article's claim at 10 % (it reports 2.2 points lost and an 8.0x speed-up):",
-              "", "| rule | accuracy at 10 % | points lost | speed-up (wall) | speed-up (CPU) "
-                  "| SGD steps | selection (s) |",
+              "", ("| rule | accuracy at 10 % | points lost | speed-up (wall) | speed-up (CPU) "
+                   "| SGD steps | selection (s) |"),
               "|---|---|---|---|---|---|---|",
-              f"| article | 90.1 | {ARTICLE['points_lost']:.1f} | {ARTICLE['speedup']:.1f}x | | "
-              f"| |"]
+              (f"| article | 90.1 | {ARTICLE['points_lost']:.1f} | {ARTICLE['speedup']:.1f}x "
+               f"| | | |")]
     for rule, r in s["rules"].items():
         row = r["at_10"]
         if row is not None:
@@ -274,8 +283,8 @@ def curve_markdown(state: dict, title: str, notes: str = "") -> str:
             lines.append(f"| {rule} | {row['accuracy']:.2f} ± {row['std']:.2f} | "
                          f"{row['points_lost']:.2f} | {row['speedup']:.1f}x | {cpu} | "
                          f"1/{row['steps_ratio']:.1f} | {row['select_seconds']:.1f} |")
-    lines += ["", "*Saturates at*: the smallest fraction whose mean accuracy is within 1 point "
-              "of the whole set's.", ""]
+    lines += ["", ("*Saturates at*: the smallest fraction whose mean accuracy is within 1 point "
+                   "of the whole set's."), ""]
     return "\n".join(lines)
 
 

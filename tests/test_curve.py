@@ -8,8 +8,15 @@ import pytest
 from distill.engine import TrainConfig
 from distill.store import save_figure
 from selection import SelectionError, SignalConfig, SignalProvider
-from selection.curve import (WHOLE, CurveConfig, curve_figure, curve_markdown, parse_rule,
-                             run_curve, summarise)
+from selection.curve import (
+    WHOLE,
+    CurveConfig,
+    curve_figure,
+    curve_markdown,
+    parse_rule,
+    run_curve,
+    summarise,
+)
 
 from .conftest import Kill, make_tiny_set
 

@@ -30,8 +30,8 @@ def signals(provider: SignalProvider, names=LEARNED) -> dict:
 
 def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for k, value in a.items():
+        assert torch.equal(value, b[k]), k
 
 
 def test_second_provider_reads_the_cache_and_trains_nothing(data, tmp_path):
