@@ -330,7 +330,7 @@ class SignalProvider:
                 self.epochs_trained += train_cfg.epochs - start_epoch
                 SignalProvider.total_epochs_trained += train_cfg.epochs - start_epoch
             result = {"el2n": early_hook.el2n, "early_state": early_hook.state}
-            if init == 0:
+            if tracker is not None:   # the first network, trained to the end
                 model.eval()
                 result["forgetting"] = tracker.counts()
                 result["embedding"] = predict(model, images, embed=True).float().cpu()
