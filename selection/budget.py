@@ -52,7 +52,7 @@ def fraction_counts(fraction: float, class_counts: torch.Tensor) -> torch.Tensor
     """
     f = check_fraction(fraction)
     sizes = torch.as_tensor(class_counts, dtype=torch.int64).cpu()
-    # Exact rational arithmetic: f * n_c in float64 would put 0.1 * 6000 at 600.0000000000001.
+    # Exact rational arithmetic: in float64, 0.29 * 100 is 28.999999999999996 (floor 28).
     num, den = f.as_integer_ratio()
     exact = [(num * int(n), den) for n in sizes.tolist()]
     floors = [a // b for a, b in exact]
