@@ -9,7 +9,8 @@ A fraction ``f`` of a pool with class sizes ``n_c`` (total ``N``) keeps
   the classes with the largest remainders ``f * n_c - floor(f * n_c)``, ties to the lower
   class index.
 
-So the counts always sum to ``total``, differ from ``f * n_c`` by less than one, and never
+The arithmetic is exact on the decimal value of ``f`` (its shortest ``repr``, so 0.29 means
+29/100). So the counts always sum to ``total``, differ from ``f * n_c`` by less than one, and never
 exceed ``n_c``. ``f = 1`` keeps everything. A fraction that leaves some class with no image
 is refused (a coreset must cover every class).
 """
@@ -17,6 +18,7 @@ is refused (a coreset must cover every class).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -52,8 +54,10 @@ def fraction_counts(fraction: float, class_counts: torch.Tensor) -> torch.Tensor
     """
     f = check_fraction(fraction)
     sizes = torch.as_tensor(class_counts, dtype=torch.int64).cpu()
-    # Exact rational arithmetic: in float64, 0.29 * 100 is 28.999999999999996 (floor 28).
-    num, den = f.as_integer_ratio()
+    # Exact rational arithmetic on the decimal the user typed (the shortest repr of the
+    # float): in float64, 0.29 * 100 is 28.999999999999996, whose floor is 28, not 29.
+    q = Fraction(repr(f))
+    num, den = q.numerator, q.denominator
     exact = [(num * int(n), den) for n in sizes.tolist()]
     floors = [a // b for a, b in exact]
     total = (2 * num * int(sizes.sum()) + den) // (2 * den)       # round half up

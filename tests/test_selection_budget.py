@@ -16,8 +16,8 @@ MNIST_SIZES = torch.tensor([5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851
 
 
 def hamilton(fraction: float, sizes: list[int]) -> list[int]:
-    """Reference: exact rationals, largest remainder, ties to the lower class."""
-    f = Fraction(fraction)
+    """Reference: exact rationals of the decimal, largest remainder, ties to the lower class."""
+    f = Fraction(repr(fraction))
     quotas = [f * n for n in sizes]
     total = int(f * sum(sizes) + Fraction(1, 2))   # floor(x + 1/2): round half up
     counts = [int(q) for q in quotas]
@@ -31,7 +31,7 @@ def hamilton(fraction: float, sizes: list[int]) -> list[int]:
 def test_mnist_fraction_counts_are_exact(fraction):
     counts = fraction_counts(fraction, MNIST_SIZES)
     assert counts.tolist() == hamilton(fraction, MNIST_SIZES.tolist())
-    assert int(counts.sum()) == int(Fraction(fraction) * 60000 + Fraction(1, 2))
+    assert int(counts.sum()) == int(Fraction(repr(fraction)) * 60000 + Fraction(1, 2))
     assert ((counts - fraction * MNIST_SIZES).abs() < 1).all()
     assert (counts <= MNIST_SIZES).all() and (counts >= 1).all()
 
@@ -49,6 +49,12 @@ def test_random_sizes_sum_and_bounds(seed):
     counts = fraction_counts(f, sizes)
     assert counts.tolist() == hamilton(f, sizes.tolist())
     assert (counts <= sizes).all()
+
+
+def test_decimal_fractions_are_exact():
+    # In binary floating point 0.29 * 250 is just under 72.5 and would round to 72 in total
+    # (counts 29, 29, 14); as the decimal 29/100 it is 72.5 -> 73 (29, 29, 15).
+    assert fraction_counts(0.29, torch.tensor([100, 100, 50])).tolist() == [29, 29, 15]
 
 
 def test_ties_go_to_the_lower_class():
