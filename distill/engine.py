@@ -87,6 +87,11 @@ class TrainHook(Protocol):
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
         """After epoch ``epoch`` (0-based) has finished."""
 
+    def on_epoch_state(self, epoch: int, model: nn.Module,
+                       optimizer: torch.optim.Optimizer) -> None:
+        """After every hook's ``on_epoch_end``: the point to checkpoint a resumable run
+        (model and optimizer state; the caller owns the generator)."""
+
 
 @dataclass(frozen=True)
 class TrainStats:
@@ -117,6 +122,8 @@ def train(
     hooks: Sequence[object] = (),
     progress: Progress | None = None,
     description: str = "train",
+    start_epoch: int = 0,
+    optimizer_state: dict | None = None,
 ) -> TrainStats:
     """Train ``model`` in place with SGD on ``(images, labels)``.
 
@@ -125,7 +132,11 @@ def train(
         images: (N, C, H, W) float; labels: (N,) int64, same device. Labels may also be
             (N, classes) soft targets (probabilities), trained with soft cross-entropy.
         generator: CPU generator; the only randomness (batch order, augmentation).
-        hooks: objects with optional ``on_batch`` / ``on_epoch_end`` (:class:`TrainHook`).
+        hooks: objects with optional ``on_batch`` / ``on_epoch_end`` / ``on_epoch_state``
+            (:class:`TrainHook`).
+        start_epoch, optimizer_state: resume a run checkpointed by ``on_epoch_state`` after
+            epoch ``start_epoch - 1``: the model already holds its weights, ``generator`` its
+            state, and the optimizer (momentum, decayed lr) is restored from ``optimizer_state``.
 
     Returns:
         :class:`TrainStats` (number of SGD steps, wall seconds, loss of the last batch).
@@ -135,6 +146,8 @@ def train(
         raise ValueError("cannot train on an empty set")
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
     decay_epoch = int(config.epochs * config.decay_at) if config.decay_at is not None else -1
     augment = None
     if config.augment:
@@ -144,8 +157,8 @@ def train(
     model.train()
     steps, loss_value, start = 0, float("nan"), time.perf_counter()
     batches_per_epoch = math.ceil(n / config.batch_size)
-    with task(progress, description, config.epochs * batches_per_epoch) as bar:
-        for epoch in range(config.epochs):
+    with task(progress, description, (config.epochs - start_epoch) * batches_per_epoch) as bar:
+        for epoch in range(start_epoch, config.epochs):
             if epoch == decay_epoch and epoch > 0:
                 for group in opt.param_groups:
                     group["lr"] *= 0.1
@@ -168,6 +181,8 @@ def train(
                 bar.update(1)
             for hook in hooks:
                 _call(hook, "on_epoch_end", epoch, model)
+            for hook in hooks:
+                _call(hook, "on_epoch_state", epoch, model, opt)
     return TrainStats(steps=steps, seconds=time.perf_counter() - start, final_loss=loss_value)
 
 

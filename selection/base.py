@@ -45,21 +45,25 @@ class Selection:
     """The result of a selection: indices into a data set, class by class.
 
     Attributes:
-        indices: (ipc * num_classes,) int64 indices into the source data set, grouped by class
+        indices: (sum(counts),) int64 indices into the source data set, grouped by class
             in increasing class order, each group in the rule's pick order.
-        labels: (ipc * num_classes,) int64 class of each picked example.
+        labels: (sum(counts),) int64 class of each picked example.
         method: registry name of the rule that produced it.
-        ipc: images per class.
+        ipc: images per class, or ``None`` when the budget was a fraction.
         seed: the seed the selection was drawn with.
         options: the rule's options, for provenance (written into saved sets).
+        counts: images picked per class (all equal to ``ipc`` for an ipc budget).
+        fraction: the class-balanced fraction of the pool asked for, or ``None``.
     """
 
     indices: torch.Tensor
     labels: torch.Tensor
     method: str
-    ipc: int
+    ipc: int | None
     seed: int
     options: dict = field(default_factory=dict)
+    counts: tuple[int, ...] = ()
+    fraction: float | None = None
 
     def __len__(self) -> int:
         return int(self.indices.numel())

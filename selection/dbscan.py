@@ -13,16 +13,18 @@ import torch
 from .base import SelectionError, register
 from .ranking import space_signal
 
-__all__ = ["DBSCAN", "dbscan", "auto_eps"]
+__all__ = ["DBSCAN", "dbscan", "auto_eps", "neighbour_counts"]
 
 
-def _neighbours(x: torch.Tensor, eps: float, chunk: int = 2048) -> list[torch.Tensor]:
-    """For every point, the positions within distance ``eps`` (itself included)."""
-    out: list[torch.Tensor] = []
-    for s in range(0, x.shape[0], chunk):
-        close = torch.cdist(x[s:s + chunk], x) <= eps
-        out.extend(torch.nonzero(row).flatten() for row in close)
-    return out
+def _within(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """(len(a), len(b)) bool: which pairs lie within ``eps``."""
+    return torch.cdist(a, b) <= eps
+
+
+def neighbour_counts(x: torch.Tensor, eps: float, chunk: int = 2048) -> torch.Tensor:
+    """(n,) number of points within ``eps`` of each point (itself included), in row chunks."""
+    return torch.cat([_within(x[s:s + chunk], x, eps).sum(1)
+                      for s in range(0, x.shape[0], chunk)])
 
 
 def auto_eps(features: torch.Tensor, min_samples: int, quantile: float = 0.5,
@@ -36,34 +38,59 @@ def auto_eps(features: torch.Tensor, min_samples: int, quantile: float = 0.5,
     return float(torch.quantile(kth, quantile))
 
 
-def dbscan(features: torch.Tensor, eps: float, min_samples: int) -> torch.Tensor:
+def dbscan(features: torch.Tensor, eps: float, min_samples: int,
+           chunk: int = 1024) -> torch.Tensor:
     """DBSCAN on (n, d) features: (n,) cluster labels 0..C-1, or -1 for noise.
 
     A core point has at least ``min_samples`` points (itself included) within ``eps``.
-    Clusters grow from core points in order of position; border points join the first
-    cluster that reaches them.
+    Clusters are the connected components of the core points (edges: pairs within ``eps``),
+    numbered in order of their lowest position; a border point joins the lowest-numbered
+    cluster among its core neighbours. This is exactly what the sequential algorithm of Ester
+    et al. returns when it grows clusters from core points in order of position, computed
+    instead with batched tensor operations: min-label propagation over the core graph with
+    pointer jumping (Shiloach & Vishkin, 1982, "hook and shortcut"), a few rounds of (m, m)
+    work for m core points, in row chunks. Memory: an (m, m) bool adjacency.
     """
     x = features.double()
     n = x.shape[0]
-    neigh = _neighbours(x, eps)
-    core = torch.tensor([nb.numel() >= min_samples for nb in neigh], dtype=torch.bool)
     labels = torch.full((n,), -1, dtype=torch.int64)
-    cluster = 0
-    for i in range(n):
-        if labels[i] != -1 or not core[i]:
-            continue
-        labels[i] = cluster
-        frontier = [i]
-        while frontier:
-            p = frontier.pop()
-            if not core[p]:
-                continue
-            for q in neigh[p].tolist():
-                if labels[q] == -1:
-                    labels[q] = cluster
-                    frontier.append(q)
-        cluster += 1
+    core = neighbour_counts(x, eps, chunk) >= min_samples
+    core_pos = torch.nonzero(core).flatten()
+    m = core_pos.numel()
+    if m == 0:
+        return labels
+    xc = x[core_pos]
+    adj = torch.cat([_within(xc[s:s + chunk], xc, eps) for s in range(0, m, chunk)])
+    comp = torch.arange(m)
+    big = torch.tensor(m)
+    while True:
+        hooked = torch.cat([torch.where(adj[s:s + chunk], comp, big).amin(1)
+                            for s in range(0, m, chunk)])
+        new = torch.minimum(comp, hooked)
+        while True:   # shortcut: follow pointers to their roots
+            jumped = new[new]
+            if torch.equal(jumped, new):
+                break
+            new = jumped
+        if torch.equal(new, comp):
+            break
+        comp = new
+    roots, cluster = torch.unique(comp, return_inverse=True)   # roots ascending = numbering
+    labels[core_pos] = cluster
+    border_pos = torch.nonzero(~core).flatten()
+    n_clusters = torch.tensor(roots.numel())
+    for s in range(0, border_pos.numel(), chunk):
+        rows = border_pos[s:s + chunk]
+        near = _within(x[rows], xc, eps)
+        best = torch.where(near, cluster, n_clusters).amin(1)
+        labels[rows] = torch.where(best < n_clusters, best, torch.tensor(-1))
     return labels
+
+
+def _medoid(x: torch.Tensor, chunk: int = 1024) -> int:
+    """Position of the member with the smallest summed distance to the others."""
+    total = torch.cat([torch.cdist(x[s:s + chunk], x).sum(1) for s in range(0, x.shape[0], chunk)])
+    return int(total.argmin())
 
 
 def _farthest_fill(x: torch.Tensor, candidates: torch.Tensor, chosen: list[int], m: int
@@ -72,13 +99,13 @@ def _farthest_fill(x: torch.Tensor, candidates: torch.Tensor, chosen: list[int],
     if m <= 0:
         return []
     cand = candidates.clone()
-    d = torch.cdist(x[cand], x[torch.tensor(chosen)]).min(1).values
+    xc = x[cand]
+    d = torch.cdist(xc, x[torch.tensor(chosen)]).min(1).values
     added = []
     for _ in range(min(m, cand.numel())):
         j = int(d.argmax())
-        i = int(cand[j])
-        added.append(i)
-        d = torch.minimum(d, (x[cand] - x[i]).norm(dim=1))
+        added.append(int(cand[j]))
+        d = torch.minimum(d, (xc - xc[j]).norm(dim=1))
         d[j] = -1.0
     return added
 
@@ -110,12 +137,12 @@ class DBSCAN:
                                                              self.eps_quantile)
         labels = dbscan(x, eps, self.min_samples)
         n_clusters = int(labels.max()) + 1
-        members = [torch.nonzero(labels == c).flatten() for c in range(n_clusters)]
+        by_cluster = torch.argsort(labels, stable=True)
+        sizes_all = torch.bincount(labels[labels >= 0], minlength=n_clusters)
+        starts = (labels < 0).sum() + torch.cumsum(sizes_all, 0) - sizes_all
+        members = [by_cluster[int(a):int(a) + int(b)] for a, b in zip(starts, sizes_all)]
         members.sort(key=lambda m: -m.numel())  # stable: equal sizes keep discovery order
-        medoids = []
-        for m in members:
-            d = torch.cdist(x[m], x[m]).sum(1)
-            medoids.append(int(m[d.argmin()]))
+        medoids = [int(m[_medoid(x[m])]) for m in members]
         picks = medoids[:k]
         if len(picks) < k:
             sizes = torch.tensor([m.numel() - 1 for m in members], dtype=torch.float64)

@@ -4,6 +4,9 @@ Toneva, Sordoni, des Combes, Trischler, Bengio & Gordon, "An Empirical Study of 
 Forgetting during Deep Neural Network Learning", ICLR 2019. A forgetting event is a correct to
 wrong transition between consecutive presentations; never-learned examples count as infinitely
 forgotten. The counts come from :mod:`selection.signals`.
+
+``order`` also takes ``hardest`` / ``easiest`` (Sorscher et al., NeurIPS 2022: easy examples
+win at small budgets, hard ones at large). The most forgotten are the *hardest*.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .base import register
-from .ranking import check_choice_option, top_k
+from .ranking import score_order, top_k
 
 __all__ = ["Forgetting"]
 
@@ -22,7 +25,7 @@ class Forgetting:
     signal = "forgetting"
 
     def __init__(self, *, order: str = "most") -> None:
-        self.order = check_choice_option("order", order, ("most", "least"))
+        self.order = score_order(order, "most", "least")
 
     def options(self) -> dict:
         return {"order": self.order}

@@ -5,6 +5,9 @@ Training", NeurIPS 2021. GraNd is the norm of the per-example loss gradient, EL2
 the error vector softmax(f(x)) - onehot(y), both early in training and averaged over
 initialisations (:mod:`selection.signals`). ``skip_fraction`` drops the very hardest first, as
 the paper suggests when labels are noisy.
+
+``order`` also takes ``hardest`` / ``easiest`` (Sorscher et al., NeurIPS 2022: easy examples
+win at small budgets, hard ones at large). The largest scores are the *hardest*.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .base import SelectionError, register
-from .ranking import check_choice_option, top_k
+from .ranking import check_choice_option, score_order, top_k
 
 __all__ = ["GradNorm"]
 
@@ -25,7 +28,7 @@ class GradNorm:
     def __init__(self, *, score: str = "el2n", order: str = "highest",
                  skip_fraction: float = 0.0) -> None:
         self.signal = check_choice_option("score", score, ("el2n", "grand"))
-        self.order = check_choice_option("order", order, ("highest", "lowest"))
+        self.order = score_order(order, "highest", "lowest")
         if not 0.0 <= float(skip_fraction) < 1.0:
             raise SelectionError(f"skip_fraction must be in [0, 1), got {skip_fraction}")
         self.skip_fraction = float(skip_fraction)

@@ -18,7 +18,8 @@ def kcenter_greedy(features: torch.Tensor, k: int, first: int) -> torch.Tensor:
     """Greedy k-center on (n, d) features from center ``first``; (k,) positions in pick order.
 
     Keeps each point's distance to its nearest center and updates it with one new center per
-    step: O(n k d). Ties: lowest index.
+    step: O(n k d), every step one batched (n, d) operation (the greedy is sequential in its
+    picks, never in the points). Ties: lowest index.
     """
     x = features.double()
     picks = [int(first)]

@@ -11,7 +11,7 @@ import torch
 from .base import register
 from .ranking import space_signal
 
-__all__ = ["KMeans", "kmeans"]
+__all__ = ["KMeans", "kmeans", "kmeans_objective", "representatives"]
 
 
 def kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -35,27 +35,66 @@ def kmeans(features: torch.Tensor, k: int, generator: torch.Generator,
            iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on (n, d) features. Returns centroids (k, d) and assignments (n,).
 
-    Stops when the assignments no longer change or after ``iters`` rounds. An empty cluster
-    is re-seeded at the point farthest from its current centroid.
+    Stops when the assignments no longer change or after ``iters`` rounds. Every round is two
+    batched operations (an (n, k) distance matrix and a scatter-add of the members), so
+    thousands of centroids cost no Python loop. Empty clusters are re-seeded at the points
+    farthest from their centroids (the largest contributors to the objective), one each.
     """
     x = features.double()
+    n = x.shape[0]
     centroids = kmeans_pp(x, k, generator)
-    assign = torch.full((x.shape[0],), -1, dtype=torch.int64)
+    assign = torch.full((n,), -1, dtype=torch.int64)
     for _ in range(iters):
         dist = torch.cdist(x, centroids)
-        new = dist.argmin(1)
+        nearest, new = dist.min(1)
         if torch.equal(new, assign):
             break
         assign = new
-        for j in range(k):
-            members = assign == j
-            if members.any():
-                centroids[j] = x[members].mean(0)
-            else:
-                far = int(dist.min(1).values.argmax())
-                centroids[j] = x[far]
-                assign[far] = j
+        sizes = torch.bincount(assign, minlength=k)
+        empty = torch.nonzero(sizes == 0).flatten()
+        if empty.numel():
+            far = torch.argsort(nearest, descending=True, stable=True)[:empty.numel()]
+            assign[far] = empty
+            sizes = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        filled = sizes > 0
+        centroids[filled] = sums[filled] / sizes[filled].unsqueeze(1).to(x.dtype)
     return centroids.to(features.dtype), assign
+
+
+def kmeans_objective(features: torch.Tensor, centroids: torch.Tensor) -> float:
+    """Sum over points of the squared distance to the nearest centroid (Lloyd's objective)."""
+    x, c = features.double(), centroids.double()
+    return float(torch.cdist(x, c).min(1).values.pow(2).sum())
+
+
+def representatives(features: torch.Tensor, centroids: torch.Tensor,
+                    assign: torch.Tensor) -> torch.Tensor:
+    """One real member per cluster, nearest its centroid, largest cluster first.
+
+    Batched: the member of cluster ``j`` with the smallest distance to centroid ``j`` (a
+    scatter-min over the assignments). Clusters left without a member (possible only when
+    re-seeding emptied one) take the nearest point not yet used, in turn.
+    """
+    x, c = features.double(), centroids.double()
+    n, k = x.shape[0], c.shape[0]
+    own = (x - c[assign]).norm(dim=1)
+    best = torch.full((k,), float("inf"), dtype=torch.float64).scatter_reduce(
+        0, assign, own, reduce="amin")
+    # Lowest position among the members at the minimum distance (deterministic ties).
+    at_min = own == best[assign]
+    pos = torch.where(at_min, torch.arange(n), torch.full((n,), n))
+    pick = torch.full((k,), n, dtype=torch.int64).scatter_reduce(0, assign, pos, reduce="amin")
+    sizes = torch.bincount(assign, minlength=k)
+    order = torch.argsort(sizes, descending=True, stable=True)
+    used = torch.zeros(n, dtype=torch.bool)
+    used[pick[pick < n]] = True
+    for j in order[pick[order] >= n].tolist():   # rare: empty clusters only
+        d = (x - c[j]).norm(dim=1)
+        d[used] = float("inf")
+        pick[j] = int(d.argmin())
+        used[pick[j]] = True
+    return pick[order]
 
 
 @register
@@ -72,14 +111,4 @@ class KMeans:
 
     def choose(self, values: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
         centroids, assign = kmeans(values, k, generator, self.iters)
-        sizes = torch.bincount(assign, minlength=k)
-        dist = torch.cdist(values.double(), centroids.double())
-        used = torch.zeros(values.shape[0], dtype=torch.bool)
-        picks = []
-        for j in torch.argsort(sizes, descending=True, stable=True).tolist():
-            d = dist[:, j].clone()
-            d[used] = float("inf")
-            i = int(d.argmin())
-            picks.append(i)
-            used[i] = True
-        return torch.tensor(picks, dtype=torch.int64)
+        return representatives(values, centroids, assign)

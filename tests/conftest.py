@@ -26,6 +26,12 @@ def make_tiny_set(per_class: int = 12, seed: int = 0, name: str = "mnist") -> Im
     return ImageSet(images=torch.cat(images), labels=torch.cat(labels), info=info)
 
 
+@pytest.fixture(autouse=True)
+def _private_signal_cache(tmp_path_factory, monkeypatch):
+    """Signal caches of the tests live in a temporary folder, never in the user's home."""
+    monkeypatch.setenv("GTNKIT_CACHE", str(tmp_path_factory.getbasetemp() / "gtnkit-cache"))
+
+
 @pytest.fixture
 def tiny_set() -> ImageSet:
     return make_tiny_set()
