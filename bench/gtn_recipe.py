@@ -4,7 +4,7 @@ Every run trains a generator on MNIST (training split minus a 10 000-image valid
 for ``--iterations`` meta-iterations, scores one student on the validation part every 100
 (the GTN few-step protocol: T steps on the learned curriculum at the learned lr and momentum)
 and three students on the test set at the end. Runs are independent processes (``--workers``);
-each writes ``OUT/runs/NAME.json`` as it goes, so a killed sweep keeps what it had and
+each writes ``OUT/cells/NAME.json`` as it goes, so a killed sweep keeps what it had and
 ``--report`` rebuilds the tables from whatever finished.
 
     python bench/gtn_recipe.py --runs u-base,u-rec --workers 2            # some runs
@@ -110,7 +110,7 @@ RUNS: dict[str, tuple[str, dict]] = {
 
 def run_one(name: str, root: str | None, out: Path, device: str, iterations: int | None,
             seed: int) -> None:
-    """Train one run, writing ``out/runs/NAME.json`` after every evaluation."""
+    """Train one run, writing ``out/cells/NAME.json`` after every evaluation."""
     kw = dict(RUNS[name][1])
     if iterations:
         kw.update(meta_iterations=iterations, eval_every=max(1, min(100, iterations)))
@@ -122,7 +122,7 @@ def run_one(name: str, root: str | None, out: Path, device: str, iterations: int
     vx, vy = val.images.to(dev), val.labels.to(dev)
     record: dict = {"name": name, "what": RUNS[name][0], "config": repr(config),
                     "device": str(dev), "seed": seed, "evals": []}
-    path = out / "runs" / f"{name}.json"
+    path = out / "cells" / f"{name}.json"
     start = time.time()
 
     def periodic(teacher, it: int) -> dict:
@@ -144,9 +144,9 @@ def run_one(name: str, root: str | None, out: Path, device: str, iterations: int
 
 
 def report(out: Path) -> None:
-    """``gtn-recipe.{json,md,png}`` from every run file under ``out/runs``."""
+    """``gtn-recipe.{json,md,png}`` from every run file under ``out/cells``."""
     runs = {}
-    for f in sorted((out / "runs").glob("*.json")):
+    for f in sorted((out / "cells").glob("*.json")):
         r = json.loads(f.read_text())
         runs[r["name"]] = r
     order = [n for n in RUNS if n in runs]
