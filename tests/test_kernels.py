@@ -52,9 +52,10 @@ def _points(g: torch.Generator) -> torch.Tensor:
 def test_closed_form_matches_wide_random_networks(depth):
     """Width 2048, 4 networks: the NNGP is the mean of the last hidden layer's second moment
     (w_var/n * <relu(h), relu(h')> + b_var), the NTK the mean gradient inner product. Both
-    agree with the recursion within 6 % of the largest entry (the Monte Carlo error at this
-    width and sample count is 2-4 %; a wrong recursion, e.g. a missing Sdot term or 1/pi
-    instead of 1/(2 pi), is off by 30 % or more)."""
+    agree with the recursion within 8 % of the largest entry (measured at these seeds: NNGP
+    2.4 / 4.9 / 1.5 %, NTK 1.6 / 2.3 / 2.1 % for depth 1 / 2 / 3, the Monte Carlo error of
+    this width and sample count; a wrong recursion, e.g. a missing Sdot term or 1/pi instead
+    of 1/(2 pi), is off by 30 % or more)."""
     g = torch.Generator().manual_seed(depth)
     x = _points(g)
     w_var, b_var, width = 2.0, 0.1, 2048
@@ -67,8 +68,8 @@ def test_closed_form_matches_wide_random_networks(depth):
         mc_nngp.append(w_var / width * a @ a.T + b_var)
         mc_ntk.append(empirical_ntk(net, x, x))
     mc_nngp, mc_ntk = torch.stack(mc_nngp).mean(0), torch.stack(mc_ntk).mean(0)
-    assert float((mc_nngp - nngp).abs().max() / nngp.abs().max()) < 0.06
-    assert float((mc_ntk - ntk).abs().max() / ntk.abs().max()) < 0.06
+    assert float((mc_nngp - nngp).abs().max() / nngp.abs().max()) < 0.08
+    assert float((mc_ntk - ntk).abs().max() / ntk.abs().max()) < 0.08
 
 
 def test_kernels_are_symmetric_psd_float64_and_shape_agnostic():
