@@ -209,7 +209,8 @@ class Bench:
         cells = self.state["cells"]
         short = _condense_short(self.out)
         labels = " (learned labels)" if self.learn_labels else ""
-        lines = [f"KIP / Label Solve, budget `{b.name}`{labels}: {b.notes}. Device {self.state['device']} ({self.state['threads']} threads).",
+        lines = [f"KIP / Label Solve, budget `{b.name}`{labels}: {b.notes}. Device "
+                 f"{self.state['device']} ({self.state['threads']} threads).",
                  "",
                  "Two protocols, never to be mixed up: **KRR** = kernel ridge regression with "
                  f"the {b.kernel.upper()} kernel of an FC{b.depth} ReLU network on the learned "

@@ -8,7 +8,7 @@ Kernel ridge regression (KRR) with support ``(X_s, y_s)`` (n_s points) predicts,
 
 with ``K_ts = k(X_t, X_s)`` (n_t, n_s) and ``K_ss = k(X_s, X_s)`` (n_s, n_s): the regulariser is
 scaled by the mean eigenvalue of ``K_ss`` as in the paper's released code, so one ``lam``
-(default 1e-6) suits every kernel, depth and support size. Labels are one-hot vectors; by
+(default 1e-6) suits every kernel, depth and support size. Labels are one-hot vectors, by
 default centred (``one_hot - 1/K``, rows summing to 0), which changes the loss but never the
 argmax of a prediction (a constant added to every support label adds the same number to every
 class of a prediction).
@@ -122,9 +122,10 @@ def label_solve(x_s: torch.Tensor, x_t: torch.Tensor, y_t: torch.Tensor, kernel:
 
 
 @torch.no_grad()
-def label_solve_set(images: torch.Tensor, real: ImageSet, kernel: KernelConfig, reg: float = 1e-6,
-                    targets: int | None = 10000, generator: torch.Generator | None = None,
-                    chunk: int = 4096) -> torch.Tensor:
+def label_solve_set(images: torch.Tensor, real: ImageSet, kernel: KernelConfig,
+                    reg: float = 1e-6, targets: int | None = 10000,
+                    generator: torch.Generator | None = None, chunk: int = 4096
+                    ) -> torch.Tensor:
     """LS for a given support (random real images, a coreset or any condensed set).
 
     Args:
@@ -197,7 +198,8 @@ class KipConfig(StrategyConfig):
         family: draw the depth uniformly from ``1..kernel_depth`` each iteration.
         reg: lam > 0 of the KRR (scaled by tr(K_ss)/n_s); the paper: 1e-6.
         target_batch: real target images per iteration (>= the number of classes).
-        center_labels: centre one-hot labels by 1/K (the paper's code does).
+        center_labels: centre one-hot labels by 1/K (changes the loss's scale and which
+            directions it weighs, never the argmax of a KRR prediction).
     """
 
     kernel: str = "ntk"
