@@ -15,6 +15,7 @@ from .store import SavedSet, StoreError, load_set, save_set
 from .strategies import (ConfigError, NonFiniteError, RealSampler, StrategyConfig,
                          make_strategy)
 from .synthetic import SyntheticSet
+from . import kip as _kip  # noqa: E402,F401 - registers the "kip" strategy (KIP, ICLR 2021)
 
 __all__ = [
     "DATASETS", "DataError", "DatasetInfo", "ImageSet", "get_info", "load_dataset",
