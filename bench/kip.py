@@ -120,10 +120,10 @@ BUDGETS = {
 
 class Bench:
     def __init__(self, budget: Budget, out: Path, device: torch.device, data_root,
-                 resume: bool, learn_labels: bool):
+                 resume: bool, learn_labels: bool, methods: tuple[str, ...] = METHODS):
         self.budget, self.out, self.device, self.root = budget, out, device, data_root
-        self.learn_labels = learn_labels
-        tag = "-labels" if learn_labels else ""
+        self.learn_labels, self.methods = learn_labels, methods
+        self.tag = tag = "-labels" if learn_labels else ""
         self.json_path = out / f"kip-{budget.name}{tag}.json"
         self.md_path = out / f"kip-{budget.name}{tag}.md"
         self.state = {"budget": asdict(budget), "cells": {}, "device": str(device),
@@ -182,7 +182,7 @@ class Bench:
         train_set, test = self.data(name)
         init = SyntheticSet.from_real(train_set, ipc, generator(0, "init")).to(self.device)
         x0, y0 = init.images.detach(), init.labels
-        for method in METHODS:
+        for method in self.methods:
             key = f"{name}/{ipc}/{method}"
             if key in self.state["cells"]:
                 continue
@@ -208,7 +208,7 @@ class Bench:
                 cfg = kip_config(b.iters(ipc), lr=b.lr, eval_every=b.curve_every,
                                  checkpoint_every=25, kernel=b.kernel, kernel_depth=b.depth,
                                  reg=b.reg, target_batch=b.target_batch)
-                ckpt = self.out / "ckpt" / f"kip-{b.name}-{name}-{ipc}.pt"
+                ckpt = self.out / "ckpt" / f"kip-{b.name}{self.tag}-{name}-{ipc}.pt"
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 syn, res = condense(train_set, "kip", ipc, init="real", config=cfg, seed=0,
                                     device=self.device, learn_labels=self.learn_labels,
@@ -298,13 +298,15 @@ def main(argv=None) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--learn-labels", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated data set/IPC cells, e.g. mnist/10")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated rows to run")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     budget = BUDGETS[args.budget]
     args.out.mkdir(parents=True, exist_ok=True)
+    methods = tuple(m for m in METHODS if m in args.methods.split(","))
     bench = Bench(budget, args.out, resolve_device(args.device), args.data_root, args.resume,
-                  args.learn_labels)
+                  args.learn_labels, methods)
     only = set(args.only.split(",")) if args.only else None
     for name, ipc in budget.cells:
         if only is None or f"{name}/{ipc}" in only:
