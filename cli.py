@@ -20,6 +20,8 @@ from typing import Any
 
 import click
 
+from cli_kip import KIP_METHOD_HELP, KIP_METHODS, kip_distill, kip_options, krr_options
+
 log = logging.getLogger("gtnkit")
 
 
@@ -166,6 +168,14 @@ def _nas_budgets() -> list[str]:
 
 def _method_help() -> str:
     return "; ".join(f"{m.name}: {m.help}" for m in _condense_methods().values()) + "."
+
+
+def _distill_methods() -> list[str]:
+    return [*_condense_methods(), *KIP_METHODS]
+
+
+def _distill_method_help() -> str:
+    return _method_help()[:-1] + "; " + KIP_METHOD_HELP + "."
 
 
 def _gtn_method_help() -> str:
@@ -474,25 +484,34 @@ def curve(ctx, dataset, fractions, methods, seeds, model, epochs, lr, batch_size
               help="Score on a fixed subset of this many test images (default: all).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run in --out: finished students are kept.")
+@krr_options
 @data_options
 @run_options
 @click.pass_context
 @handle_errors
 def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, test_limit,
-             resume, data_root, download, out, seed, device, force) -> None:
+             resume, data_root, download, out, seed, device, force, kernel, kernel_depth, reg,
+             krr) -> None:
     """Train fresh students on a saved set and report their test accuracy (mean ± std).
 
-    Each finished student is checkpointed in OUT/progress.json; after a kill, the same
-    command with --resume trains only the missing students and gives the same result.
+    Also scores the set by kernel ridge regression with an FC kernel (--kernel, the KIP
+    paper's protocol; --no-krr skips it); results.json keeps the two apart ("krr" and the
+    trained students' "protocol"). Each finished student is checkpointed in
+    OUT/progress.json; after a kill, the same command with --resume trains only the missing
+    students and gives the same result.
     """
     from dataclasses import asdict
 
+    from cli_kip import check_kernel_options, dc_protocol_name, describe, krr_score
     from distill.data import load_dataset
     from distill.devices import resolve_device
     from distill.engine import EvalProtocol, TrainConfig, evaluate_set
+    from distill.kip import training_labels
     from distill.models import parse_model_spec
     from distill.store import PartialResults, check_run_dir, load_set
 
+    if krr:
+        check_kernel_options(kernel, kernel_depth, reg)
     out_dir = check_run_dir(out, force)
     parse_model_spec(model)
     saved = load_set(set_path)
@@ -509,20 +528,24 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
                                                  if k != "indices"},
               "protocol": asdict(protocol), "seed": seed, "device": str(dev)}
     checkpoint = PartialResults(out_dir / "progress.json", config, resume)
-    result = evaluate_set(saved.images.to(dev), saved.labels.to(dev), test.images.to(dev),
-                          test.labels.to(dev), protocol, seed, num_classes=test.info.num_classes,
+    result = evaluate_set(saved.images.to(dev), training_labels(saved.labels).to(dev),
+                          test.images.to(dev), test.labels.to(dev), protocol, seed,
+                          num_classes=test.info.num_classes,
                           progress=_progress(ctx), done=checkpoint.state.get("accuracies", []),
                           on_student=lambda i, acc: checkpoint.append("accuracies", acc))
-    write_run(out_dir, "evaluate", config, result.as_dict())
+    results = {**result.as_dict(), "protocol": dc_protocol_name(protocol)}
+    if krr:
+        results["krr"] = krr_score(saved.images.to(dev), saved.labels.to(dev), test.to(dev),
+                                   kernel, kernel_depth, reg)
+    write_run(out_dir, "evaluate", config, results)
     checkpoint.finish()
-    click.echo(f"{saved.meta.get('method', 'set')} ({len(saved.labels)} images) -> {model}: "
-               f"{result.mean:.2f} ± {result.std:.2f} % test accuracy over {students} "
-               f"student(s) [{result.seconds:.0f} s]")
+    click.echo(f"{saved.meta.get('method', 'set')} ({len(saved.labels)} images) -> "
+               f"{describe(results, students)} [{result.seconds:.0f} s]")
 
 @main.command(name="distill")
 @click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
-@click.option("--method", required=True, type=TableChoice(_condense_methods), cls=TableHelpOption,
-              help_from=_method_help)
+@click.option("--method", required=True, type=TableChoice(_distill_methods),
+              cls=TableHelpOption, help_from=_distill_method_help)
 @click.option("--ipc", type=click.IntRange(min=1), required=True, help="Images per class.")
 @click.option("--init", "init", default="real", show_default=True,
               type=TableChoice(lambda: ["noise", "real", *_selection_rules()]),
@@ -573,6 +596,7 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
                    "float rounding), or plain eager PyTorch.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run in --out from its checkpoint.")
+@kip_options
 @data_options
 @run_options
 @click.pass_context
@@ -582,13 +606,18 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
                 checkpoint_steps, neumann_terms, neumann_alpha, learn_labels, learn_lr,
                 checkpoint_every, eval_every, students, eval_model, eval_epochs, test_limit,
                 signal_epochs, pool_per_class, fast, resume, data_root, download, out, seed,
-                device, force) -> None:
-    """Condense DATASET into IPC learnable images per class (DC, DSA, DM, DD or IFT).
+                device, force, **kip) -> None:
+    """Condense DATASET into IPC learnable images per class (DC, DSA, DM, DD, IFT, KIP, LS).
 
     Writes OUT/set.pt, grid.png, config.json and results.json (final accuracy, loss history,
     seconds per iteration, peak memory); OUT/checkpoint.pt every --checkpoint-every
     iterations, from which --resume continues to the same result as an uninterrupted run.
+    kip / ls sets are scored twice: by kernel ridge regression (the KIP paper) and by training
+    --eval-model students (the DC protocol); the results say which number is which.
     """
+    if method in KIP_METHODS:
+        return kip_distill(ctx, **{k: v for k, v in locals().items() if k not in ("ctx", "kip")},
+                           **kip)
     from dataclasses import asdict, replace
 
     from distill.condense import condense, condense_config

@@ -3,6 +3,7 @@ explicit randomness and atomic result files, and dataset condensation (the one m
 loop with its interchangeable meta-gradient strategies). Nothing here imports ``selection`` or
 ``gtn``."""
 
+from . import kip as _kip  # noqa: E402,F401 - registers the "kip" strategy (KIP, ICLR 2021)
 from .condense import condense, condense_config
 from .data import DATASETS, DataError, DatasetInfo, ImageSet, get_info, load_dataset
 from .devices import DeviceError, resolve_device
