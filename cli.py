@@ -305,10 +305,9 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
     set (default: a width-16 ConvNet, 3 epochs). They are cached on disk and reused by every
     later rule, IPC and fraction with the same data, network, epochs and seed; the training
     checkpoints every epoch and resumes after a kill (progress bar with ETA). Measured:
-    `select --dataset mnist --method herding --ipc 10` costs 90 s of CPU from a cold cache
-    (4 min wall while four jobs shared our 2-core CPU, so it got ~40 % of a core)
-    and 11 s from a warm one (3.5 s CPU; loading and hashing the data, then 0.7 s of
-    herding).
+    `select --dataset mnist --method herding --ipc 10` takes 44 s on a quiet 2-core CPU
+    from a cold cache (about 85 s of CPU; 4 min wall when four jobs shared the cores) and
+    3 s from a warm one (loading and hashing the data, then 0.7 s of herding).
     """
     from dataclasses import asdict
 
