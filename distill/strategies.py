@@ -401,10 +401,11 @@ class Implicit(Strategy):
         if cfg.mixed_sample is not None and cfg.mixed_sample < t_count:
             picks = torch.randperm(t_count, generator=generator)[:cfg.mixed_sample].tolist()
         hparams = [p for p in teacher.parameters() if p.requires_grad]
+        v: list[torch.Tensor] | None = None  # dL_V/dw at the trained student, when needed
         if cfg.mixed_at == "trajectory":
             xr, yr = real.batch(cfg.real_batch, generator)
             outer = classification_loss(net(xr), yr)
-            v = torch.autograd.grad(outer, params, retain_graph=True)
+            v = list(torch.autograd.grad(outer, params, retain_graph=True))
             coeffs = trajectory_coefficients(lrs, momentum)
             scale = t_count / len(picks)
             grads = trajectory_hypergradient(
@@ -431,9 +432,10 @@ class Implicit(Strategy):
             record = StepRecord(momentum)
             for t in range(t_count):
                 record.add([(a - b) / lrs[t] for a, b in zip(snapshots[t], snapshots[t + 1])])
-            raw = torch.autograd.grad(outer, params, retain_graph=True, allow_unused=True)
-            v_out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
-            step_grads = step_size_hypergradient(record, v_out, lr, teacher.momentum_tensor(),
+            if v is None:  # the trajectory branch computed it already
+                raw = torch.autograd.grad(outer, params, retain_graph=True, allow_unused=True)
+                v = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
+            step_grads = step_size_hypergradient(record, v, lr, teacher.momentum_tensor(),
                                                  hparams)
             grads = [g + s for g, s in zip(grads, step_grads)]
         return {"loss": self._update(outer, teacher, optimizer, grads)}
