@@ -813,6 +813,9 @@ def _int_list(value: str, name: str) -> list[int]:
 @click.option("--step-size-grad", is_flag=True,
               help="implicit: learn the per-step lr and momentum by the first-order "
                    "trajectory hypergradient.")
+@click.option("--unroll-tail", type=click.IntRange(min=0), default=0, show_default=True,
+              help="implicit with --mixed-at trajectory: backpropagate exactly through the "
+                   "last N inner steps (memory of N steps, not T; 0: off).")
 @click.option("--real-batch", type=click.IntRange(min=1), default=128, show_default=True,
               help="Real images the student is scored on per meta-iteration.")
 @click.option("--validation", type=click.IntRange(min=1), default=10000, show_default=True,
@@ -837,7 +840,7 @@ def _int_list(value: str, name: str) -> list[int]:
 def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_labels, student,
               width_choices, meta_iterations, meta_lr, meta_schedule, meta_lr_floor, grad_clip,
               intermediate_every, intermediate_weight, mixed_sample, mixed_at, step_size_grad,
-              real_batch, validation, noise_dim,
+              unroll_tail, real_batch, validation, noise_dim,
               width_fc, width_conv, weight_norm, checkpoint_steps, neumann_terms, neumann_alpha,
               checkpoint_every, eval_every, students, resume, data_root, download, out, seed,
               device, force) -> None:
@@ -863,7 +866,7 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
                        meta_schedule=meta_schedule, meta_lr_floor=meta_lr_floor,
                        grad_clip=grad_clip, intermediate_every=intermediate_every,
                        intermediate_weight=intermediate_weight, step_size_grad=step_size_grad,
-                       mixed_sample=mixed_sample, mixed_at=mixed_at,
+                       mixed_sample=mixed_sample, mixed_at=mixed_at, unroll_tail=unroll_tail,
                        real_batch=real_batch, validation=validation,
                        generator=GeneratorConfig(noise_dim=noise_dim, width_fc=width_fc,
                                                  width_conv=width_conv, weight_norm=weight_norm),

@@ -192,7 +192,8 @@ def trajectory_hypergradient(model: torch.nn.Module, snapshots: Sequence[Tensors
                              batches: Sequence[Callable[[], tuple[torch.Tensor, torch.Tensor]]],
                              coefficients: Sequence[float], outer_grad: Tensors,
                              hparams: Tensors,
-                             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                             extra: tuple[Sequence[float], Tensors] | None = None
                              ) -> list[torch.Tensor]:
     """First-order hypergradient through a training trajectory, one step's graph at a time.
 
@@ -215,6 +216,10 @@ def trajectory_hypergradient(model: torch.nn.Module, snapshots: Sequence[Tensors
         outer_grad: ``v``.
         hparams: the teacher's parameters.
         loss_fn: the inner loss.
+        extra: ``(e_t, u)``: a second direction; step t then contributes
+            ``−∂/∂h [(c_t v + e_t u) · g_t]`` (one double-backward pass per step for both).
+            Used where the gradient reaches the steps through two states (the parameters and
+            the momentum buffer at the start of an exactly unrolled tail).
 
     Returns:
         One gradient per hyper-parameter (zeros where it does not influence the batches).
@@ -225,15 +230,19 @@ def trajectory_hypergradient(model: torch.nn.Module, snapshots: Sequence[Tensors
     hparams = list(hparams)
     total = [torch.zeros_like(h) for h in hparams]
     v = [g.detach() for g in outer_grad]
-    for w_t, make_batch, c in zip(snapshots, batches, coefficients):
+    es, u = (list(extra[0]), [g.detach() for g in extra[1]]) if extra is not None else \
+        ([0.0] * len(snapshots), None)
+    for w_t, make_batch, c, e in zip(snapshots, batches, coefficients, es):
         w = [p.detach().requires_grad_() for p in w_t]
         x, y = make_batch()
         loss = loss_fn(functional_call(model, dict(zip(names, w)), (x,)), y)
         g = torch.autograd.grad(loss, w, create_graph=True)
-        mixed = torch.autograd.grad(_dot(g, v), hparams, allow_unused=True)
+        direction = v if u is None else [c * a + e * b for a, b in zip(v, u)]
+        mixed = torch.autograd.grad(_dot(g, direction), hparams, allow_unused=True)
+        scale = c if u is None else 1.0
         for i, m in enumerate(mixed):
             if m is not None:
-                total[i] = total[i] - c * m
+                total[i] = total[i] - scale * m
     return total
 
 

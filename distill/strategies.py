@@ -45,7 +45,7 @@ from .hypergrad import (
     trajectory_coefficients,
     trajectory_hypergradient,
 )
-from .inner import load_params, student_steps
+from .inner import forward, load_params, student_steps
 from .matching import matching_loss
 from .synthetic import dc_loops
 from .teacher import StepChoice, Teacher
@@ -132,6 +132,13 @@ class StrategyConfig:
             official GTN code, Such et al., ICML 2020): the student is also scored on the real
             batch after every ``intermediate_every``-th inner step before the last, and the
             meta-loss is ``final + intermediate_weight · mean(intermediate)``; 0 turns them off.
+        unroll_tail: ``implicit`` with ``mixed_at="trajectory"``: backpropagate exactly
+            through the last this many of the T steps (their batches, learned lr and
+            momentum, the student state and momentum buffer that enter them), and use the
+            first-order trajectory gradient only for the steps before, driven by the exact
+            gradient at the start of the tail. Memory grows with the tail, not with T; a
+            tail of T is unrolled backprop and 0 the plain trajectory gradient (truncated
+            backpropagation, Shaban et al., AISTATS 2019, with a first-order head).
     """
 
     real_batch: int = 256
@@ -156,8 +163,14 @@ class StrategyConfig:
     grad_clip: float | None = None
     intermediate_every: int = 0
     intermediate_weight: float = 1.0
+    unroll_tail: int = 0
 
     def __post_init__(self) -> None:
+        if self.unroll_tail < 0:
+            raise ConfigError(f"unroll_tail must be >= 0 (0: off), got {self.unroll_tail}")
+        if self.unroll_tail and self.mixed_at != "trajectory":
+            raise ConfigError("unroll_tail needs mixed_at='trajectory' (the steps before the "
+                              "tail take the trajectory gradient)")
         if self.mixed_sample is not None and self.mixed_sample < 1:
             raise ConfigError(f"mixed_sample must be >= 1 (None: every batch), got "
                               f"{self.mixed_sample}")
@@ -381,6 +394,9 @@ class Implicit(Strategy):
         lrs = [lr] * len(order) if not torch.is_tensor(lr) else \
             (lr.detach().expand(len(order)) if lr.dim() == 0 else lr.detach()).tolist()
         momentum = float(momentum.detach()) if torch.is_tensor(momentum) else momentum
+        if cfg.unroll_tail:
+            return self._tail_step(teacher, optimizer, real, net, order, lrs, momentum,
+                                   generator)
         keep = cfg.mixed_at == "trajectory" or cfg.step_size_grad
         trainable = [p.requires_grad for p in net.parameters()]
         snapshots: list[list[torch.Tensor]] = []
@@ -438,6 +454,79 @@ class Implicit(Strategy):
             step_grads = step_size_hypergradient(record, v, lr, teacher.momentum_tensor(),
                                                  hparams)
             grads = [g + s for g, s in zip(grads, step_grads)]
+        return {"loss": self._update(outer, teacher, optimizer, grads)}
+
+
+    def _tail_step(self, teacher: Teacher, optimizer: torch.optim.Optimizer,
+                   real: RealSampler, net: nn.Module, order: list[StepChoice],
+                   lrs: list[float], momentum: float, generator: torch.Generator
+                   ) -> dict[str, float]:
+        """``unroll_tail``: the first T − k steps plain (snapshots kept), the last k with
+        their graph; the exact gradient through the tail reaches the teacher (its batches,
+        lr and momentum) and, as ``v`` (the parameters) and ``u`` (the momentum buffer) at
+        the tail's start, drives the first-order trajectory gradient of the head steps."""
+        cfg = self.config
+        t_count = len(order)
+        h = t_count - min(cfg.unroll_tail, t_count)
+        trainable = [p.requires_grad for p in net.parameters()]
+        snapshots: list[list[torch.Tensor]] = []
+
+        def remember(t: int, ps: list[torch.Tensor]) -> None:
+            snapshots.append([q.detach().clone() for q, keep_q in zip(ps, trainable) if keep_q])
+
+        params0 = [p.detach() for p in net.parameters()]
+        remember(-1, params0)
+        head_params = params0
+        head_bufs: list[torch.Tensor | None] = [None] * len(params0)
+        if h:
+            head = student_steps(net, params0,
+                                 teacher.inner_batches(generator, order[:h], graph=False),
+                                 lrs[:h], momentum, cfg.inner_weight_decay,
+                                 after_step=remember)
+            head_params, head_bufs = head.params, list(head.buffers)
+        lr, mom = self._rates(teacher)
+        tail_lr = lr[h:] if torch.is_tensor(lr) and lr.dim() == 1 else lr
+        w = [p.detach().requires_grad_() for p in head_params]
+        bufs = [None if b is None else b.detach().requires_grad_() for b in head_bufs]
+        tail = student_steps(net, w, (teacher.step_batch(order[t], generator)
+                                      for t in range(h, t_count)),
+                             tail_lr, mom, cfg.inner_weight_decay, differentiable=True,
+                             buffers=bufs)
+        xr, yr = real.batch(cfg.real_batch, generator)
+        outer = classification_loss(forward(net, tail.params, xr), yr)
+        hparams = [p for p in teacher.parameters() if p.requires_grad]
+        buf_leaves: list[torch.Tensor] = [b for b in bufs if b is not None]
+        raw = torch.autograd.grad(outer, [*hparams, *w, *buf_leaves], allow_unused=True)
+        full = [torch.zeros_like(x) if g is None else g
+                for x, g in zip([*hparams, *w, *buf_leaves], raw)]
+        grads = full[:len(hparams)]
+        v = [g for g, keep_q in zip(full[len(hparams):len(hparams) + len(w)], trainable)
+             if keep_q]
+        if h:
+            picks = list(range(h))
+            if cfg.mixed_sample is not None and cfg.mixed_sample < h:
+                picks = torch.randperm(h, generator=generator)[:cfg.mixed_sample].tolist()
+            scale = h / len(picks)
+            coeffs = trajectory_coefficients(lrs[:h], momentum)
+            extra = None
+            if buf_leaves:  # buf_{h-1} = Σ_t m^{h-1-t} g_t reaches the tail too
+                u = [g for g, keep_q in zip(full[len(hparams) + len(w):], trainable) if keep_q]
+                extra = ([-scale * momentum ** (h - 1 - t) for t in picks], u)
+            head_grads = trajectory_hypergradient(
+                net, [snapshots[t] for t in picks],
+                [_step_batch(teacher, order[t], generator) for t in picks],
+                [scale * coeffs[t] for t in picks], v, hparams, classification_loss,
+                extra=extra)
+            grads = [a + b for a, b in zip(grads, head_grads)]
+            if cfg.step_size_grad:
+                record = StepRecord(momentum)
+                for t in range(h):
+                    record.add([(a - b) / lrs[t] for a, b in zip(snapshots[t], snapshots[t + 1])])
+                fresh = self._rates(teacher)[0]  # the tail's backward freed lr's graph
+                head_lr = fresh[:h] if torch.is_tensor(fresh) and fresh.dim() == 1 else fresh
+                step_grads = step_size_hypergradient(record, v, head_lr,
+                                                     teacher.momentum_tensor(), hparams)
+                grads = [g + s for g, s in zip(grads, step_grads)]
         return {"loss": self._update(outer, teacher, optimizer, grads)}
 
 

@@ -74,6 +74,9 @@ class GTNConfig:
             state it trained).
         step_size_grad: ``implicit`` learns the per-step lr and momentum too, by the
             first-order trajectory hypergradient (the implicit gradient does not reach them).
+        unroll_tail: ``implicit`` with ``mixed_at="trajectory"``: backpropagate exactly
+            through the last this many inner steps (memory of k steps, not T), first-order
+            trajectory gradient before them (0: off).
         grad_clip: clip the generator's meta-gradient to this L2 norm (``None``: off).
         intermediate_every, intermediate_weight: ``unrolled`` also scores the student on
             the real batch after every ``intermediate_every``-th inner step and adds
@@ -105,6 +108,7 @@ class GTNConfig:
     mixed_sample: int | None = None
     mixed_at: str = "final"
     step_size_grad: bool = False
+    unroll_tail: int = 0
     grad_clip: float | None = None
     intermediate_every: int = 0
     intermediate_weight: float = 1.0
@@ -157,7 +161,7 @@ class GTNConfig:
                 real_batch=self.real_batch, real_per_class=self.match_real_per_class,
                 grad_clip=self.grad_clip, step_size_grad=self.step_size_grad,
                 mixed_sample=self.mixed_sample, mixed_at=self.mixed_at,
-                intermediate_every=self.intermediate_every,
+                unroll_tail=self.unroll_tail, intermediate_every=self.intermediate_every,
                 intermediate_weight=self.intermediate_weight,
                 checkpoint_steps=self.checkpoint_steps, neumann_terms=self.neumann_terms,
                 neumann_alpha=self.neumann_alpha))

@@ -330,7 +330,9 @@ def test_trajectory_hypergradient_error_is_second_order_in_the_step_size():
 @pytest.mark.parametrize("curriculum", ["none", "all-shuffled", "shuffled-batch", "full"])
 @pytest.mark.parametrize("options", [dict(mixed_at="trajectory"), dict(mixed_sample=1),
                                      dict(mixed_at="trajectory", mixed_sample=2,
-                                          step_size_grad=True)])
+                                          step_size_grad=True),
+                                     dict(mixed_at="trajectory", unroll_tail=2,
+                                          step_size_grad=True, mixed_sample=1)])
 def test_implicit_variants_give_the_generator_a_finite_nonzero_gradient(curriculum, options):
     from distill.models import build_model
     from distill.rng import generator
@@ -358,3 +360,59 @@ def test_bad_implicit_options_are_one_line(kwargs):
     with pytest.raises(ConfigError) as err:
         StrategyConfig(**kwargs)
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------ implicit: exact tail
+def _teacher_grads(method, inner_lr=0.02, only_generator=False, **options):
+    """The generator teacher's meta-gradient of one meta-step (an SGD step of lr 0 keeps the
+    teacher unchanged), float64, full curriculum with learned lr and momentum."""
+    from distill.models import build_model
+    from distill.rng import generator
+    from distill.strategies import RealSampler, make_strategy
+    from gtn.train import make_teacher
+
+    data = make_tiny_set(per_class=6)
+    data = type(data)(data.images.to(D), data.labels, data.info)
+    cfg = GTNConfig(method=method, inner_steps=4, batch_size=10, real_batch=12,
+                    inner_lr=inner_lr, student="convnet:width=4,depth=1,norm=none",
+                    generator=replace(GTNConfig().generator, noise_dim=4, width_fc=8,
+                                      width_conv=4), **options)
+    teacher = make_teacher(data.info, cfg, seed=0).to(D)
+    strategy = make_strategy(method, cfg.meta_config().strategy_config)
+    params = [p for p in teacher.parameters() if p.requires_grad]
+    strategy.step(teacher, torch.optim.SGD(params, lr=0.0), RealSampler(data),
+                  lambda g: build_model(cfg.student, data.info.channels, data.info.num_classes,
+                                        data.info.im_size, generator=g).to(D),
+                  generator(0, "t"))
+    if only_generator:
+        params = [p for p in teacher.generator.parameters() if p.requires_grad]
+    return torch.cat([p.grad.reshape(-1) for p in params])
+
+
+def test_a_tail_of_all_t_steps_is_unrolled_backprop():
+    exact = _teacher_grads("unrolled")
+    tail = _teacher_grads("implicit", mixed_at="trajectory", unroll_tail=4)
+    torch.testing.assert_close(tail, exact, rtol=1e-9, atol=1e-12)
+
+
+def test_a_shorter_tail_errs_at_second_order_and_less_the_longer_it_is():
+    # the head's dropped Jacobians are O(lr^2) against an O(lr) gradient; a wrong term for
+    # the momentum buffer (it carries the head's gradients into the tail) would be O(lr).
+    # A tail of T - 1 is exact too: the first step's Jacobian is never needed.
+    def err(lr, k):
+        exact = _teacher_grads("unrolled", inner_lr=lr, only_generator=True)
+        approx = _teacher_grads("implicit", inner_lr=lr, only_generator=True,
+                                mixed_at="trajectory", unroll_tail=k)
+        return float((approx - exact).norm() / exact.norm())
+
+    by_tail = [err(1e-2, k) for k in (1, 2, 3)]
+    assert by_tail[0] > by_tail[1] > 1e3 * by_tail[2]
+    assert by_tail[2] < 1e-12
+    assert 0.05 < err(1e-3, 2) / by_tail[1] < 0.2
+
+
+def test_unroll_tail_needs_the_trajectory_head():
+    with pytest.raises(ConfigError, match="trajectory"):
+        StrategyConfig(unroll_tail=2)
+    with pytest.raises(ConfigError, match="unroll_tail"):
+        StrategyConfig(unroll_tail=-1, mixed_at="trajectory")
