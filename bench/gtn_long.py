@@ -1,0 +1,256 @@
+"""GTN long benchmark: each meta-gradient (unrolled, implicit, matching) trained long enough to
+see where it plateaus, with accuracy against meta-iterations and against seconds.
+
+Cells are ``SETTING/VARIANT`` (see ``SETTINGS`` and ``VARIANTS``); every cell is one process
+(``--workers``), checkpoints every 100 meta-iterations and writes ``OUT/cells/SETTING--VARIANT
+.json`` after every evaluation, so a killed run continues with ``--resume`` and shards can run
+on different machines. Every 100 meta-iterations: few-step accuracy of one student on the
+10 000 held-out training images (validation) and of three students on the test set (the GTN
+paper's protocol: T steps on the learned curriculum at the learned lr and momentum); the
+headline is the test accuracy at the last meta-iteration, never the best one.
+
+    python bench/gtn.py --sections long --long-cells mnist-t10/unrolled,mnist-t10/implicit
+    python bench/gtn_long.py --cells all --workers 2 --resume
+    python bench/gtn_long.py --report                 # md + json + png from the cell files
+
+Published: GoodAI's GTN re-implementation ~94 % on MNIST at (T = 10, batch 32, learned
+curriculum) after 1000 meta-iterations, ~96 % after 4000; Such et al. (ICML 2020) 98.9 % at
+(T = 32, batch 128) with their full budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from distill.data import load_dataset  # noqa: E402
+from distill.devices import resolve_device  # noqa: E402
+from distill.store import atomic_write_json, atomic_write_text, save_figure  # noqa: E402
+from gtn import GeneratorConfig, GTNConfig, few_step_accuracy, train_gtn  # noqa: E402
+from gtn.train import RECIPES, split_validation  # noqa: E402
+
+SMALL = GeneratorConfig(noise_dim=64, width_fc=256, width_conv=32)
+PAPER = GeneratorConfig()
+S16 = "convnet:width=16,depth=2"
+
+# setting -> (data set, meta-iterations, GTNConfig keywords, what)
+SETTINGS: dict[str, tuple[str, int, dict, str]] = {
+    "mnist-t10": ("mnist", 1000, dict(inner_steps=10, batch_size=32, generator=SMALL,
+                                      student=S16),
+                  "MNIST, T = 10, batch 32, generator 64 / 256 / 32"),
+    "mnist-t32": ("mnist", 1000, dict(inner_steps=32, batch_size=128, generator=PAPER,
+                                      student=S16),
+                  "MNIST, T = 32, batch 128, the paper's generator"),
+    "cifar10-t10": ("cifar10", 500, dict(inner_steps=10, batch_size=32, generator=SMALL,
+                                         student=S16),
+                    "CIFAR-10, T = 10, batch 32, generator 64 / 256 / 32"),
+}
+# variant -> (GTNConfig keywords on top of the method's recipe, what)
+VARIANTS: dict[str, tuple[dict, str]] = {
+    "unrolled": (dict(RECIPES["unrolled"]), "unrolled backprop, recipe"),
+    "implicit": (dict(RECIPES["implicit"]), "implicit: trajectory gradient + learned step sizes"),
+    "implicit-tail2": (dict(RECIPES["implicit"], unroll_tail=2),
+                       "implicit + exact tail of 2 steps"),
+    "implicit-tail5": (dict(RECIPES["implicit"], unroll_tail=5),
+                       "implicit + exact tail of 5 steps"),
+    "implicit-ift": (dict(RECIPES["implicit"], mixed_at="final", step_size_grad=False),
+                     "implicit function theorem (Neumann), fixed step sizes"),
+    "matching": (dict(RECIPES["matching"]), "gradient matching, recipe"),
+}
+STYLE = {"unrolled": "-", "matching": ":"}
+
+
+def cells_of(spec: str) -> list[str]:
+    """``all``, or comma-separated ``SETTING/VARIANT`` (``SETTING/*`` for every variant)."""
+    every = [f"{s}/{v}" for s in SETTINGS for v in VARIANTS]
+    if spec == "all":
+        return every
+    out = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        s, _, v = item.partition("/")
+        if s not in SETTINGS or (v != "*" and v not in VARIANTS):
+            raise SystemExit(f"unknown cell {item!r}: SETTING/VARIANT with SETTING from "
+                             f"{', '.join(SETTINGS)} and VARIANT from {', '.join(VARIANTS)}")
+        out += [f"{s}/{w}" for w in VARIANTS] if v == "*" else [item]
+    return out
+
+
+def cell_config(cell: str, iterations: int | None = None) -> GTNConfig:
+    setting, variant = cell.split("/")
+    _, its, kw, _ = SETTINGS[setting]
+    method = "unrolled" if variant.startswith("unrolled") else \
+        "implicit" if variant.startswith("implicit") else "matching"
+    its = iterations or its
+    return GTNConfig(method=method, curriculum="full", meta_iterations=its,
+                     eval_every=min(100, its), checkpoint_every=min(100, its), **kw,
+                     **VARIANTS[variant][0])
+
+
+def run_cell(cell: str, out: Path, root: str | None, device: str, seed: int, resume: bool,
+             iterations: int | None) -> None:
+    """Train one cell, writing its JSON after every evaluation (atomically)."""
+    config = cell_config(cell, iterations)
+    setting, variant = cell.split("/")
+    dev = resolve_device(device)
+    data = load_dataset(SETTINGS[setting][0], "train", root=root)
+    test = load_dataset(SETTINGS[setting][0], "test", root=root)
+    val = split_validation(data, config.validation)[1]
+    vx, vy, tx, ty = (t.to(dev) for t in (val.images, val.labels, test.images, test.labels))
+    path = out / "cells" / f"{setting}--{variant}.json"
+    ckpt = out / "ckpt" / f"{setting}--{variant}.pt"
+    resuming = resume and ckpt.exists() and path.exists()
+    record = json.loads(path.read_text()) if resuming else {
+        "cell": cell, "setting": SETTINGS[setting][3], "variant": VARIANTS[variant][1],
+        "config": repr(config), "device": str(dev), "seed": seed, "evals": []}
+    if resuming:  # the checkpoint follows each evaluation: drop any evaluation after it
+        done = int(torch.load(ckpt, map_location="cpu", weights_only=False)["iteration"])
+        record["evals"] = [e for e in record["evals"] if e["iteration"] <= done]
+    clock = {"base": record["evals"][-1]["train_s"] if record["evals"] else 0.0,
+             "mark": time.perf_counter()}
+
+    def evaluate(teacher, it: int) -> dict:
+        train_s = clock["base"] + time.perf_counter() - clock["mark"]
+        acc = few_step_accuracy(teacher, config.student, vx, vy, seed, 1)[0]
+        tests = few_step_accuracy(teacher, config.student, tx, ty, seed, 3)
+        record["evals"] = [e for e in record["evals"] if e["iteration"] < it] + [{
+            "iteration": it, "validation": acc, "test": tests, "train_s": train_s,
+            "lr": teacher.lr_tensor().detach().cpu().tolist(),
+            "momentum": float(teacher.momentum_tensor().detach())}]
+        atomic_write_json(path, record)
+        print(f"{cell} {it} val {acc:.2f} test {sum(tests) / 3:.2f} ({train_s:.0f} s)",
+              flush=True)
+        clock["base"], clock["mark"] = train_s, time.perf_counter()
+        return {"validation_accuracy": acc}
+
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    _, meta, _ = train_gtn(data, config, seed=seed, device=dev, checkpoint=ckpt,
+                           resume=resuming, evaluate=evaluate)
+    record.update(test=record["evals"][-1]["test"], s_per_meta_step=meta.seconds_per_iteration,
+                  memory=meta.memory, done=True)
+    atomic_write_json(path, record)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def report(out: Path) -> str:
+    """``gtn-long.{md,json,png}`` from the cell files under ``out/cells``."""
+    cells = {}
+    for f in sorted((out / "cells").glob("*.json")):
+        r = json.loads(f.read_text())
+        cells[r["cell"]] = r
+    order = [c for c in cells_of("all") if c in cells]
+    md = ["# GTN long benchmark", "",
+          "Few-step accuracy (the GTN protocol: a fresh `convnet:width=16,depth=2` trained T "
+          "steps on the learned curriculum at the learned lr and momentum). Validation: one "
+          "student on 10 000 held-out training images; test: three students on the test set, "
+          "at the last meta-iteration reached. `train s` excludes evaluation.", ""]
+    for setting, (_, its, _, what) in SETTINGS.items():
+        rows = [c for c in order if c.startswith(setting + "/")]
+        if not rows:
+            continue
+        md += [f"## {what} ({its} meta-iterations planned)", "",
+               "| variant | its | validation at 100 / 500 / last | test % (3 students) | "
+               "train s | s / meta-step | saved MiB | device |",
+               "|---|---|---|---|---|---|---|---|"]
+        for c in rows:
+            r, ev = cells[c], cells[c]["evals"]
+            if not ev:
+                continue
+            pick = {e["iteration"]: e["validation"] for e in ev}
+            val = " / ".join(f"{pick[i]:.1f}" if i in pick else "-" for i in (100, 500))
+            t = torch.tensor(ev[-1]["test"], dtype=torch.float64)
+            mib = r.get("memory", {}).get("saved_peak_bytes")
+            its_done = f"{ev[-1]['iteration']}" + ("" if r.get("done") else " (cut)")
+            spm = r["s_per_meta_step"] if r.get("done") else \
+                ev[-1]["train_s"] / ev[-1]["iteration"]
+            md.append(f"| {r['variant']} | {its_done} | {val} / {ev[-1]['validation']:.1f} | "
+                      f"{float(t.mean()):.2f} ± {float(t.std(unbiased=False)):.2f} | "
+                      f"{ev[-1]['train_s']:.0f} | {spm:.2f} | ")
+            md[-1] += (f"{mib / 2 ** 20:.0f} | " if mib else "- | ") + f"{r['device']} |"
+        md.append("")
+    text = "\n".join(md) + "\n"
+    atomic_write_text(out / "gtn-long.md", text)
+    atomic_write_json(out / "gtn-long.json", {"cells": [cells[c] for c in order]})
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return text
+    used = [s for s in SETTINGS if any(c.startswith(s + "/") for c in order)]
+    if not used:
+        return text
+    fig, axes = plt.subplots(len(used), 2, figsize=(12, 4 * len(used)), squeeze=False)
+    for row, setting in zip(axes, used):
+        for c in (c for c in order if c.startswith(setting + "/")):
+            ev = cells[c]["evals"]
+            variant = c.split("/")[1]
+            style = STYLE.get(variant, "--")
+            acc = [_mean(e["test"]) for e in ev]
+            row[0].plot([e["iteration"] for e in ev], acc, style, marker=".", label=variant)
+            row[1].plot([e["train_s"] for e in ev], acc, style, marker=".", label=variant)
+        for ax, xlabel in zip(row, ("meta-iteration", "training seconds (same device)")):
+            ax.set(title=SETTINGS[setting][3], xlabel=xlabel, ylabel="test accuracy % (3)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    save_figure(fig, out / "gtn-long.png")
+    return text
+
+
+def run(cells: list[str], out: Path, workers: int, root: str | None, device: str, seed: int,
+        resume: bool, iterations: int | None) -> str:
+    """Run ``cells`` in ``workers`` processes, then rebuild the report."""
+    pending, procs = list(cells), []
+    while pending or procs:
+        while pending and len(procs) < workers:
+            cmd = [sys.executable, __file__, "--cell", pending.pop(0), "--out", str(out),
+                   "--device", device, "--seed", str(seed)]
+            cmd += ["--data-root", root] if root else []
+            cmd += ["--resume"] if resume else []
+            cmd += ["--iterations", str(iterations)] if iterations else []
+            procs.append(subprocess.Popen(cmd))
+        time.sleep(1)
+        procs = [p for p in procs if p.poll() is None]
+    return report(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", default="", help="all, or SETTING/VARIANT,... "
+                    f"(settings: {', '.join(SETTINGS)}; variants: {', '.join(VARIANTS)})")
+    ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # one cell, in a worker
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gtn-long"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--iterations", type=int, default=None, help="override (smoke runs)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--report", action="store_true", help="only rebuild the tables")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.cell:
+        run_cell(args.cell, out, args.data_root, args.device, args.seed, args.resume,
+                 args.iterations)
+        return 0
+    if args.report:
+        print(report(out))
+        return 0
+    print(run(cells_of(args.cells or "all"), out, args.workers, args.data_root, args.device,
+              args.seed, args.resume, args.iterations))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
