@@ -778,7 +778,15 @@ def _int_list(value: str, name: str) -> list[int]:
     return items
 
 
-@gtn.command("train")
+def _recipes_epilog() -> str:
+    from gtn import RECIPES
+
+    parts = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in kw.items())
+                      for m, kw in RECIPES.items())
+    return f"Recipes (measured on MNIST; the README's GTN recipe section): {parts}."
+
+
+@gtn.command("train", epilog=_recipes_epilog())
 @click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
 @click.option("--method", type=TableChoice(_gtn_methods), default="unrolled", show_default=True,
               cls=TableHelpOption, help_from=_gtn_method_help)
@@ -792,32 +800,38 @@ def _int_list(value: str, name: str) -> list[int]:
 @click.option("--width-choices", default=None,
               help="Randomise the student's width per meta-iteration, e.g. 16,32,64.")
 @click.option("--meta-iterations", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--meta-lr", type=float, default=1e-3, show_default=True, help="Adam lr.")
-@click.option("--meta-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
-              show_default=True, help="Meta-lr over the run (cosine: down to --meta-lr-floor).")
+@click.option("--recipe/--no-recipe", default=True, show_default=True,
+              help="Train with the method's measured recipe (below); options given explicitly "
+                   "override it. --no-recipe: the bare defaults.")
+@click.option("--meta-lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="Adam lr of the generator [default: recipe, else 1e-3].")
+@click.option("--meta-schedule", type=click.Choice(["constant", "cosine"]), default=None,
+              help="Meta-lr over the run (cosine: down to --meta-lr-floor) "
+                   "[default: recipe, else constant].")
 @click.option("--meta-lr-floor", type=click.FloatRange(0.0, 1.0), default=0.1,
               show_default=True, help="cosine: the last meta-lr as a fraction of --meta-lr.")
 @click.option("--grad-clip", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="Clip the generator's meta-gradient to this L2 norm.")
-@click.option("--intermediate-every", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--intermediate-every", type=click.IntRange(min=0), default=None,
               help="unrolled: also score the student on the real batch after every N-th "
-                   "inner step (0: off).")
+                   "inner step (0: off) [default: recipe, else 0].")
 @click.option("--intermediate-weight", type=click.FloatRange(min=0.0), default=1.0,
               show_default=True, help="Weight of the mean intermediate loss in the meta-loss.")
 @click.option("--mixed-sample", type=click.IntRange(min=1), default=None,
               help="implicit: the mixed term from this many of the T batches (unbiased "
                    "estimate; default all).")
-@click.option("--mixed-at", type=click.Choice(["final", "trajectory"]), default="final",
-              show_default=True, help="implicit: the implicit function theorem at the trained "
-                                      "student, or first-order along the trajectory.")
-@click.option("--step-size-grad", is_flag=True,
+@click.option("--mixed-at", type=click.Choice(["final", "trajectory"]), default=None,
+              help="implicit: the implicit function theorem at the trained student, or "
+                   "first-order along the trajectory [default: recipe, else final].")
+@click.option("--step-size-grad/--no-step-size-grad", default=None,
               help="implicit: learn the per-step lr and momentum by the first-order "
-                   "trajectory hypergradient.")
+                   "trajectory hypergradient [default: recipe, else off].")
 @click.option("--unroll-tail", type=click.IntRange(min=0), default=0, show_default=True,
               help="implicit with --mixed-at trajectory: backpropagate exactly through the "
                    "last N inner steps (memory of N steps, not T; 0: off).")
-@click.option("--real-batch", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Real images the student is scored on per meta-iteration.")
+@click.option("--real-batch", type=click.IntRange(min=1), default=None,
+              help="Real images the student is scored on per meta-iteration "
+                   "[default: recipe, else 128].")
 @click.option("--validation", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Training images held out for validation.")
 @click.option("--noise-dim", type=click.IntRange(min=1), default=128, show_default=True)
@@ -838,7 +852,8 @@ def _int_list(value: str, name: str) -> list[int]:
 @click.pass_context
 @handle_errors
 def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_labels, student,
-              width_choices, meta_iterations, meta_lr, meta_schedule, meta_lr_floor, grad_clip,
+              width_choices, meta_iterations, recipe, meta_lr, meta_schedule, meta_lr_floor,
+              grad_clip,
               intermediate_every, intermediate_weight, mixed_sample, mixed_at, step_size_grad,
               unroll_tail, real_batch, validation, noise_dim,
               width_fc, width_conv, weight_norm, checkpoint_steps, neumann_terms, neumann_alpha,
@@ -853,26 +868,27 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
     from distill.engine import mean_std
     from distill.grid import write_grid
     from distill.store import SavedSet, check_run_dir
-    from gtn import GeneratorConfig, GTNConfig, few_step_accuracy, save_generator, train_gtn
+    from gtn import GeneratorConfig, few_step_accuracy, recipe_config, save_generator, train_gtn
 
     out_dir = check_run_dir(out, force and not resume)
     steps = _int_list(inner_steps, "--inner-steps")
     if len(steps) != 1:
         raise click.BadParameter("one value", param_hint="--inner-steps")
     widths = tuple(_int_list(width_choices, "--width-choices")) if width_choices else None
-    config = GTNConfig(method=method, inner_steps=steps[0], batch_size=batch_size,
-                       curriculum=curriculum, learn_labels=learn_labels, student=student,
-                       width_choices=widths, meta_iterations=meta_iterations, meta_lr=meta_lr,
-                       meta_schedule=meta_schedule, meta_lr_floor=meta_lr_floor,
-                       grad_clip=grad_clip, intermediate_every=intermediate_every,
-                       intermediate_weight=intermediate_weight, step_size_grad=step_size_grad,
-                       mixed_sample=mixed_sample, mixed_at=mixed_at, unroll_tail=unroll_tail,
-                       real_batch=real_batch, validation=validation,
-                       generator=GeneratorConfig(noise_dim=noise_dim, width_fc=width_fc,
-                                                 width_conv=width_conv, weight_norm=weight_norm),
-                       checkpoint_steps=checkpoint_steps, neumann_terms=neumann_terms,
-                       neumann_alpha=neumann_alpha, checkpoint_every=checkpoint_every,
-                       eval_every=eval_every)
+    given = {k: v for k, v in dict(meta_lr=meta_lr, meta_schedule=meta_schedule,
+                                   intermediate_every=intermediate_every,
+                                   step_size_grad=step_size_grad, mixed_at=mixed_at,
+                                   real_batch=real_batch).items() if v is not None}
+    config = recipe_config(
+        method, recipe, inner_steps=steps[0], batch_size=batch_size, curriculum=curriculum,
+        learn_labels=learn_labels, student=student, width_choices=widths,
+        meta_iterations=meta_iterations, meta_lr_floor=meta_lr_floor, grad_clip=grad_clip,
+        intermediate_weight=intermediate_weight, mixed_sample=mixed_sample,
+        unroll_tail=unroll_tail, validation=validation, **given,
+        generator=GeneratorConfig(noise_dim=noise_dim, width_fc=width_fc, width_conv=width_conv,
+                                  weight_norm=weight_norm),
+        checkpoint_steps=checkpoint_steps, neumann_terms=neumann_terms,
+        neumann_alpha=neumann_alpha, checkpoint_every=checkpoint_every, eval_every=eval_every)
     config.check(get_info(dataset))
     dev = resolve_device(device)
     data = load_dataset(dataset, "train", root=data_root, download=download)
@@ -944,13 +960,16 @@ def gtn_sample(generator_path, per_class, dataset, out, seed, device, force) -> 
               help="Comma-separated T values.")
 @click.option("--budget", type=TableChoice(_gtn_budgets), default="smoke", show_default=True)
 @click.option("--curriculum", type=TableChoice(_curricula), default="full", show_default=True)
+@click.option("--recipe/--no-recipe", default=True, show_default=True,
+              help="Train each method with its measured recipe (see `gtn train --help`); "
+                   "--no-recipe: the bare defaults.")
 @click.option("--resume", is_flag=True, help="Keep finished cells; continue the running one.")
 @data_options
 @run_options
 @click.pass_context
 @handle_errors
-def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, resume, data_root,
-                download, out, seed, device, force) -> None:
+def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, recipe, resume,
+                data_root, download, out, seed, device, force) -> None:
     """Peak memory, seconds per meta-step and student accuracy of every method and T:
     OUT/gtn-compare.{json,md,png}."""
     from distill.data import load_dataset
@@ -970,12 +989,12 @@ def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, resume, 
     test_set = load_dataset(dataset, "test", root=data_root, download=download).to(dev)
     state = run_comparison(train_set, test_set, names, steps, BUDGETS[budget], out_dir,
                            seed=seed, device=dev, resume=resume, curriculum=curriculum,
-                           progress=_progress(ctx), log=click.echo)
+                           recipe=recipe, progress=_progress(ctx), log=click.echo)
     from gtn.compare import comparison_table
 
     write_run(out_dir, "gtn compare", {"dataset": dataset, "methods": names, "inner_steps": steps,
-                                       "budget": budget, "curriculum": curriculum, "seed": seed,
-                                       "device": str(dev)},
+                                       "budget": budget, "curriculum": curriculum,
+                                       "recipe": recipe, "seed": seed, "device": str(dev)},
               {"cells": state["cells"], "table": str(out_dir / "gtn-compare.md")})
     click.echo(comparison_table(state), nl=False)
 

@@ -5,6 +5,10 @@ ablation on MNIST. Every cell is kept as it finishes (``--resume`` continues a k
     python bench/gtn.py --budget smoke    # a minute: proves the path
     python bench/gtn.py --budget short    # the README tables (2-core CPU)
     python bench/gtn.py --budget paper    # the paper's generator and batch (wants a GPU)
+    python bench/gtn.py --sections long --long-cells mnist-t10/unrolled --resume
+                                          # hours per cell: bench/gtn_long.py
+
+Every method trains with its recipe (``gtn.train.RECIPES``) unless ``--no-recipe``.
 
 Published (Such et al., ICML 2020, via DESIGN.md): MNIST student trained only on generated
 data 98.9 % after 32 steps of 128 images; curricula full 98.5 > shuffled batch 97.5 > all
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # bench/gtn_long.py
 
 from distill.data import load_dataset  # noqa: E402
 from distill.devices import resolve_device  # noqa: E402
@@ -113,7 +118,8 @@ def cross_architecture(budget, plan: Plan, root: Path, summary: dict, args, devi
     t, k = plan.cross_steps, plan.cross_per_class
     sources = {}
     for method in ("unrolled", "implicit", "matching"):
-        teacher = restore_teacher(train, budget, method, t, root / "mnist", device=device)
+        teacher = restore_teacher(train, budget, method, t, root / "mnist", device=device,
+                                  recipe=args.recipe)
         sources[f"gtn {method}"] = teacher.sample(k, make_generator(0, "crossarch"))
     g = make_generator(0, "crossarch-real")
     picks = torch.cat([idx[torch.randperm(idx.numel(), generator=g)[:k]]
@@ -167,7 +173,7 @@ def learning_curve(budget, plan: Plan, root: Path, summary: dict, args, device,
     for method in methods:
         if method in cells or (only and method not in only):
             continue
-        config = replace(cell_config(budget, method, t),
+        config = replace(cell_config(budget, method, t, recipe=args.recipe),
                          meta_iterations=plan.curve_iterations, eval_every=plan.curve_every)
         ckpt = root / "curve" / "ckpt" / f"{method}.pt"
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +214,9 @@ def learning_curve(budget, plan: Plan, root: Path, summary: dict, args, device,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
-    parser.add_argument("--sections", default="compare,curriculum,crossarch,curve")
+    parser.add_argument("--sections", default="compare,curriculum,crossarch,curve",
+                        help="Comma-separated: compare, curriculum, crossarch, curve, long "
+                             "(long: hours; not in the default).")
     parser.add_argument("--curve-methods", default=None,
                         help="Run only these methods of the learning curve (parallel shards).")
     parser.add_argument("--datasets", default=None)
@@ -216,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-recipe", dest="recipe", action="store_false",
+                        help="Bare defaults instead of each method's training recipe (the "
+                             "README's short-budget GTN tables were measured this way).")
+    parser.add_argument("--long-cells", default="all",
+                        help="The long section's cells (see bench/gtn_long.py).")
+    parser.add_argument("--workers", type=int, default=1, help="long: parallel cells.")
     args = parser.parse_args(argv)
     args.curve_methods = args.curve_methods.split(",") if args.curve_methods else None
     budget, plan = BUDGETS[args.budget], PLANS[args.budget]
@@ -230,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         train, test = splits(name, args.data_root, device)
         state = run_comparison(train, test, ["unrolled", "implicit", "matching"],
                                list(plan.steps), budget, root / name, device=device,
-                               resume=args.resume, log=print)
+                               resume=args.resume, recipe=args.recipe, log=print)
         summary["compare"][name] = state
         md += [comparison_table(state), *ratios(state, plan.steps), "",
                f"Plot: `{shown(root / name / 'gtn-compare.png')}`", ""]
@@ -242,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         for cur in ("full", "shuffled-batch", "all-shuffled", "none"):
             state = run_comparison(train, test, ["unrolled"], [plan.curriculum_steps], budget,
                                    root / f"curriculum-{cur}", device=device,
-                                   resume=args.resume, curriculum=cur, log=print)
+                                   resume=args.resume, curriculum=cur, recipe=args.recipe,
+                                   log=print)
             c = state["cells"][f"unrolled/T={plan.curriculum_steps}"]
             summary["curriculum"][cur] = c
             md.append(f"| {cur} | {c['few_step_mean']:.1f} ± {c['few_step_std']:.1f} | "
@@ -253,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         md += cross_architecture(budget, plan, root, summary, args, device)
     if "curve" in sections:
         md += learning_curve(budget, plan, root, summary, args, device)
+    if "long" in sections:  # its own budget: bench/gtn_long.py (cells, resume, report)
+        import gtn_long
+
+        md += [gtn_long.run(gtn_long.cells_of(args.long_cells),
+                            Path(args.out) / "gtn-long", args.workers, args.data_root,
+                            args.device, 0, args.resume, None)]
     atomic_write_json(Path(args.out) / f"gtn-{budget.name}.json", summary)
     atomic_write_text(Path(args.out) / f"gtn-{budget.name}.md", "\n".join(md) + "\n")
     print("\n".join(md))

@@ -8,15 +8,18 @@ candidate students by short training on generated, condensed or selected data.
 from .generator import CURRICULA, Generator, GeneratorConfig, GeneratorError, GeneratorTeacher
 from .train import (
                     GTN_METHODS,
+                    RECIPES,
                     GTNConfig,
                     few_step_accuracy,
                     fixed_set_accuracy,
                     load_generator,
+                    recipe_config,
                     save_generator,
                     split_validation,
                     train_gtn,
 )
 
 __all__ = ["CURRICULA", "Generator", "GeneratorConfig", "GeneratorError", "GeneratorTeacher",
-           "GTN_METHODS", "GTNConfig", "few_step_accuracy", "fixed_set_accuracy",
-           "load_generator", "save_generator", "split_validation", "train_gtn"]
+           "GTN_METHODS", "RECIPES", "GTNConfig", "few_step_accuracy",
+           "fixed_set_accuracy", "load_generator", "recipe_config", "save_generator",
+           "split_validation", "train_gtn"]

@@ -20,7 +20,7 @@ from distill.progress import Progress
 from distill.store import atomic_write_json, atomic_write_text, save_figure
 
 from .generator import GeneratorConfig, GeneratorError, GeneratorTeacher
-from .train import GTNConfig, few_step_accuracy, fixed_set_accuracy, train_gtn
+from .train import GTNConfig, few_step_accuracy, fixed_set_accuracy, recipe_config, train_gtn
 
 __all__ = ["Budget", "BUDGETS", "cell_config", "restore_teacher", "run_comparison",
            "comparison_table", "plot"]
@@ -64,12 +64,16 @@ def cell_key(method: str, steps: int) -> str:
     return f"{method}/T={steps}"
 
 
-def cell_config(budget: Budget, method: str, steps: int, curriculum: str = "full") -> GTNConfig:
-    """The GTN run behind one (method, T) cell of the comparison."""
-    return GTNConfig(method=method, inner_steps=steps, batch_size=budget.batch_size,
-                     curriculum=curriculum, generator=budget.generator, student=budget.student,
-                     meta_iterations=budget.meta_iterations, real_batch=budget.real_batch,
-                     validation=budget.validation, inner_momentum=0.5, neumann_alpha=0.02)
+def cell_config(budget: Budget, method: str, steps: int, curriculum: str = "full",
+                recipe: bool = True) -> GTNConfig:
+    """The GTN run behind one (method, T) cell of the comparison: the method's training
+    recipe (:data:`~gtn.train.RECIPES`; ``recipe=False``: the bare defaults) at the
+    budget's sizes (its real batch included)."""
+    return recipe_config(method, recipe, inner_steps=steps, batch_size=budget.batch_size,
+                         curriculum=curriculum, generator=budget.generator,
+                         student=budget.student, meta_iterations=budget.meta_iterations,
+                         real_batch=budget.real_batch, validation=budget.validation,
+                         inner_momentum=0.5, neumann_alpha=0.02)
 
 
 def cell_checkpoint(out: Path, method: str, steps: int) -> Path:
@@ -78,9 +82,9 @@ def cell_checkpoint(out: Path, method: str, steps: int) -> Path:
 
 def restore_teacher(train_set: ImageSet, budget: Budget, method: str, steps: int, out: Path,
                     seed: int = 0, device: torch.device | str = "cpu",
-                    curriculum: str = "full") -> GeneratorTeacher:
+                    curriculum: str = "full", recipe: bool = True) -> GeneratorTeacher:
     """The trained generator of a finished cell, read back from its checkpoint."""
-    config = cell_config(budget, method, steps, curriculum)
+    config = cell_config(budget, method, steps, curriculum, recipe)
     teacher, _, _ = train_gtn(train_set, config, seed=seed, device=device,
                               checkpoint=cell_checkpoint(out, method, steps), resume=True)
     return teacher
@@ -107,7 +111,7 @@ def plain_step_bytes(info: DatasetInfo, budget: Budget, device: torch.device | s
 
 def run_comparison(train_set: ImageSet, test_set: ImageSet, methods: list[str], steps: list[int],
                    budget: Budget, out: Path, seed: int = 0, device: torch.device | str = "cpu",
-                   resume: bool = False, curriculum: str = "full",
+                   resume: bool = False, curriculum: str = "full", recipe: bool = True,
                    progress: Progress | None = None,
                    log: Callable[[str], None] = lambda s: None) -> dict:
     """Run every (method, T) cell; returns the state written to ``out/gtn-compare.json``."""
@@ -116,11 +120,13 @@ def run_comparison(train_set: ImageSet, test_set: ImageSet, methods: list[str], 
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "gtn-compare.json"
     state: dict = {"dataset": train_set.info.name, "budget": asdict(budget), "seed": seed,
-                   "curriculum": curriculum, "device": str(device), "cells": {},
+                   "curriculum": curriculum, "recipe": recipe, "device": str(device),
+                   "cells": {},
                    "torch": torch.__version__, "threads": torch.get_num_threads()}
     if resume and json_path.exists():
         previous = json.loads(json_path.read_text())
-        if all(previous.get(k) == state[k] for k in ("dataset", "budget", "seed", "curriculum")):
+        if all(previous.get(k, True if k == "recipe" else None) == state[k]
+               for k in ("dataset", "budget", "seed", "curriculum", "recipe")):
             state["cells"] = previous.get("cells", {})
     state["plain_step_saved_bytes"] = plain_step_bytes(train_set.info, budget, device)
     subset = fixed_test_subset(test_set.labels.numel(), budget.test_limit)
@@ -134,7 +140,7 @@ def run_comparison(train_set: ImageSet, test_set: ImageSet, methods: list[str], 
             key = cell_key(method, t)
             if key in state["cells"]:
                 continue
-            config = cell_config(budget, method, t, curriculum)
+            config = cell_config(budget, method, t, curriculum, recipe)
             ckpt = cell_checkpoint(out, method, t)
             ckpt.parent.mkdir(exist_ok=True)
             t0 = time.perf_counter()
@@ -171,8 +177,11 @@ def comparison_table(state: dict) -> str:
     b = state["budget"]
     gpu = any(c["memory"].get("cuda_peak_bytes") for c in state["cells"].values())
     what = "CUDA allocator peak" if gpu else "peak bytes autograd saves for backward"
+    recipe_note = "each method's training recipe" if state.get("recipe", True) else \
+        "no training recipe (bare defaults)"
     lines = [f"GTN comparison on {state['dataset']}, budget `{b['name']}` ({b['notes']}); "
-             f"curriculum `{state['curriculum']}`; memory = {what} during a meta-step. "
+             f"curriculum `{state['curriculum']}`; {recipe_note}; "
+             f"memory = {what} during a meta-step. "
              f"Accuracy: % on the test set, mean ± std over {b['students']} students.", "",
              *([f"One plain student training step (batch {b['batch_size']}) saves "
                 f"{state['plain_step_saved_bytes'] / 2**20:.1f} MiB for backward.", ""]

@@ -181,6 +181,15 @@ class GTNConfig:
                 neumann_alpha=self.neumann_alpha))
 
 
+def recipe_config(method: str, recipe: bool = True, **options: object) -> GTNConfig:
+    """A :class:`GTNConfig` for ``method`` with the method's training recipe
+    (:data:`RECIPES`) under ``options`` (``recipe=False``: the bare dataclass defaults)."""
+    if method not in RECIPES:
+        raise GeneratorError(f"unknown GTN method {method!r}; choose from "
+                             f"{', '.join(RECIPES)}")
+    return GTNConfig(method=method, **{**(RECIPES[method] if recipe else {}), **options})
+
+
 def split_validation(train_set: ImageSet, n: int) -> tuple[ImageSet, ImageSet]:
     """(meta-training part, validation part): a fixed random ``n`` images held out."""
     total = train_set.labels.numel()

@@ -43,6 +43,10 @@ def test_gtn_train_sample_evaluate(tmp_path, data_root):
     res = json.loads((out / "results.json").read_text())
     assert len(res["accuracies"]) == 1 and res["memory"]["saved_peak_bytes"] > 0
     assert (out / "grid.png").exists()
+    gtn = json.loads((out / "config.json").read_text())["gtn"]
+    # the implicit recipe by default, and an explicit option over it
+    assert (gtn["mixed_at"], gtn["step_size_grad"], gtn["meta_lr"], gtn["meta_schedule"],
+            gtn["real_batch"]) == ("trajectory", True, 5e-3, "cosine", 20)
 
     s = tmp_path / "s"
     r = run("gtn", "sample", out / "generator.pt", "--per-class", 3, "--out", s)
@@ -56,3 +60,17 @@ def test_gtn_train_sample_evaluate(tmp_path, data_root):
             tmp_path / "bad")
     assert_one_line_error(r, "cifar10")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.realdata
+def test_gtn_train_no_recipe_takes_the_bare_defaults(tmp_path, data_root):
+    from gtn import GTNConfig
+
+    out = tmp_path / "g"
+    r = run("-q", "gtn", "train", "--dataset", "mnist", "--no-recipe", "--meta-schedule",
+            "cosine", *TINY, "--data-root", data_root, "--out", out)
+    assert r.exit_code == 0, r.output
+    gtn = json.loads((out / "config.json").read_text())["gtn"]
+    bare = GTNConfig()
+    assert (gtn["meta_lr"], gtn["intermediate_every"], gtn["meta_schedule"]) == \
+        (bare.meta_lr, bare.intermediate_every, "cosine")
