@@ -7,6 +7,8 @@ figure is CPU seconds of this process per meta-step (``time.process_time``; pin
 of bytes autograd saves (one count per storage) during one meta-step.
 
     OMP_NUM_THREADS=1 python bench/gtn_speed.py --steps 16,32 --repeats 5
+    OMP_NUM_THREADS=1 python bench/gtn_speed.py --steps 8,16,32 --repeats 3 \
+        --tag gtn-speed-recipe --variants "unrolled recipe (+ intermediate losses),..."
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ VARIANTS = {
     "implicit, trajectory (first-order)": dict(method="implicit", mixed_at="trajectory"),
     "implicit, trajectory from 4 batches": dict(method="implicit", mixed_at="trajectory",
                                                 mixed_sample=4),
+    # the training recipes (gtn.train.RECIPES) and the exact tail
+    "unrolled recipe (+ intermediate losses)": dict(method="unrolled", intermediate_every=1),
+    "implicit recipe (trajectory + step sizes)": dict(method="implicit", mixed_at="trajectory",
+                                                      step_size_grad=True),
+    "implicit recipe + tail 2": dict(method="implicit", mixed_at="trajectory",
+                                     step_size_grad=True, unroll_tail=2),
+    "implicit recipe + tail 2 (head: 4 batches)": dict(
+        method="implicit", mixed_at="trajectory", step_size_grad=True, unroll_tail=2,
+        mixed_sample=4),
 }
 
 
@@ -50,7 +61,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gtn-speed"))
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated subset of the variants ('unrolled' always runs: "
+                         "the ratios are to it)")
+    ap.add_argument("--tag", default="gtn-speed", help="output file name stem")
     args = ap.parse_args()
+    chosen = ["unrolled", *[v for v in (args.variants or "").split(",") if v and
+                            v != "unrolled"]] if args.variants else list(VARIANTS)
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     data = load_dataset("mnist", "train", root=args.data_root)
     real = RealSampler(data)
     base = GTNConfig(batch_size=args.batch_size, student="convnet:width=16,depth=2",
@@ -59,8 +79,8 @@ def main() -> None:
     rows = []
     for steps in [int(s) for s in args.steps.split(",")]:
         runs = {}
-        for name, kw in VARIANTS.items():
-            cfg = replace(base, inner_steps=steps, **kw)
+        for name in chosen:
+            cfg = replace(base, inner_steps=steps, **VARIANTS[name])
             teacher = make_teacher(data.info, cfg, seed=0)
             strategy = make_strategy(cfg.method, cfg.meta_config().strategy_config)
             opt = torch.optim.Adam([p for p in teacher.parameters() if p.requires_grad], 1e-3)
@@ -91,7 +111,7 @@ def main() -> None:
     meta = {"threads": torch.get_num_threads(), "batch": args.batch_size,
             "repeats": args.repeats, "student": base.student,
             "generator": "noise 64, FC 256, 32 channels", "real_batch": base.real_batch}
-    atomic_write_json(out / "gtn-speed.json", {"setting": meta, "rows": rows})
+    atomic_write_json(out / f"{args.tag}.json", {"setting": meta, "rows": rows})
     lines = ["# Seconds and memory per GTN meta-step (MNIST, side by side in one process)", "",
              f"CPU seconds of the process per meta-step (median of {args.repeats}, after a "
              f"warm-up), {meta['threads']} thread(s); batch {args.batch_size}, student "
@@ -102,7 +122,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['T']} | {r['variant']} | {r['cpu_s_per_step']:.2f} | "
                      f"{r['ratio_to_unrolled']:.2f} | {r['saved_peak_mib']:.1f} |")
-    atomic_write_text(out / "gtn-speed.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / f"{args.tag}.md", "\n".join(lines) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -110,14 +130,14 @@ def main() -> None:
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in VARIANTS:
+    for name in chosen:
         sel = [r for r in rows if r["variant"] == name]
         axes[0].plot([r["T"] for r in sel], [r["cpu_s_per_step"] for r in sel], "o-", label=name)
         axes[1].plot([r["T"] for r in sel], [r["saved_peak_mib"] for r in sel], "o-", label=name)
     axes[0].set(xlabel="T", ylabel="CPU s / meta-step")
     axes[1].set(xlabel="T", ylabel="saved MiB", yscale="log")
     axes[0].legend(fontsize=7)
-    save_figure(fig, out / "gtn-speed.png")
+    save_figure(fig, out / f"{args.tag}.png")
 
 
 if __name__ == "__main__":
