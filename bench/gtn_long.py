@@ -139,6 +139,67 @@ def run_cell(cell: str, out: Path, root: str | None, device: str, seed: int, res
     atomic_write_json(path, record)
 
 
+def real_steps_accuracy(train, student: str, steps: int, batch: int, lrs: list[float],
+                        momentum: float, images: torch.Tensor, labels: torch.Tensor,
+                        seed: int, n_students: int = 3) -> list[float]:
+    """The reference a generator must beat: fresh students trained ``steps`` SGD steps on
+    random real batches of ``batch`` images (the GTN few-step protocol with real data)."""
+    from distill.engine import accuracy
+    from distill.inner import load_params, student_steps
+    from distill.models import build_model
+    from distill.rng import generator as make_generator
+    from distill.strategies import RealSampler
+
+    info, device = train.info, images.device
+    sampler = RealSampler(train, device)
+    accs = []
+    for i in range(n_students):
+        g = make_generator(seed, "real-steps", i)
+        model = build_model(student, info.channels, info.num_classes, info.im_size,
+                            generator=g).to(device)
+        model.train()
+        batches = [sampler.batch(batch, g) for _ in range(steps)]
+        state = student_steps(model, [p.detach() for p in model.parameters()], batches, lrs,
+                              momentum)
+        accs.append(100.0 * accuracy(load_params(model, state.params), images, labels))
+    return accs
+
+
+GRID = [(lr, m) for lr in (0.02, 0.05, 0.1, 0.2, 0.4) for m in (0.5, 0.8, 0.9)]
+
+
+def real_reference(setting: str, out: Path, root: str | None, device: str, seed: int) -> dict:
+    """Real-data students at the same T and batch: at the fixed step sizes (lr 0.02, momentum
+    0.5: what matching trains with), at the step sizes unrolled learned (when its cell
+    exists), and at the best (lr, momentum) of a grid chosen on 2000 validation images (two
+    students each), scored on test."""
+    dataset, _, kw, _ = SETTINGS[setting]
+    dev = resolve_device(device)
+    data = load_dataset(dataset, "train", root=root)
+    test = load_dataset(dataset, "test", root=root)
+    fit, val = split_validation(data, 10000)
+    fit = fit.to(dev)
+    vx, vy, tx, ty = (t.to(dev) for t in (val.images, val.labels, test.images, test.labels))
+    t, b, student = kw["inner_steps"], kw["batch_size"], kw["student"]
+    rows = {"fixed 0.02 / 0.5": real_steps_accuracy(fit, student, t, b, [0.02] * t, 0.5, tx,
+                                                   ty, seed)}
+    cell = out / "cells" / f"{setting}--unrolled.json"
+    if cell.exists():
+        last = json.loads(cell.read_text())["evals"][-1]
+        rows["unrolled's learned step sizes"] = real_steps_accuracy(
+            fit, student, t, b, last["lr"], last["momentum"], tx, ty, seed)
+    scores = {(lr, m): _mean(real_steps_accuracy(fit, student, t, b, [lr] * t, m, vx[:2000],
+                                                 vy[:2000], seed + 1, 2))
+              for lr, m in GRID}
+    lr, m = max(scores, key=lambda k: scores[k])
+    rows[f"best of grid on validation (lr {lr}, momentum {m})"] = real_steps_accuracy(
+        fit, student, t, b, [lr] * t, m, tx, ty, seed)
+    record = {"setting": setting, "rows": rows,
+              "grid_validation": {f"{k[0]}/{k[1]}": v for k, v in scores.items()}}
+    atomic_write_json(out / f"real-{setting}.json", record)
+    return record
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
@@ -163,6 +224,12 @@ def report(out: Path) -> str:
                "| variant | its | validation at 100 / 500 / last | test % (3 students) | "
                "train s | s / meta-step | saved MiB | device |",
                "|---|---|---|---|---|---|---|---|"]
+        real = out / f"real-{setting}.json"
+        for name, accs in (json.loads(real.read_text())["rows"].items() if real.exists()
+                           else ()):
+            t = torch.tensor(accs, dtype=torch.float64)
+            md.append(f"| real data, same T and batch: {name} | - | - | {float(t.mean()):.2f}"
+                      f" ± {float(t.std(unbiased=False)):.2f} | - | - | - | - |")
         for c in rows:
             r, ev = cells[c], cells[c]["evals"]
             if not ev:
@@ -238,13 +305,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--report", action="store_true", help="only rebuild the tables")
+    ap.add_argument("--real", default=None, help="SETTING,...: the real-data reference rows")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.cell:
         run_cell(args.cell, out, args.data_root, args.device, args.seed, args.resume,
                  args.iterations)
         return 0
-    if args.report:
+    if args.real:
+        for setting in args.real.split(","):
+            print(json.dumps(real_reference(setting, out, args.data_root, args.device,
+                                            args.seed)["rows"]))
+    if args.report or args.real:
         print(report(out))
         return 0
     print(run(cells_of(args.cells or "all"), out, args.workers, args.data_root, args.device,

@@ -74,3 +74,16 @@ def test_gtn_train_no_recipe_takes_the_bare_defaults(tmp_path, data_root):
     bare = GTNConfig()
     assert (gtn["meta_lr"], gtn["intermediate_every"], gtn["meta_schedule"]) == \
         (bare.meta_lr, bare.intermediate_every, "cosine")
+
+
+def test_the_recipes_in_gtn_train_help_are_the_library_table():
+    from cli import RECIPES_HELP
+    from gtn import RECIPES
+
+    text = RECIPES_HELP.split("section): ", 1)[1]
+    for method, options in RECIPES.items():
+        start = text.index(f"{method}: ")
+        chunk = text[start + len(method) + 2:].split(";")[0].rstrip(".")
+        for name, value in options.items():
+            assert f"{name}={value}" in chunk, (method, name)
+        assert chunk.count("=") == len(options), method
