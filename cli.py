@@ -8,6 +8,7 @@ errors become one-line usage errors; nothing is written when a command is refuse
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -41,24 +42,111 @@ def _library_errors() -> tuple[type[BaseException], ...]:
             ConfigError, NonFiniteError, GeneratorError, NASError)
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for an OS error: what went wrong and on which path."""
+    reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+    path = exc.filename2 if exc.filename2 is not None else exc.filename
+    if path is None:
+        return f"file system error: {reason}"
+    return f"file system error on {path}: {reason}"
+
+
+class GtnkitGroup(click.Group):
+    """The root group: an OS error anywhere in a command (a full disk, a folder made read-only
+    mid-run) is one line naming the path, and Ctrl-C (SIGINT) exits with 130, the shell's code
+    for it, after every open output folder is released (atomic writes leave no partial file)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: stopped (files already written are complete; a "
+                       "checkpointed run continues with --resume).", err=True)
+            raise click.exceptions.Exit(130) from None
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:  # a closed pipe: click's own handling
+                raise
+            raise click.ClickException(os_error_line(exc)) from None
+
+
+def claim_out(out: str, force: bool, resume: bool = False) -> Path:
+    """Own the output folder for the rest of the command (see :mod:`distill.outdir`): refused
+    when it holds a run (without ``--force``), cannot be created or written, or is in use by
+    another run; released (lock file removed, created empty folders removed) when the command
+    ends, however it ends."""
+    from distill.outdir import open_run_dir
+
+    ctx = click.get_current_context()
+    return ctx.with_resource(open_run_dir(out, overwrite=force and not resume, resume=resume))
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn the library's typed errors into one-line click usage errors."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from distill.outdir import OutDirError
+
         try:
             return fn(*args, **kwargs)
+        except OutDirError as exc:  # not a usage mistake: no usage block, just the line
+            raise click.ClickException(str(exc)) from None
         except _library_errors() as exc:
             raise click.UsageError(str(exc)) from None
 
     return wrapper
 
 
-class ClickProgress:
-    """:class:`distill.progress.Progress` drawn with click progress bars on stderr."""
+class StatusTask:
+    """Progress as one plain status line every ``interval`` seconds (and one at the end): what a
+    log file gets instead of bars when stderr is not a terminal."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, description: str, total: int, interval: float,
+                 echo: Callable[[str], None], clock: Callable[[], float] = time.monotonic):
+        self.description, self.total, self.interval = description, max(int(total), 0), interval
+        self.echo, self.clock = echo, clock
+        self.done = 0
+        self.start = self.last = clock()
+        self.shown = -1
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self.last >= self.interval:
+            self.show(now)
+
+    def show(self, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        self.last, self.shown = now, self.done
+        elapsed = now - self.start
+        line = f"{self.description}: {self.done}/{self.total}"
+        if self.total:
+            line += f" ({100 * self.done / self.total:.0f} %)"
+        line += f", {_duration(elapsed)} elapsed"
+        if 0 < self.done < self.total:
+            line += f", ETA {_duration(elapsed / self.done * (self.total - self.done))}"
+        self.echo(line)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+#: Seconds between two status lines when stderr is not a terminal.
+STATUS_INTERVAL = 30.0
+
+
+class ClickProgress:
+    """:class:`distill.progress.Progress` drawn with click progress bars on a terminal, and as
+    a periodic one-line status (step, total, elapsed, ETA) when stderr is a file or a pipe."""
+
+    def __init__(self, enabled: bool, interval: float = STATUS_INTERVAL,
+                 terminal: bool | None = None):
+        self.enabled, self.interval = enabled, interval
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
 
     @contextlib.contextmanager
     def task(self, description: str, total: int) -> Iterator[Any]:
@@ -67,6 +155,13 @@ class ClickProgress:
 
             with NullProgress().task(description, total) as t:
                 yield t
+            return
+        if not self.terminal:
+            status = StatusTask(description, total, self.interval,
+                                lambda line: click.echo(line, err=True))
+            yield status
+            if status.shown != status.done:
+                status.show()
             return
         with click.progressbar(length=total, label=description, file=sys.stderr,
                                show_eta=True, show_percent=True) as bar:
@@ -225,7 +320,7 @@ def _progress(ctx: click.Context) -> ClickProgress:
 
 
 # --------------------------------------------------------------------------- commands
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=GtnkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.option("-q", "--quiet", count=True, help="Less output: no progress bars, warnings only.")
 @click.version_option(_version("gtnkit"), prog_name="gtnkit")
@@ -314,7 +409,7 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
     from distill.data import load_dataset
     from distill.devices import resolve_device
     from distill.models import parse_model_spec
-    from distill.store import SavedSet, check_run_dir, save_set
+    from distill.store import SavedSet, save_set
     from selection import SignalConfig, SignalProvider, get_method
     from selection import select as run_select
     from selection.budget import budget_counts, check_fraction
@@ -326,7 +421,7 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
         check_fraction(fraction)
     elif ipc < 1:
         raise click.BadParameter(f"ipc must be at least 1, got {ipc}", param_hint="--ipc")
-    out_dir = check_run_dir(out, force)
+    out_dir = claim_out(out, force)
     rule_options = parse_options(options)
     rule = get_method(method, **rule_options)
     if order is not None:
@@ -418,7 +513,7 @@ def curve(ctx, dataset, fractions, methods, seeds, model, epochs, lr, batch_size
     from distill.devices import resolve_device
     from distill.engine import TrainConfig
     from distill.models import parse_model_spec
-    from distill.store import atomic_write_text, check_run_dir, save_figure
+    from distill.store import atomic_write_text, save_figure
     from selection import SignalConfig, SignalProvider
     from selection.cache import default_cache_root
     from selection.curve import CurveConfig, curve_figure, curve_markdown, run_curve, summarise
@@ -437,7 +532,7 @@ def curve(ctx, dataset, fractions, methods, seeds, model, epochs, lr, batch_size
                          test_limit=test_limit)
     parse_model_spec(model)
     parse_model_spec(feature_model)
-    out_dir = check_run_dir(out, force)
+    out_dir = claim_out(out, force)
     dev = resolve_device(device)
     train_set = load_dataset(dataset, "train", root=data_root, download=download)
     test_set = load_dataset(dataset, "test", root=data_root, download=download)
@@ -507,11 +602,11 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
     from distill.engine import EvalProtocol, TrainConfig, evaluate_set
     from distill.kip import training_labels
     from distill.models import parse_model_spec
-    from distill.store import PartialResults, check_run_dir, load_set
+    from distill.store import PartialResults, load_set
 
     if krr:
         check_kernel_options(kernel, kernel_depth, reg)
-    out_dir = check_run_dir(out, force)
+    out_dir = claim_out(out, force, resume)
     parse_model_spec(model)
     saved = load_set(set_path)
     dev = resolve_device(device)
@@ -626,9 +721,9 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
     from distill.grid import write_grid
     from distill.methods import get_method
     from distill.models import parse_model_spec
-    from distill.store import check_run_dir, save_set
+    from distill.store import save_set
 
-    out_dir = check_run_dir(out, force and not resume)
+    out_dir = claim_out(out, force, resume)
     parse_model_spec(model)
     parse_model_spec(eval_model or model)
     if learn_lr and not get_method(method).learns_lr:
@@ -719,6 +814,9 @@ def compare(runs, by, out) -> None:
     from distill.stats import comparison_markdown
     from distill.store import StoreError, atomic_write_text
 
+    if out and Path(out).is_dir():
+        raise click.BadParameter(f"{out} is a folder; give the name of a Markdown file",
+                                 param_hint="--out")
     groups: dict[str, list[float]] = {}
     for run in runs:
         try:
@@ -728,7 +826,11 @@ def compare(runs, by, out) -> None:
             raise StoreError(f"{run} holds no readable results.json/config.json") from None
         accs = results.get("accuracies")
         if not accs:
-            raise StoreError(f"{run} has no student accuracies (run it with --students > 0)")
+            raise StoreError(
+                f"{run} has no student accuracies to compare ({config.get('command', 'this')} "
+                f"run); compare takes runs that trained students: `gtnkit evaluate SET.pt`, "
+                f"`gtnkit distill` with --students >= 1, `gtnkit gtn train` (evaluate a "
+                f"`select` run's set.pt first)")
         meta = config.get("set_meta", config)
         key = {"label": results.get("label") or meta.get("method", Path(run).name),
                "method": meta.get("method", "?"), "init": meta.get("init", "?"),
@@ -750,9 +852,9 @@ def compare(runs, by, out) -> None:
 def show(set_path, out, per_class, force) -> None:
     """Draw a saved set as a PNG grid, one row per class."""
     from distill.grid import write_grid
-    from distill.store import check_run_dir, load_set
+    from distill.store import load_set
 
-    out_dir = check_run_dir(out, force)
+    out_dir = claim_out(out, force)
     saved = load_set(set_path)
     shown, ncol = write_grid(out_dir / "grid.png", saved, per_class)
     write_run(out_dir, "show", {"set": str(set_path), "per_class": per_class},
@@ -867,10 +969,10 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
     from distill.devices import resolve_device
     from distill.engine import mean_std
     from distill.grid import write_grid
-    from distill.store import SavedSet, check_run_dir
+    from distill.store import SavedSet
     from gtn import GeneratorConfig, few_step_accuracy, recipe_config, save_generator, train_gtn
 
-    out_dir = check_run_dir(out, force and not resume)
+    out_dir = claim_out(out, force, resume)
     steps = _int_list(inner_steps, "--inner-steps")
     if len(steps) != 1:
         raise click.BadParameter("one value", param_hint="--inner-steps")
@@ -932,10 +1034,10 @@ def gtn_sample(generator_path, per_class, dataset, out, seed, device, force) -> 
     """Export PER_CLASS generated images per class as a saved set (for evaluate/show/compare)."""
     from distill.devices import resolve_device
     from distill.grid import write_grid
-    from distill.store import SavedSet, check_run_dir, save_set
+    from distill.store import SavedSet, save_set
     from gtn import load_generator
 
-    out_dir = check_run_dir(out, force)
+    out_dir = claim_out(out, force)
     teacher, config = load_generator(generator_path, dataset)
     dev = resolve_device(device)
     teacher = teacher.to(dev)
@@ -974,10 +1076,9 @@ def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, recipe, 
     OUT/gtn-compare.{json,md,png}."""
     from distill.data import load_dataset
     from distill.devices import resolve_device
-    from distill.store import check_run_dir
     from gtn.compare import BUDGETS, run_comparison
 
-    out_dir = check_run_dir(out, force and not resume)
+    out_dir = claim_out(out, force, resume)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in names if m not in _gtn_methods()]
     if bad or not names:
@@ -1041,7 +1142,7 @@ def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k
 
     from distill.data import get_info, load_dataset
     from distill.devices import resolve_device
-    from distill.store import atomic_write_text, check_run_dir
+    from distill.store import atomic_write_text
     from gtn.nas import (
         NAS_BUDGETS,
         parse_proxies,
@@ -1051,7 +1152,7 @@ def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k
         run_search,
     )
 
-    out_dir = check_run_dir(out, force)
+    out_dir = claim_out(out, force)
     info = get_info(dataset)
     specs = parse_proxies(proxies)
     labels = [s.label for s in specs]

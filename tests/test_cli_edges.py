@@ -1,0 +1,243 @@
+"""The CLI at its edges: unwritable output folders refused before any work, one run per output
+folder (an OS lock; a stale lock taken over), OS errors while writing as one line, SIGINT."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.outdir import LOCK_NAME, OutDirError, OutDirLocked, check_writable, open_run_dir
+from distill.store import SavedSet, StoreError, save_set
+
+from .test_cli import assert_one_line_error, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# every command with --out, with arguments that would make it work (inputs that do not exist
+# are fine: the output folder is checked before any input is read)
+COMMANDS = {
+    "select": ["select", "--dataset", "mnist", "--method", "random", "--ipc", "1"],
+    "curve": ["curve", "--dataset", "mnist"],
+    "evaluate": ["evaluate", "SET"],
+    "show": ["show", "SET"],
+    "distill": ["distill", "--dataset", "mnist", "--method", "dc", "--ipc", "1"],
+    "distill-kip": ["distill", "--dataset", "mnist", "--method", "kip", "--ipc", "1"],
+    "gtn train": ["gtn", "train", "--dataset", "mnist"],
+    "gtn sample": ["gtn", "sample", "GEN"],
+    "gtn compare": ["gtn", "compare", "--dataset", "mnist"],
+    "nas": ["nas", "--dataset", "mnist", "--proxy", "real-subset"],
+}
+
+
+def command(name, tmp_path, out):
+    args = [str(tmp_path / "missing.pt") if a in ("SET", "GEN") else a for a in COMMANDS[name]]
+    data = [] if name in ("show", "gtn sample") else ["--data-root", str(tmp_path / "no-data")]
+    return [*args, *data, "--out", str(out)]
+
+
+def tiny_set_file(path):
+    g = torch.Generator().manual_seed(0)
+    save_set(path, SavedSet(torch.randn(20, 1, 28, 28, generator=g),
+                            torch.arange(10).repeat(2), {"dataset": "mnist"}))
+    return path
+
+
+def cli_process(*args, **kwargs):
+    """The gtnkit CLI in a child process (what a user's shell starts)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    code = "from cli import main; main(prog_name='gtnkit')"
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)
+
+
+# ----------------------------------------------------------------------- 1. a bad --out
+@pytest.mark.parametrize("name", COMMANDS)
+def test_out_under_a_file_is_refused_before_any_work(tmp_path, name):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("keep")
+    out = blocker / "run"
+    r = run(*command(name, tmp_path, out))
+    # the output folder is refused, not the missing data or input set that work would read
+    assert_one_line_error(r, str(out), "is a file")
+    assert blocker.read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["file.txt"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("name", ["select", "distill", "gtn train", "show"])
+def test_out_in_proc_is_refused_before_any_work(tmp_path, name):
+    out = Path("/proc/gtnkit-no-such-folder") / "run"
+    r = run(*command(name, tmp_path, out))
+    assert_one_line_error(r, str(out))
+    assert "no-data" not in r.output and "missing.pt" not in r.output
+    assert os.listdir(tmp_path) == []
+
+
+def test_unwritable_folder_is_refused_and_nothing_written(tmp_path):
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        r = run(*command("select", tmp_path, ro))
+        assert_one_line_error(r, str(ro), "Permission denied")
+        assert os.listdir(ro) == []
+        r = run(*command("select", tmp_path, ro / "sub"))
+        assert_one_line_error(r, str(ro / "sub"))
+    finally:
+        ro.chmod(0o700)
+
+
+def test_check_writable_reports_what_it_created(tmp_path):
+    created = check_writable(tmp_path / "a" / "b")
+    assert created == [tmp_path / "a" / "b", tmp_path / "a"]
+    assert os.listdir(tmp_path / "a" / "b") == []  # the probe is gone
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutDirError, match="not a folder"):
+        check_writable(tmp_path / "f")
+
+
+def test_refused_run_leaves_no_folder_behind(tmp_path):
+    out = tmp_path / "deep" / "out"
+    r = run(*command("select", tmp_path, out))  # the data root does not exist
+    assert_one_line_error(r, "no-data")
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------- 2. one run per folder
+HOLD = """
+import sys, time
+from distill.outdir import open_run_dir
+with open_run_dir(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_second_run_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    set_path = tiny_set_file(tmp_path / "set.pt")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = run("show", set_path, "--out", out)
+        assert_one_line_error(r, str(out), f"pid {holder.pid}", "in use")
+        assert sorted(os.listdir(out)) == [LOCK_NAME]
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the lock file stays behind
+        holder.wait()
+    assert (out / LOCK_NAME).read_text().split() == [str(holder.pid)]  # stale, process dead
+    r = run("show", set_path, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out)) == ["config.json", "grid.png", "results.json"]
+
+
+def test_two_concurrent_runs_exactly_one_succeeds(tmp_path):
+    set_path = tiny_set_file(tmp_path / "set.pt")
+    out = tmp_path / "out"
+    procs = [cli_process("show", set_path, "--out", out) for _ in range(2)]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    codes = sorted(rc for rc, _, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    _, _, err = next(r for r in results if r[0] != 0)
+    lines = [line for line in err.strip().splitlines() if line]
+    errors = [line for line in lines if line.startswith("Error")]
+    assert len(errors) == 1 and str(out) in errors[0], err
+    assert "in use" in errors[0] or "already holds a run" in errors[0]
+    assert "Traceback" not in err
+    assert sorted(os.listdir(out)) == ["config.json", "grid.png", "results.json"]
+
+
+def test_lock_is_released_and_reusable_in_process(tmp_path):
+    out = tmp_path / "o"
+    with open_run_dir(out) as d:
+        assert (d / LOCK_NAME).read_text().split() == [str(os.getpid())]
+        with pytest.raises(OutDirLocked, match=str(os.getpid())), open_run_dir(out):
+            pass
+    assert not out.exists()  # created, left empty: removed again
+    with open_run_dir(out) as d:
+        (d / "results.json").write_text("{}")
+    assert os.listdir(out) == ["results.json"]
+    with pytest.raises(StoreError, match="--force"), open_run_dir(out):
+        pass
+    with pytest.raises(StoreError, match="nothing to resume"), open_run_dir(out, resume=True):
+        pass
+
+
+# ----------------------------------------------------------------------- OS errors while writing
+def failing_replace(out):
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if str(out) in str(dst):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
+        return real(src, dst, *a, **k)
+    return replace
+
+
+def test_os_error_while_writing_is_one_line(tmp_path, monkeypatch):
+    """show, gtn sample and compare write for real; the OS refuses the final rename."""
+    set_path = tiny_set_file(tmp_path / "set.pt")
+    out = tmp_path / "out"
+    monkeypatch.setattr(os, "replace", failing_replace(out))
+    r = run("show", set_path, "--out", out)
+    assert_one_line_error(r, str(out / "grid.png"), "No space left")
+    assert not out.exists()  # no temporary file, no lock, no empty folder left
+
+    run_dir = tmp_path / "ev"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(json.dumps({"accuracies": [50.0], "label": "x"}))
+    (run_dir / "config.json").write_text("{}")
+    r = run("compare", run_dir, "--out", out / "table.md")
+    assert_one_line_error(r, str(out / "table.md"), "No space left")
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_no_command_prints_a_traceback_for_an_os_error(tmp_path, monkeypatch, name):
+    """Any OSError raised inside a command (here: where each reads its data or input) is one
+    line naming the path."""
+    import distill.data
+    import distill.store
+    import gtn
+
+    def fail(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "x.bin"))
+
+    for mod, attr in [(distill.data, "load_dataset"), (distill.store, "load_set"),
+                      (gtn, "load_generator")]:
+        monkeypatch.setattr(mod, attr, fail)
+    r = run(*command(name, tmp_path, tmp_path / "out"))
+    assert_one_line_error(r, str(tmp_path / "x.bin"), "Permission denied")
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------- SIGINT
+@pytest.mark.realdata
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigint_exits_130_and_leaves_nothing_partial(tmp_path, data_root):
+    out = tmp_path / "out"
+    p = cli_process("select", "--dataset", "mnist", "--method", "herding", "--ipc", 1,
+                    "--signal-epochs", 50, "--no-cache", "--data-root", data_root,
+                    "--out", out)
+    deadline = time.monotonic() + 60
+    while not (out / LOCK_NAME).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(3)  # into the work (loading the data, training the signal network)
+    p.send_signal(signal.SIGINT)
+    rc = p.wait(timeout=60)
+    _, err = p.communicate()
+    assert rc == 130, err
+    assert "Traceback" not in err and "Interrupted" in err
+    assert not out.exists() or os.listdir(out) == []
