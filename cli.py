@@ -336,6 +336,9 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
     """
     level = verbose - quiet
     ctx.ensure_object(dict)["verbosity"] = level
+    from distill.devices import silence_cuda_home_warning
+
+    silence_cuda_home_warning()
     logging.basicConfig(level={-1: logging.WARNING, 0: logging.INFO}.get(
         level, logging.DEBUG if level > 0 else logging.ERROR), format="%(message)s",
         stream=sys.stderr)
@@ -357,7 +360,7 @@ def datasets(data_root: str | None) -> None:
 
 
 @main.command()
-@click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
+@click.option("--dataset", required=True, type=TableChoice(_datasets), help="Data set.")
 @click.option("--method", required=True, type=TableChoice(_selection_rules),
               help="Selection rule.")
 @click.option("--ipc", type=int, default=None,
@@ -375,7 +378,7 @@ def datasets(data_root: str | None) -> None:
               help="Network whose training gives embeddings and scores.")
 @click.option("--signal-epochs", type=int, default=3, show_default=True,
               help="Epochs of that network on the candidate pool.")
-@click.option("--pool-per-class", type=int, default=None,
+@click.option("--pool-per-class", type=click.IntRange(min=1), default=None,
               help="Draw candidates from this many random images per class (default: all).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Signal cache: signals are stored under a fingerprint of (data, network, "
@@ -465,7 +468,7 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
 
 
 @main.command()
-@click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
+@click.option("--dataset", required=True, type=TableChoice(_datasets), help="Data set.")
 @click.option("--fractions", default="0.01,0.05,0.1,0.3,1", show_default=True,
               help="Comma-separated fractions of the training set, each in (0, 1]; the whole "
                    "set is always the reference.")
@@ -637,7 +640,7 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
                f"{describe(results, students)} [{result.seconds:.0f} s]")
 
 @main.command(name="distill")
-@click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
+@click.option("--dataset", required=True, type=TableChoice(_datasets), help="Data set.")
 @click.option("--method", required=True, type=TableChoice(_distill_methods),
               cls=TableHelpOption, help_from=_distill_method_help)
 @click.option("--ipc", type=click.IntRange(min=1), required=True, help="Images per class.")
@@ -889,7 +892,7 @@ def _recipes_epilog() -> str:
 
 
 @gtn.command("train", epilog=_recipes_epilog())
-@click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
+@click.option("--dataset", required=True, type=TableChoice(_datasets), help="Data set.")
 @click.option("--method", type=TableChoice(_gtn_methods), default="unrolled", show_default=True,
               cls=TableHelpOption, help_from=_gtn_method_help)
 @click.option("--inner-steps", default="32", show_default=True,
@@ -975,7 +978,10 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
     out_dir = claim_out(out, force, resume)
     steps = _int_list(inner_steps, "--inner-steps")
     if len(steps) != 1:
-        raise click.BadParameter("one value", param_hint="--inner-steps")
+        raise click.BadParameter(
+            f"gtn train trains one generator with one T (e.g. --inner-steps 32), got "
+            f"{inner_steps!r}; `gtnkit gtn compare --inner-steps 8,16,32` compares several",
+            param_hint="--inner-steps")
     widths = tuple(_int_list(width_choices, "--width-choices")) if width_choices else None
     given = {k: v for k, v in dict(meta_lr=meta_lr, meta_schedule=meta_schedule,
                                    intermediate_every=intermediate_every,
@@ -1027,7 +1033,8 @@ def torch_generator(seed: int):
 @click.argument("generator_path", metavar="GENERATOR.pt", type=click.Path(dir_okay=False))
 @click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True,
               help="Images generated per class.")
-@click.option("--dataset", default=None, help="Refuse a generator made for another shape.")
+@click.option("--dataset", default=None, type=TableChoice(_datasets),
+              help="Refuse a generator made for another data set's shape.")
 @run_options
 @handle_errors
 def gtn_sample(generator_path, per_class, dataset, out, seed, device, force) -> None:
@@ -1055,7 +1062,7 @@ def gtn_sample(generator_path, per_class, dataset, out, seed, device, force) -> 
 
 
 @gtn.command("compare")
-@click.option("--dataset", required=True, type=TableChoice(_datasets))
+@click.option("--dataset", required=True, type=TableChoice(_datasets), help="Data set.")
 @click.option("--methods", default="unrolled,implicit,matching", show_default=True,
               help="Comma-separated meta-gradients of the generator.")
 @click.option("--inner-steps", default="8,16,32,64", show_default=True,
@@ -1101,7 +1108,7 @@ def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, recipe, 
 
 
 @main.command()
-@click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
+@click.option("--dataset", required=True, type=TableChoice(_datasets), help="Data set.")
 @click.option("--n-candidates", type=click.IntRange(min=2), default=12, show_default=True,
               help="Architectures sampled from the zoo (reproducible by --seed).")
 @click.option("--proxy", "proxies", multiple=True, required=True,
