@@ -278,6 +278,16 @@ def _gtn_method_help() -> str:
         f"{name}: {text}" for name, text in _gtn_methods().items()) + "."
 
 
+def _in_cli_terms(check: Callable[..., Any], option: str, *args: Any) -> Any:
+    """``check(*args)``, its one-line library error reported against ``option``."""
+    from selection import SelectionError
+
+    try:
+        return check(*args)
+    except SelectionError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
 def parse_options(pairs: tuple[str, ...]) -> dict:
     """``("space=pixels", "iters=20")`` -> ``{"space": "pixels", "iters": 20}`` (JSON values)."""
     options = {}
@@ -421,7 +431,7 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
     if (ipc is None) == (fraction is None):
         raise click.UsageError("give exactly one of --ipc and --fraction")
     if fraction is not None:
-        check_fraction(fraction)
+        _in_cli_terms(check_fraction, "--fraction", fraction)
     elif ipc < 1:
         raise click.BadParameter(f"ipc must be at least 1, got {ipc}", param_hint="--ipc")
     out_dir = claim_out(out, force)
@@ -482,13 +492,16 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
               help="The student every cell trains (zoo spec).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Student epochs, the same for every fraction (fewer steps on less data).")
-@click.option("--lr", type=float, default=0.01, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True,
+              help="Student SGD learning rate (x0.1 at half of the epochs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Student minibatch size.")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None,
               help="Score on a fixed test subset of this size (default: the whole test set).")
 @click.option("--feature-model", default="convnet:width=16,depth=3", show_default=True,
               help="Signal network (trained once, cached, shared by every rule).")
-@click.option("--signal-epochs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--signal-epochs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Epochs of the signal network on the training set.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Signal cache (default: $GTNKIT_CACHE/signals or ~/.cache/gtnkit/signals).")
 @click.option("--resume", is_flag=True, help="Keep the finished cells of OUT/curve.json.")
@@ -519,6 +532,7 @@ def curve(ctx, dataset, fractions, methods, seeds, model, epochs, lr, batch_size
     from distill.store import atomic_write_text, save_figure
     from selection import SignalConfig, SignalProvider
     from selection.cache import default_cache_root
+    from selection.budget import check_fraction
     from selection.curve import CurveConfig, curve_figure, curve_markdown, run_curve, summarise
 
     try:
@@ -528,6 +542,8 @@ def curve(ctx, dataset, fractions, methods, seeds, model, epochs, lr, batch_size
                                  param_hint="--fractions") from None
     if lr <= 0:
         raise click.BadParameter("must be > 0", param_hint="--lr")
+    for f in fracs:
+        _in_cli_terms(check_fraction, "--fractions", f)
     config = CurveConfig(fractions=fracs, rules=tuple(m.strip() for m in methods.split(",")
                                                       if m.strip()),
                          seeds=tuple(range(seed, seed + seeds)), model=model,
@@ -575,8 +591,10 @@ def curve(ctx, dataset, fractions, methods, seeds, model, epochs, lr, batch_size
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Training epochs (default: 300, or 1000 with --augment: the DC protocol).")
 @click.option("--augment", is_flag=True, help="Train with DSA augmentation.")
-@click.option("--lr", type=float, default=0.01, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True,
+              help="Student SGD learning rate (momentum 0.9, x0.1 at half; the DC protocol).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Student minibatch size.")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None,
               help="Score on a fixed subset of this many test images (default: all).")
 @click.option("--resume", is_flag=True,
@@ -650,7 +668,8 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
                    "seeds the synthetic set.")
 @click.option("--model", default="convnet", show_default=True,
               help="Student meta-trained against (zoo spec, e.g. convnet:width=32).")
-@click.option("--iterations", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--iterations", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Meta-iterations (updates of the synthetic images).")
 @click.option("--lr", "image_lr", type=float, default=None,
               help="Teacher (image) lr. Default: 0.1 dc/dsa, 1.0 dm (SGD, momentum 0.5); "
                    "0.01 dd/ift (Adam).")
@@ -670,11 +689,14 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
               help="dd: differentiate only the last K student steps.")
 @click.option("--checkpoint-steps", type=click.IntRange(min=1), default=None,
               help="dd: gradient checkpointing, segments of this many steps.")
-@click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True)
-@click.option("--neumann-alpha", type=float, default=0.01, show_default=True)
+@click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True,
+              help="ift: terms K of the Neumann series for the inverse Hessian.")
+@click.option("--neumann-alpha", type=float, default=0.01, show_default=True,
+              help="ift: step size alpha of the Neumann series.")
 @click.option("--learn-labels", is_flag=True, help="Also learn soft labels.")
 @click.option("--learn-lr", is_flag=True, help="dd: also learn the student lr.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Write OUT/checkpoint.pt every N iterations (what --resume continues from).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Evaluate one student every N iterations (0: only at the end).")
 @click.option("--students", type=click.IntRange(min=0), default=5, show_default=True,
@@ -897,14 +919,20 @@ def _recipes_epilog() -> str:
               cls=TableHelpOption, help_from=_gtn_method_help)
 @click.option("--inner-steps", default="32", show_default=True,
               help="T: student steps per meta-iteration.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--curriculum", type=TableChoice(_curricula), default="full", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Generated images per student step.")
+@click.option("--curriculum", type=TableChoice(_curricula), default="full", show_default=True,
+              help="Where the noise of inner step t comes from: none (fresh noise every step), "
+                   "all-shuffled (one learned pool, shuffled across steps), shuffled-batch "
+                   "(T learned batches, order shuffled), full (T learned batches in order; "
+                   "the paper's best).")
 @click.option("--learn-labels", is_flag=True, help="Learn soft labels of the curriculum.")
 @click.option("--student", default="convnet:width=32", show_default=True,
               help="Zoo spec of the student.")
 @click.option("--width-choices", default=None,
               help="Randomise the student's width per meta-iteration, e.g. 16,32,64.")
-@click.option("--meta-iterations", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--meta-iterations", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Updates of the generator (each trains a fresh student T steps).")
 @click.option("--recipe/--no-recipe", default=True, show_default=True,
               help="Train with the method's measured recipe (below); options given explicitly "
                    "override it. --no-recipe: the bare defaults.")
@@ -939,18 +967,27 @@ def _recipes_epilog() -> str:
                    "[default: recipe, else 128].")
 @click.option("--validation", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Training images held out for validation.")
-@click.option("--noise-dim", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--width-fc", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--width-conv", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--weight-norm/--no-weight-norm", default=True, show_default=True)
+@click.option("--noise-dim", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Generator: length of the noise vector (one-hot label appended).")
+@click.option("--width-fc", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Generator: width of the fully connected layer.")
+@click.option("--width-conv", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Generator: channels of the convolutional layers.")
+@click.option("--weight-norm/--no-weight-norm", default=True, show_default=True,
+              help="Generator: weight normalisation on its layers.")
 @click.option("--checkpoint-steps", type=click.IntRange(min=1), default=None,
               help="unrolled: gradient checkpointing, segments of this many steps.")
-@click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True)
-@click.option("--neumann-alpha", type=float, default=0.02, show_default=True)
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True,
+              help="implicit: terms K of the Neumann series for the inverse Hessian.")
+@click.option("--neumann-alpha", type=float, default=0.02, show_default=True,
+              help="implicit: step size alpha of the Neumann series.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Write OUT/checkpoint.pt every N meta-iterations (what --resume continues "
+                   "from).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Few-step validation accuracy every N meta-iterations.")
-@click.option("--students", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--students", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Fresh students trained T steps on the generator's curriculum to score it.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @data_options
 @run_options
@@ -1067,8 +1104,15 @@ def gtn_sample(generator_path, per_class, dataset, out, seed, device, force) -> 
               help="Comma-separated meta-gradients of the generator.")
 @click.option("--inner-steps", default="8,16,32,64", show_default=True,
               help="Comma-separated T values.")
-@click.option("--budget", type=TableChoice(_gtn_budgets), default="smoke", show_default=True)
-@click.option("--curriculum", type=TableChoice(_curricula), default="full", show_default=True)
+@click.option("--budget", type=TableChoice(_gtn_budgets), default="smoke", show_default=True,
+              help="smoke: 2 meta-iterations, proves the path (accuracies mean nothing); "
+                   "short: 20 meta-iterations, small generator and student, for a CPU; paper: "
+                   "2000 meta-iterations, the paper's generator (wants a GPU).")
+@click.option("--curriculum", type=TableChoice(_curricula), default="full", show_default=True,
+              help="Where the noise of inner step t comes from: none (fresh noise every step), "
+                   "all-shuffled (one learned pool, shuffled across steps), shuffled-batch "
+                   "(T learned batches, order shuffled), full (T learned batches in order; "
+                   "the paper's best).")
 @click.option("--recipe/--no-recipe", default=True, show_default=True,
               help="Train each method with its measured recipe (see `gtn train --help`); "
                    "--no-recipe: the bare defaults.")

@@ -134,6 +134,8 @@ def get_method(name: str, **options: Any) -> SelectionMethod:
             f"options (--option KEY=VALUE) are: {valid}")
     try:
         return cls(**options)
+    except SelectionError as exc:  # the rule refused a value
+        raise SelectionError(f"selection method {name!r}: {exc} (--option KEY=VALUE)") from None
     except (TypeError, ValueError) as exc:  # a value of the wrong type
         raise SelectionError(f"bad option value for selection method {name!r} "
                              f"({', '.join(f'{k}={v!r}' for k, v in options.items())}): "

@@ -228,15 +228,21 @@ def test_no_command_prints_a_traceback_for_an_os_error(tmp_path, monkeypatch, na
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigint_exits_130_and_leaves_nothing_partial(tmp_path, data_root):
     out = tmp_path / "out"
+    # a background job inherits SIGINT ignored (as under `nohup make test &`): the child
+    # gets the default disposition, as in a terminal, so Python turns it into KeyboardInterrupt
     p = cli_process("select", "--dataset", "mnist", "--method", "herding", "--ipc", 1,
                     "--signal-epochs", 50, "--no-cache", "--data-root", data_root,
-                    "--out", out)
+                    "--out", out,
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (out / LOCK_NAME).exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    time.sleep(3)  # into the work (loading the data, training the signal network)
+    time.sleep(1)  # into the work (loading the data, training the signal network)
     p.send_signal(signal.SIGINT)
-    rc = p.wait(timeout=60)
+    try:
+        rc = p.wait(timeout=60)
+    finally:
+        p.kill()
     _, err = p.communicate()
     assert rc == 130, err
     assert "Traceback" not in err and "Interrupted" in err
@@ -249,6 +255,28 @@ def test_unknown_rule_option_lists_the_valid_keys(tmp_path):
             "--option", "spaec=pixels", "--data-root", tmp_path, "--out", tmp_path / "o")
     assert_one_line_error(r, "'spaec'", "space, normalize", "--option")
     assert "__init__" not in r.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["select", "--dataset", "mnist", "--method", "random", "--ipc", "1", "--feature-model",
+      "convnet:widht=16"], ["'widht'", "width, depth, norm, act, pool"]),
+    (["evaluate", "SET", "--model", "mlp:depth=2"], ["'depth'", "width, act"]),
+    (["gtn", "train", "--dataset", "mnist", "--student", "lenet:width=8"], ["'width'", "act"]),
+    (["curve", "--dataset", "mnist", "--fractions", "0.1,2"], ["--fractions", "(0, 1]"]),
+    (["curve", "--dataset", "mnist", "--methods", "random:hardest"], ["not a score rule"]),
+    (["select", "--dataset", "mnist", "--method", "dbscan", "--ipc", "1", "--option", "eps=-1"],
+     ["eps must be > 0", "--option"]),
+    (["gtn", "train", "--dataset", "mnist", "--method", "matching", "--batch-size", "4"],
+     ["--batch-size", ">= 20"]),
+])
+def test_library_refusals_speak_cli(tmp_path, args, needles):
+    """The sweep: model options, fractions, rule options and GTN sizes named as the CLI
+    spells them, with the valid values; refused before any work, nothing left behind."""
+    args = [str(tmp_path / "missing.pt") if a == "SET" else a for a in args]
+    r = run(*args, "--data-root", tmp_path / "nodata", "--out", tmp_path / "o")
+    assert_one_line_error(r, *needles)
+    assert "__init__" not in r.output and "nodata" not in r.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_rule_option_value_is_one_line():
@@ -347,22 +375,65 @@ def test_progress_in_a_log_is_status_lines_not_bare_words(tmp_path, monkeypatch)
     assert not any(line.strip() in ("student 1/2", "student 2/2") for line in lines)
 
 
-def test_no_cuda_home_warning(tmp_path):
-    """torch logs "No CUDA runtime is found" when a CUDA toolkit is installed but no GPU is;
-    the CLI drops that one record (torch.compile imports the module that logs it)."""
-    code = ("import sys, logging\n"
-            "if sys.argv[1] == 'cli':\n"
-            "    from cli import main\n"
-            "    main(['datasets', '--data-root', sys.argv[2]], standalone_mode=False)\n"
-            "else:\n"
-            "    logging.basicConfig()\n"
-            "import torch.utils.cpp_extension\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_HOME": str(tmp_path)}
+def test_no_cuda_home_warning(tmp_path, monkeypatch):
+    """torch logs "No CUDA runtime is found, using CUDA_HOME=..." when it finds a CUDA toolkit
+    but no GPU (on importing torch.utils.cpp_extension, which torch.compile does); once the
+    CLI runs, that record, and only it, is dropped."""
+    import logging
 
-    def stderr(mode):
-        return subprocess.run([sys.executable, "-c", code, mode, str(tmp_path)], env=env,
-                              capture_output=True, text=True, timeout=120).stderr
+    import torch.utils.cpp_extension as cpp
+    from distill.devices import _CUDA_HOME_FILTER
 
-    if "No CUDA runtime is found" not in stderr("bare"):
-        pytest.skip("torch does not log the warning here (a GPU is present)")
-    assert "No CUDA runtime is found" not in stderr("cli")
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    monkeypatch.setattr(logger, "filters", [f for f in logger.filters
+                                            if f is not _CUDA_HOME_FILTER])
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Keep(level=logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        cpp._find_cuda_home()
+        assert [r.getMessage() for r in records] == [
+            f"No CUDA runtime is found, using CUDA_HOME='{tmp_path}'"]  # torch does log it
+        assert run("datasets", "--data-root", tmp_path).exit_code == 0
+        records.clear()
+        cpp._find_cuda_home()
+        logger.warning("another warning")
+        assert [r.getMessage() for r in records] == ["another warning"]
+    finally:
+        logger.removeHandler(handler)
+
+
+# ----------------------------------------------------------------------- 6. the demo plot
+def test_demo_plot_log_memory_title_and_fixed_set(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import gtn.compare as compare
+
+    figures = []
+    monkeypatch.setattr(compare, "save_figure", lambda fig, path, dpi=100: figures.append(fig))
+    mib = {"unrolled": [53, 405], "implicit": [13.1, 13.1], "matching": [10.5, 10.5]}
+    cells = {f"{m}-{t}": {"method": m, "T": t, "memory": {"saved_peak_bytes": mem * 2**20},
+                          "few_step_mean": 50.0 + i, "few_step_std": 1.0,
+                          "fixed_set_mean": 60.0 + i, "fixed_set_std": 2.0}
+             for i, (m, mems) in enumerate(mib.items()) for t, mem in zip((8, 64), mems)}
+    state = {"dataset": "mnist", "budget": {"name": "smoke", "meta_iterations": 2},
+             "curriculum": "full", "cells": cells}
+    assert compare.plot(state, tmp_path / "p.png")
+    (fig,) = figures
+    memory, accuracy = fig.axes
+    assert memory.get_yscale() == "log"
+    assert "mnist" in fig._suptitle.get_text() and "smoke" in fig._suptitle.get_text()
+    lines = {line.get_label(): line for line in memory.get_lines()}
+    styles = {(lines[m].get_marker(), lines[m].get_linestyle()) for m in mib}
+    assert len(styles) == 3  # the three methods look different even where they overlap
+    assert [y for y in lines["implicit"].get_ydata()] == pytest.approx([13.1, 13.1])
+    labels = [c.get_label() for c in accuracy.containers]
+    assert sorted(labels) == sorted(f"{m}: {k}" for m in mib for k in ("few-step", "fixed set"))
+    fixed = next(c for c in accuracy.containers if c.get_label() == "unrolled: fixed set")
+    assert list(fixed.lines[0].get_ydata()) == [60.0, 60.0]
