@@ -531,8 +531,8 @@ def curve(ctx, dataset, fractions, methods, seeds, model, epochs, lr, batch_size
     from distill.models import parse_model_spec
     from distill.store import atomic_write_text, save_figure
     from selection import SignalConfig, SignalProvider
-    from selection.cache import default_cache_root
     from selection.budget import check_fraction
+    from selection.cache import default_cache_root
     from selection.curve import CurveConfig, curve_figure, curve_markdown, run_curve, summarise
 
     try:

@@ -382,6 +382,7 @@ def test_no_cuda_home_warning(tmp_path, monkeypatch):
     import logging
 
     import torch.utils.cpp_extension as cpp
+
     from distill.devices import _CUDA_HOME_FILTER
 
     logger = logging.getLogger("torch.utils.cpp_extension")

@@ -22,7 +22,7 @@ TINY = ["--inner-steps", 2, "--batch-size", 20, "--student", "convnet:width=4,de
     (["train", "--dataset", "mnist", "--student", "gpt"], "convnet"),
     (["train", "--dataset", "mnist", "--method", "matching", "--batch-size", "10"],
      "batch size (--batch-size) must be >= 20"),
-    (["train", "--dataset", "mnist", "--batch-size", "1"], "batch size (--batch-size) must be >= 2"),
+    (["train", "--dataset", "mnist", "--batch-size", "1"], "(--batch-size) must be >= 2"),
     (["compare", "--dataset", "mnist", "--methods", "unrolled,magic"], "magic"),
     (["compare", "--dataset", "mnist", "--inner-steps", "8,0"], "--inner-steps"),
     (["compare", "--dataset", "svhn"], "mnist"),
