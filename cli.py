@@ -80,6 +80,18 @@ def claim_out(out: str, force: bool, resume: bool = False) -> Path:
     return ctx.with_resource(open_run_dir(out, overwrite=force and not resume, resume=resume))
 
 
+def check_writable(folder: str, option: str) -> None:
+    """A folder besides --out that the command will write (a cache): created and probed before
+    any work; an unwritable one is one line naming the option and the path."""
+    from distill.outdir import OutDirError
+    from distill.outdir import check_writable as probe
+
+    try:
+        probe(folder)
+    except OutDirError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn the library's typed errors into one-line click usage errors."""
 
@@ -449,6 +461,8 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
     dev = resolve_device(device)
     signal_config = SignalConfig.of(feature_model, signal_epochs, pool_per_class)
     cache_root = None if no_cache else Path(cache_dir or default_cache_root() / "signals")
+    if cache_dir and not no_cache:
+        check_writable(cache_dir, "--cache-dir")
     data = load_dataset(dataset, "train", root=data_root, download=download)
     provider = SignalProvider(data, signal_config, seed=seed, device=dev, progress=_progress(ctx),
                               cache_root=cache_root)
@@ -552,6 +566,8 @@ def curve(ctx, dataset, fractions, methods, seeds, model, epochs, lr, batch_size
     parse_model_spec(model)
     parse_model_spec(feature_model)
     out_dir = claim_out(out, force)
+    if cache_dir:
+        check_writable(cache_dir, "--cache-dir")
     dev = resolve_device(device)
     train_set = load_dataset(dataset, "train", root=data_root, download=download)
     test_set = load_dataset(dataset, "test", root=data_root, download=download)
@@ -918,7 +934,8 @@ def _recipes_epilog() -> str:
 @click.option("--method", type=TableChoice(_gtn_methods), default="unrolled", show_default=True,
               cls=TableHelpOption, help_from=_gtn_method_help)
 @click.option("--inner-steps", default="32", show_default=True,
-              help="T: student steps per meta-iteration.")
+              help="T: student steps per meta-iteration (one value; `gtn compare` compares "
+                   "several).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Generated images per student step.")
 @click.option("--curriculum", type=TableChoice(_curricula), default="full", show_default=True,
@@ -1101,7 +1118,8 @@ def gtn_sample(generator_path, per_class, dataset, out, seed, device, force) -> 
 @gtn.command("compare")
 @click.option("--dataset", required=True, type=TableChoice(_datasets), help="Data set.")
 @click.option("--methods", default="unrolled,implicit,matching", show_default=True,
-              help="Comma-separated meta-gradients of the generator.")
+              help="Comma-separated meta-gradients of the generator, from unrolled, "
+                   "implicit, matching.")
 @click.option("--inner-steps", default="8,16,32,64", show_default=True,
               help="Comma-separated T values.")
 @click.option("--budget", type=TableChoice(_gtn_budgets), default="smoke", show_default=True,
@@ -1204,6 +1222,8 @@ def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k
     )
 
     out_dir = claim_out(out, force)
+    if cache:
+        check_writable(cache, "--cache")
     info = get_info(dataset)
     specs = parse_proxies(proxies)
     labels = [s.label for s in specs]

@@ -438,3 +438,13 @@ def test_demo_plot_log_memory_title_and_fixed_set(tmp_path, monkeypatch):
     assert sorted(labels) == sorted(f"{m}: {k}" for m in mib for k in ("few-step", "fixed set"))
     fixed = next(c for c in accuracy.containers if c.get_label() == "unrolled: fixed set")
     assert list(fixed.lines[0].get_ydata()) == [60.0, 60.0]
+
+
+@pytest.mark.parametrize("name,option", [("select", "--cache-dir"), ("curve", "--cache-dir"),
+                                         ("nas", "--cache")])
+def test_unwritable_cache_folder_is_refused_before_any_work(tmp_path, name, option):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("keep")
+    r = run(*command(name, tmp_path, tmp_path / "out"), option, blocker / "cache")
+    assert_one_line_error(r, option, str(blocker / "cache"), "is a file")
+    assert sorted(os.listdir(tmp_path)) == ["file.txt"]
