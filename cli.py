@@ -344,7 +344,8 @@ def _progress(ctx: click.Context) -> ClickProgress:
 # --------------------------------------------------------------------------- commands
 @click.group(cls=GtnkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
-@click.option("-q", "--quiet", count=True, help="Less output: no progress bars, warnings only.")
+@click.option("-q", "--quiet", count=True,
+              help="Less output: no progress bars or status lines, warnings only.")
 @click.version_option(_version("gtnkit"), prog_name="gtnkit")
 @click.pass_context
 def main(ctx: click.Context, verbose: int, quiet: int) -> None:
