@@ -8,6 +8,7 @@ errors become one-line usage errors; nothing is written when a command is refuse
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -41,24 +42,123 @@ def _library_errors() -> tuple[type[BaseException], ...]:
             ConfigError, NonFiniteError, GeneratorError, NASError)
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for an OS error: what went wrong and on which path."""
+    reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+    path = exc.filename2 if exc.filename2 is not None else exc.filename
+    if path is None:
+        return f"file system error: {reason}"
+    return f"file system error on {path}: {reason}"
+
+
+class GtnkitGroup(click.Group):
+    """The root group: an OS error anywhere in a command (a full disk, a folder made read-only
+    mid-run) is one line naming the path, and Ctrl-C (SIGINT) exits with 130, the shell's code
+    for it, after every open output folder is released (atomic writes leave no partial file)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: stopped (files already written are complete; a "
+                       "checkpointed run continues with --resume).", err=True)
+            raise click.exceptions.Exit(130) from None
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:  # a closed pipe: click's own handling
+                raise
+            raise click.ClickException(os_error_line(exc)) from None
+
+
+def claim_out(out: str, force: bool, resume: bool = False) -> Path:
+    """Own the output folder for the rest of the command (see :mod:`distill.outdir`): refused
+    when it holds a run (without ``--force``), cannot be created or written, or is in use by
+    another run; released (lock file removed, created empty folders removed) when the command
+    ends, however it ends."""
+    from distill.outdir import open_run_dir
+
+    ctx = click.get_current_context()
+    return ctx.with_resource(open_run_dir(out, overwrite=force and not resume, resume=resume))
+
+
+def check_writable(folder: str, option: str) -> None:
+    """A folder besides --out that the command will write (a cache): created and probed before
+    any work; an unwritable one is one line naming the option and the path."""
+    from distill.outdir import OutDirError
+    from distill.outdir import check_writable as probe
+
+    try:
+        probe(folder)
+    except OutDirError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn the library's typed errors into one-line click usage errors."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from distill.outdir import OutDirError
+
         try:
             return fn(*args, **kwargs)
+        except OutDirError as exc:  # not a usage mistake: no usage block, just the line
+            raise click.ClickException(str(exc)) from None
         except _library_errors() as exc:
             raise click.UsageError(str(exc)) from None
 
     return wrapper
 
 
-class ClickProgress:
-    """:class:`distill.progress.Progress` drawn with click progress bars on stderr."""
+class StatusTask:
+    """Progress as one plain status line every ``interval`` seconds (and one at the end): what a
+    log file gets instead of bars when stderr is not a terminal."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, description: str, total: int, interval: float,
+                 echo: Callable[[str], None], clock: Callable[[], float] = time.monotonic):
+        self.description, self.total, self.interval = description, max(int(total), 0), interval
+        self.echo, self.clock = echo, clock
+        self.done = 0
+        self.start = self.last = clock()
+        self.shown = -1
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self.last >= self.interval:
+            self.show(now)
+
+    def show(self, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        self.last, self.shown = now, self.done
+        elapsed = now - self.start
+        line = f"{self.description}: {self.done}/{self.total}"
+        if self.total:
+            line += f" ({100 * self.done / self.total:.0f} %)"
+        line += f", {_duration(elapsed)} elapsed"
+        if 0 < self.done < self.total:
+            line += f", ETA {_duration(elapsed / self.done * (self.total - self.done))}"
+        self.echo(line)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+#: Seconds between two status lines when stderr is not a terminal.
+STATUS_INTERVAL = 30.0
+
+
+class ClickProgress:
+    """:class:`distill.progress.Progress` drawn with click progress bars on a terminal, and as
+    a periodic one-line status (step, total, elapsed, ETA) when stderr is a file or a pipe."""
+
+    def __init__(self, enabled: bool, interval: float = STATUS_INTERVAL,
+                 terminal: bool | None = None):
+        self.enabled, self.interval = enabled, interval
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
 
     @contextlib.contextmanager
     def task(self, description: str, total: int) -> Iterator[Any]:
@@ -67,6 +167,13 @@ class ClickProgress:
 
             with NullProgress().task(description, total) as t:
                 yield t
+            return
+        if not self.terminal:
+            status = StatusTask(description, total, self.interval,
+                                lambda line: click.echo(line, err=True))
+            yield status
+            if status.shown != status.done:
+                status.show()
             return
         with click.progressbar(length=total, label=description, file=sys.stderr,
                                show_eta=True, show_percent=True) as bar:
@@ -183,6 +290,16 @@ def _gtn_method_help() -> str:
         f"{name}: {text}" for name, text in _gtn_methods().items()) + "."
 
 
+def _in_cli_terms(check: Callable[..., Any], option: str, *args: Any) -> Any:
+    """``check(*args)``, its one-line library error reported against ``option``."""
+    from selection import SelectionError
+
+    try:
+        return check(*args)
+    except SelectionError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
 def parse_options(pairs: tuple[str, ...]) -> dict:
     """``("space=pixels", "iters=20")`` -> ``{"space": "pixels", "iters": 20}`` (JSON values)."""
     options = {}
@@ -225,9 +342,10 @@ def _progress(ctx: click.Context) -> ClickProgress:
 
 
 # --------------------------------------------------------------------------- commands
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=GtnkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
-@click.option("-q", "--quiet", count=True, help="Less output: no progress bars, warnings only.")
+@click.option("-q", "--quiet", count=True,
+              help="Less output: no progress bars or status lines, warnings only.")
 @click.version_option(_version("gtnkit"), prog_name="gtnkit")
 @click.pass_context
 def main(ctx: click.Context, verbose: int, quiet: int) -> None:
@@ -241,6 +359,9 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
     """
     level = verbose - quiet
     ctx.ensure_object(dict)["verbosity"] = level
+    from distill.devices import silence_cuda_home_warning
+
+    silence_cuda_home_warning()
     logging.basicConfig(level={-1: logging.WARNING, 0: logging.INFO}.get(
         level, logging.DEBUG if level > 0 else logging.ERROR), format="%(message)s",
         stream=sys.stderr)
@@ -262,7 +383,7 @@ def datasets(data_root: str | None) -> None:
 
 
 @main.command()
-@click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
+@click.option("--dataset", required=True, type=TableChoice(_datasets), help="Data set.")
 @click.option("--method", required=True, type=TableChoice(_selection_rules),
               help="Selection rule.")
 @click.option("--ipc", type=int, default=None,
@@ -280,7 +401,7 @@ def datasets(data_root: str | None) -> None:
               help="Network whose training gives embeddings and scores.")
 @click.option("--signal-epochs", type=int, default=3, show_default=True,
               help="Epochs of that network on the candidate pool.")
-@click.option("--pool-per-class", type=int, default=None,
+@click.option("--pool-per-class", type=click.IntRange(min=1), default=None,
               help="Draw candidates from this many random images per class (default: all).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Signal cache: signals are stored under a fingerprint of (data, network, "
@@ -314,7 +435,7 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
     from distill.data import load_dataset
     from distill.devices import resolve_device
     from distill.models import parse_model_spec
-    from distill.store import SavedSet, check_run_dir, save_set
+    from distill.store import SavedSet, save_set
     from selection import SignalConfig, SignalProvider, get_method
     from selection import select as run_select
     from selection.budget import budget_counts, check_fraction
@@ -323,10 +444,10 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
     if (ipc is None) == (fraction is None):
         raise click.UsageError("give exactly one of --ipc and --fraction")
     if fraction is not None:
-        check_fraction(fraction)
+        _in_cli_terms(check_fraction, "--fraction", fraction)
     elif ipc < 1:
         raise click.BadParameter(f"ipc must be at least 1, got {ipc}", param_hint="--ipc")
-    out_dir = check_run_dir(out, force)
+    out_dir = claim_out(out, force)
     rule_options = parse_options(options)
     rule = get_method(method, **rule_options)
     if order is not None:
@@ -341,6 +462,8 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
     dev = resolve_device(device)
     signal_config = SignalConfig.of(feature_model, signal_epochs, pool_per_class)
     cache_root = None if no_cache else Path(cache_dir or default_cache_root() / "signals")
+    if cache_dir and not no_cache:
+        check_writable(cache_dir, "--cache-dir")
     data = load_dataset(dataset, "train", root=data_root, download=download)
     provider = SignalProvider(data, signal_config, seed=seed, device=dev, progress=_progress(ctx),
                               cache_root=cache_root)
@@ -370,7 +493,7 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
 
 
 @main.command()
-@click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
+@click.option("--dataset", required=True, type=TableChoice(_datasets), help="Data set.")
 @click.option("--fractions", default="0.01,0.05,0.1,0.3,1", show_default=True,
               help="Comma-separated fractions of the training set, each in (0, 1]; the whole "
                    "set is always the reference.")
@@ -384,13 +507,16 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
               help="The student every cell trains (zoo spec).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Student epochs, the same for every fraction (fewer steps on less data).")
-@click.option("--lr", type=float, default=0.01, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True,
+              help="Student SGD learning rate (x0.1 at half of the epochs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Student minibatch size.")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None,
               help="Score on a fixed test subset of this size (default: the whole test set).")
 @click.option("--feature-model", default="convnet:width=16,depth=3", show_default=True,
               help="Signal network (trained once, cached, shared by every rule).")
-@click.option("--signal-epochs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--signal-epochs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Epochs of the signal network on the training set.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Signal cache (default: $GTNKIT_CACHE/signals or ~/.cache/gtnkit/signals).")
 @click.option("--resume", is_flag=True, help="Keep the finished cells of OUT/curve.json.")
@@ -418,8 +544,9 @@ def curve(ctx, dataset, fractions, methods, seeds, model, epochs, lr, batch_size
     from distill.devices import resolve_device
     from distill.engine import TrainConfig
     from distill.models import parse_model_spec
-    from distill.store import atomic_write_text, check_run_dir, save_figure
+    from distill.store import atomic_write_text, save_figure
     from selection import SignalConfig, SignalProvider
+    from selection.budget import check_fraction
     from selection.cache import default_cache_root
     from selection.curve import CurveConfig, curve_figure, curve_markdown, run_curve, summarise
 
@@ -430,6 +557,8 @@ def curve(ctx, dataset, fractions, methods, seeds, model, epochs, lr, batch_size
                                  param_hint="--fractions") from None
     if lr <= 0:
         raise click.BadParameter("must be > 0", param_hint="--lr")
+    for f in fracs:
+        _in_cli_terms(check_fraction, "--fractions", f)
     config = CurveConfig(fractions=fracs, rules=tuple(m.strip() for m in methods.split(",")
                                                       if m.strip()),
                          seeds=tuple(range(seed, seed + seeds)), model=model,
@@ -437,7 +566,9 @@ def curve(ctx, dataset, fractions, methods, seeds, model, epochs, lr, batch_size
                          test_limit=test_limit)
     parse_model_spec(model)
     parse_model_spec(feature_model)
-    out_dir = check_run_dir(out, force)
+    out_dir = claim_out(out, force)
+    if cache_dir:
+        check_writable(cache_dir, "--cache-dir")
     dev = resolve_device(device)
     train_set = load_dataset(dataset, "train", root=data_root, download=download)
     test_set = load_dataset(dataset, "test", root=data_root, download=download)
@@ -477,8 +608,10 @@ def curve(ctx, dataset, fractions, methods, seeds, model, epochs, lr, batch_size
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Training epochs (default: 300, or 1000 with --augment: the DC protocol).")
 @click.option("--augment", is_flag=True, help="Train with DSA augmentation.")
-@click.option("--lr", type=float, default=0.01, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True,
+              help="Student SGD learning rate (momentum 0.9, x0.1 at half; the DC protocol).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Student minibatch size.")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None,
               help="Score on a fixed subset of this many test images (default: all).")
 @click.option("--resume", is_flag=True,
@@ -507,11 +640,11 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
     from distill.engine import EvalProtocol, TrainConfig, evaluate_set
     from distill.kip import training_labels
     from distill.models import parse_model_spec
-    from distill.store import PartialResults, check_run_dir, load_set
+    from distill.store import PartialResults, load_set
 
     if krr:
         check_kernel_options(kernel, kernel_depth, reg)
-    out_dir = check_run_dir(out, force)
+    out_dir = claim_out(out, force, resume)
     parse_model_spec(model)
     saved = load_set(set_path)
     dev = resolve_device(device)
@@ -542,7 +675,7 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
                f"{describe(results, students)} [{result.seconds:.0f} s]")
 
 @main.command(name="distill")
-@click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
+@click.option("--dataset", required=True, type=TableChoice(_datasets), help="Data set.")
 @click.option("--method", required=True, type=TableChoice(_distill_methods),
               cls=TableHelpOption, help_from=_distill_method_help)
 @click.option("--ipc", type=click.IntRange(min=1), required=True, help="Images per class.")
@@ -552,7 +685,8 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
                    "seeds the synthetic set.")
 @click.option("--model", default="convnet", show_default=True,
               help="Student meta-trained against (zoo spec, e.g. convnet:width=32).")
-@click.option("--iterations", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--iterations", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Meta-iterations (updates of the synthetic images).")
 @click.option("--lr", "image_lr", type=float, default=None,
               help="Teacher (image) lr. Default: 0.1 dc/dsa, 1.0 dm (SGD, momentum 0.5); "
                    "0.01 dd/ift (Adam).")
@@ -572,11 +706,14 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
               help="dd: differentiate only the last K student steps.")
 @click.option("--checkpoint-steps", type=click.IntRange(min=1), default=None,
               help="dd: gradient checkpointing, segments of this many steps.")
-@click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True)
-@click.option("--neumann-alpha", type=float, default=0.01, show_default=True)
+@click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True,
+              help="ift: terms K of the Neumann series for the inverse Hessian.")
+@click.option("--neumann-alpha", type=float, default=0.01, show_default=True,
+              help="ift: step size alpha of the Neumann series.")
 @click.option("--learn-labels", is_flag=True, help="Also learn soft labels.")
 @click.option("--learn-lr", is_flag=True, help="dd: also learn the student lr.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Write OUT/checkpoint.pt every N iterations (what --resume continues from).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Evaluate one student every N iterations (0: only at the end).")
 @click.option("--students", type=click.IntRange(min=0), default=5, show_default=True,
@@ -626,9 +763,9 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
     from distill.grid import write_grid
     from distill.methods import get_method
     from distill.models import parse_model_spec
-    from distill.store import check_run_dir, save_set
+    from distill.store import save_set
 
-    out_dir = check_run_dir(out, force and not resume)
+    out_dir = claim_out(out, force, resume)
     parse_model_spec(model)
     parse_model_spec(eval_model or model)
     if learn_lr and not get_method(method).learns_lr:
@@ -719,6 +856,9 @@ def compare(runs, by, out) -> None:
     from distill.stats import comparison_markdown
     from distill.store import StoreError, atomic_write_text
 
+    if out and Path(out).is_dir():
+        raise click.BadParameter(f"{out} is a folder; give the name of a Markdown file",
+                                 param_hint="--out")
     groups: dict[str, list[float]] = {}
     for run in runs:
         try:
@@ -728,7 +868,11 @@ def compare(runs, by, out) -> None:
             raise StoreError(f"{run} holds no readable results.json/config.json") from None
         accs = results.get("accuracies")
         if not accs:
-            raise StoreError(f"{run} has no student accuracies (run it with --students > 0)")
+            raise StoreError(
+                f"{run} has no student accuracies to compare ({config.get('command', 'this')} "
+                f"run); compare takes runs that trained students: `gtnkit evaluate SET.pt`, "
+                f"`gtnkit distill` with --students >= 1, `gtnkit gtn train` (evaluate a "
+                f"`select` run's set.pt first)")
         meta = config.get("set_meta", config)
         key = {"label": results.get("label") or meta.get("method", Path(run).name),
                "method": meta.get("method", "?"), "init": meta.get("init", "?"),
@@ -750,9 +894,9 @@ def compare(runs, by, out) -> None:
 def show(set_path, out, per_class, force) -> None:
     """Draw a saved set as a PNG grid, one row per class."""
     from distill.grid import write_grid
-    from distill.store import check_run_dir, load_set
+    from distill.store import load_set
 
-    out_dir = check_run_dir(out, force)
+    out_dir = claim_out(out, force)
     saved = load_set(set_path)
     shown, ncol = write_grid(out_dir / "grid.png", saved, per_class)
     write_run(out_dir, "show", {"set": str(set_path), "per_class": per_class},
@@ -788,19 +932,26 @@ RECIPES_HELP = ("Recipes (measured on MNIST; see the README's GTN recipe section
 
 
 @gtn.command("train", epilog=RECIPES_HELP)
-@click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
+@click.option("--dataset", required=True, type=TableChoice(_datasets), help="Data set.")
 @click.option("--method", type=TableChoice(_gtn_methods), default="unrolled", show_default=True,
               cls=TableHelpOption, help_from=_gtn_method_help)
 @click.option("--inner-steps", default="32", show_default=True,
-              help="T: student steps per meta-iteration.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--curriculum", type=TableChoice(_curricula), default="full", show_default=True)
+              help="T: student steps per meta-iteration (one value; `gtn compare` compares "
+                   "several).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Generated images per student step.")
+@click.option("--curriculum", type=TableChoice(_curricula), default="full", show_default=True,
+              help="Where the noise of inner step t comes from: none (fresh noise every step), "
+                   "all-shuffled (one learned pool, shuffled across steps), shuffled-batch "
+                   "(T learned batches, order shuffled), full (T learned batches in order; "
+                   "the paper's best).")
 @click.option("--learn-labels", is_flag=True, help="Learn soft labels of the curriculum.")
 @click.option("--student", default="convnet:width=32", show_default=True,
               help="Zoo spec of the student.")
 @click.option("--width-choices", default=None,
               help="Randomise the student's width per meta-iteration, e.g. 16,32,64.")
-@click.option("--meta-iterations", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--meta-iterations", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Updates of the generator (each trains a fresh student T steps).")
 @click.option("--recipe/--no-recipe", default=True, show_default=True,
               help="Train with the method's measured recipe (below); options given explicitly "
                    "override it. --no-recipe: the bare defaults.")
@@ -835,18 +986,27 @@ RECIPES_HELP = ("Recipes (measured on MNIST; see the README's GTN recipe section
                    "[default: recipe, else 128].")
 @click.option("--validation", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Training images held out for validation.")
-@click.option("--noise-dim", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--width-fc", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--width-conv", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--weight-norm/--no-weight-norm", default=True, show_default=True)
+@click.option("--noise-dim", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Generator: length of the noise vector (one-hot label appended).")
+@click.option("--width-fc", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Generator: width of the fully connected layer.")
+@click.option("--width-conv", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Generator: channels of the convolutional layers.")
+@click.option("--weight-norm/--no-weight-norm", default=True, show_default=True,
+              help="Generator: weight normalisation on its layers.")
 @click.option("--checkpoint-steps", type=click.IntRange(min=1), default=None,
               help="unrolled: gradient checkpointing, segments of this many steps.")
-@click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True)
-@click.option("--neumann-alpha", type=float, default=0.02, show_default=True)
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True,
+              help="implicit: terms K of the Neumann series for the inverse Hessian.")
+@click.option("--neumann-alpha", type=float, default=0.02, show_default=True,
+              help="implicit: step size alpha of the Neumann series.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Write OUT/checkpoint.pt every N meta-iterations (what --resume continues "
+                   "from).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Few-step validation accuracy every N meta-iterations.")
-@click.option("--students", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--students", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Fresh students trained T steps on the generator's curriculum to score it.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @data_options
 @run_options
@@ -868,13 +1028,16 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
     from distill.devices import resolve_device
     from distill.engine import mean_std
     from distill.grid import write_grid
-    from distill.store import SavedSet, check_run_dir
+    from distill.store import SavedSet
     from gtn import GeneratorConfig, few_step_accuracy, recipe_config, save_generator, train_gtn
 
-    out_dir = check_run_dir(out, force and not resume)
+    out_dir = claim_out(out, force, resume)
     steps = _int_list(inner_steps, "--inner-steps")
     if len(steps) != 1:
-        raise click.BadParameter("one value", param_hint="--inner-steps")
+        raise click.BadParameter(
+            f"gtn train trains one generator with one T (e.g. --inner-steps 32), got "
+            f"{inner_steps!r}; `gtnkit gtn compare --inner-steps 8,16,32` compares several",
+            param_hint="--inner-steps")
     widths = tuple(_int_list(width_choices, "--width-choices")) if width_choices else None
     given = {k: v for k, v in dict(meta_lr=meta_lr, meta_schedule=meta_schedule,
                                    intermediate_every=intermediate_every,
@@ -926,17 +1089,18 @@ def torch_generator(seed: int):
 @click.argument("generator_path", metavar="GENERATOR.pt", type=click.Path(dir_okay=False))
 @click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True,
               help="Images generated per class.")
-@click.option("--dataset", default=None, help="Refuse a generator made for another shape.")
+@click.option("--dataset", default=None, type=TableChoice(_datasets),
+              help="Refuse a generator made for another data set's shape.")
 @run_options
 @handle_errors
 def gtn_sample(generator_path, per_class, dataset, out, seed, device, force) -> None:
     """Export PER_CLASS generated images per class as a saved set (for evaluate/show/compare)."""
     from distill.devices import resolve_device
     from distill.grid import write_grid
-    from distill.store import SavedSet, check_run_dir, save_set
+    from distill.store import SavedSet, save_set
     from gtn import load_generator
 
-    out_dir = check_run_dir(out, force)
+    out_dir = claim_out(out, force)
     teacher, config = load_generator(generator_path, dataset)
     dev = resolve_device(device)
     teacher = teacher.to(dev)
@@ -954,13 +1118,21 @@ def gtn_sample(generator_path, per_class, dataset, out, seed, device, force) -> 
 
 
 @gtn.command("compare")
-@click.option("--dataset", required=True, type=TableChoice(_datasets))
+@click.option("--dataset", required=True, type=TableChoice(_datasets), help="Data set.")
 @click.option("--methods", default="unrolled,implicit,matching", show_default=True,
-              help="Comma-separated meta-gradients of the generator.")
+              help="Comma-separated meta-gradients of the generator, from unrolled, "
+                   "implicit, matching.")
 @click.option("--inner-steps", default="8,16,32,64", show_default=True,
               help="Comma-separated T values.")
-@click.option("--budget", type=TableChoice(_gtn_budgets), default="smoke", show_default=True)
-@click.option("--curriculum", type=TableChoice(_curricula), default="full", show_default=True)
+@click.option("--budget", type=TableChoice(_gtn_budgets), default="smoke", show_default=True,
+              help="smoke: 2 meta-iterations, proves the path (accuracies mean nothing); "
+                   "short: 20 meta-iterations, small generator and student, for a CPU; paper: "
+                   "2000 meta-iterations, the paper's generator (wants a GPU).")
+@click.option("--curriculum", type=TableChoice(_curricula), default="full", show_default=True,
+              help="Where the noise of inner step t comes from: none (fresh noise every step), "
+                   "all-shuffled (one learned pool, shuffled across steps), shuffled-batch "
+                   "(T learned batches, order shuffled), full (T learned batches in order; "
+                   "the paper's best).")
 @click.option("--recipe/--no-recipe", default=True, show_default=True,
               help="Train each method with its measured recipe (see `gtn train --help`); "
                    "--no-recipe: the bare defaults.")
@@ -975,10 +1147,9 @@ def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, recipe, 
     OUT/gtn-compare.{json,md,png}."""
     from distill.data import load_dataset
     from distill.devices import resolve_device
-    from distill.store import check_run_dir
     from gtn.compare import BUDGETS, run_comparison
 
-    out_dir = check_run_dir(out, force and not resume)
+    out_dir = claim_out(out, force, resume)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in names if m not in _gtn_methods()]
     if bad or not names:
@@ -1001,7 +1172,7 @@ def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, recipe, 
 
 
 @main.command()
-@click.option("--dataset", required=True, help="mnist, fashion_mnist or cifar10.")
+@click.option("--dataset", required=True, type=TableChoice(_datasets), help="Data set.")
 @click.option("--n-candidates", type=click.IntRange(min=2), default=12, show_default=True,
               help="Architectures sampled from the zoo (reproducible by --seed).")
 @click.option("--proxy", "proxies", multiple=True, required=True,
@@ -1042,7 +1213,7 @@ def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k
 
     from distill.data import get_info, load_dataset
     from distill.devices import resolve_device
-    from distill.store import atomic_write_text, check_run_dir
+    from distill.store import atomic_write_text
     from gtn.nas import (
         NAS_BUDGETS,
         parse_proxies,
@@ -1052,7 +1223,9 @@ def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k
         run_search,
     )
 
-    out_dir = check_run_dir(out, force)
+    out_dir = claim_out(out, force)
+    if cache:
+        check_writable(cache, "--cache")
     info = get_info(dataset)
     specs = parse_proxies(proxies)
     labels = [s.label for s in specs]

@@ -125,7 +125,7 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
     config.json, results.json; checkpoint.pt for kip), scored by KRR and by the DC protocol."""
     from dataclasses import asdict, replace
 
-    from cli import _progress, write_run
+    from cli import _progress, claim_out, write_run
     from distill.condense import condense
     from distill.data import get_info, load_dataset
     from distill.devices import resolve_device
@@ -134,7 +134,7 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
     from distill.kip import kip_config, label_solve_set, training_labels
     from distill.models import parse_model_spec
     from distill.rng import generator
-    from distill.store import SavedSet, check_run_dir, load_set, save_set
+    from distill.store import SavedSet, load_set, save_set
     from distill.synthetic import SyntheticSet
     from selection import available_methods
 
@@ -144,7 +144,7 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
         raise click.UsageError("--support applies to --method ls only")
     if learn_labels and method == "ls":
         raise click.UsageError("ls solves the labels in closed form; --learn-labels is for kip")
-    out_dir = check_run_dir(out, force and not resume)
+    out_dir = claim_out(out, force, resume)
     parse_model_spec(eval_model or model)
     if init not in ("noise", "real") and init not in available_methods():
         raise click.BadParameter(f"{init!r} is not noise, real or a selection method "

@@ -281,8 +281,18 @@ def _download(info: DatasetInfo, root: Path, split: str) -> None:
     try:
         cls[info.name](str(root), train=(split == "train"), download=True)
     except Exception as exc:  # network and checksum failures
-        raise DataError(f"could not download {info.name} into {root}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise DataError(f"could not download {info.name} into {root} ({_cause(exc)}); without "
+                        f"internet, copy the files there or pass --data-root DIR (or set "
+                        f"GTNKIT_DATA) to a folder that holds them") from None
+
+
+def _cause(exc: BaseException, limit: int = 200) -> str:
+    """The gist of a download error on one line: torchvision's messages span lines ("Error
+    downloading X:", then "Tried URL, got:" and the cause per mirror); keep the last cause."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if not line.endswith(":")]
+    text = causes[-1] if causes else (lines[0].rstrip(":") if lines else type(exc).__name__)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None,

@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-__all__ = ["DeviceError", "resolve_device"]
+__all__ = ["DeviceError", "resolve_device", "silence_cuda_home_warning"]
+
+
+class _DropCudaHomeWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+_CUDA_HOME_FILTER = _DropCudaHomeWarning()
+
+
+def silence_cuda_home_warning() -> None:
+    """Drop torch's ``No CUDA runtime is found, using CUDA_HOME=...`` warning, and only it.
+
+    ``torch.utils.cpp_extension`` logs it when it is imported (``torch.compile`` imports it) on
+    a machine that has a CUDA toolkit installed but no GPU: a fact about the machine the user
+    did not ask about, printed on every ``gtnkit distill``. Every other record of that logger
+    still shows. Idempotent.
+    """
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if _CUDA_HOME_FILTER not in logger.filters:
+        logger.addFilter(_CUDA_HOME_FILTER)
 
 
 class DeviceError(ValueError):

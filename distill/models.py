@@ -255,7 +255,21 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
         if not sep:
             raise ModelError(f"bad model option {item!r} in {spec!r}; expected KEY=VALUE")
         options[key.strip()] = _value(raw.strip())
+    known = model_options(name)
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise ModelError(f"model {name!r} has no option {', '.join(map(repr, unknown))}; its "
+                         f"options are: {', '.join(known) or 'none'} (e.g. {name}:"
+                         f"{known[0] if known else 'KEY'}=VALUE)")
     return name, options
+
+
+def model_options(name: str) -> list[str]:
+    """The options a zoo model takes in a spec (its constructor's keywords after the shape)."""
+    import inspect
+
+    params = list(inspect.signature(_ZOO[name]).parameters.values())[3:]
+    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def build_model(spec: str, channels: int, num_classes: int, im_size: tuple[int, int],
@@ -279,7 +293,8 @@ def build_model(spec: str, channels: int, num_classes: int, im_size: tuple[int, 
         with torch.random.fork_rng(devices=[], enabled=generator is not None):
             model = _ZOO[name](channels, num_classes, tuple(im_size), **options)
     except TypeError as exc:
-        raise ModelError(f"bad option for model {name!r}: {exc}") from None
+        raise ModelError(f"bad option for model {name!r} ({spec!r}): "
+                         f"{str(exc).splitlines()[0]}") from None
     except RuntimeError as exc:  # e.g. a shape that pools away
         raise ModelError(f"model {spec!r} does not fit {channels}x{im_size[0]}x{im_size[1]} "
                          f"inputs: {str(exc).splitlines()[0]}") from None

@@ -229,6 +229,9 @@ class Strategy:
         """``fn(compiled_or_eager, *args)``: try the compiled path, fall back to eager once."""
         module = args[0]
         if self.compiled:
+            from .devices import silence_cuda_home_warning
+
+            silence_cuda_home_warning()
             try:
                 return fn(torch.compile(module, dynamic=False), *args[1:])
             except Exception as exc:  # noqa: BLE001 - any compiler failure means "use eager"

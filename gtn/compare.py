@@ -199,33 +199,60 @@ def comparison_table(state: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+STYLES = {"unrolled": ("o", "-"), "implicit": ("s", "--"), "matching": ("^", ":")}
+
+
 def plot(state: dict, path: Path) -> bool:
-    """Memory against T per method, and accuracy per method and T; False without matplotlib."""
+    """Peak memory against T per method on log axes (implicit and matching, flat and small,
+    stay apart from each other), and the two accuracies per method and T: few-step students
+    (solid) and students trained on a fixed generated set (dashed). The title names the data
+    set and the budget. False without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import LogLocator, NullFormatter, NullLocator, ScalarFormatter
     except ImportError:
         return False
     cells = list(state["cells"].values())
     methods = sorted({c["method"] for c in cells})
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for m in methods:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, m in enumerate(methods):
+        marker, style = STYLES.get(m, ("D", "-."))
+        color = colors[i % len(colors)]
         cs = sorted((c for c in cells if c["method"] == m), key=lambda c: c["T"])
         ts = [c["T"] for c in cs]
-        ax1.plot(ts, [_peak(c) / 2**20 for c in cs], marker="o", label=m)
+        ax1.plot(ts, [_peak(c) / 2**20 for c in cs], marker=marker, linestyle=style,
+                 color=color, label=m)
         ax2.errorbar(ts, [c["few_step_mean"] for c in cs], [c["few_step_std"] for c in cs],
-                     marker="o", capsize=3, label=m)
-    ax1.set(xlabel="inner steps T", ylabel="peak memory (MiB)", title="memory")
+                     marker=marker, linestyle="-", color=color, capsize=3,
+                     label=f"{m}: few-step")
+        ax2.errorbar(ts, [c["fixed_set_mean"] for c in cs], [c["fixed_set_std"] for c in cs],
+                     marker=marker, linestyle="--", color=color, capsize=3, mfc="none",
+                     label=f"{m}: fixed set")
+    if state.get("plain_step_saved_bytes"):
+        ax1.axhline(state["plain_step_saved_bytes"] / 2**20, color="grey", linewidth=0.8,
+                    linestyle=":", label="one plain student step")
+    ax1.set_yscale("log")
+    ax1.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax1.yaxis.set_major_formatter(ScalarFormatter())
+    ax1.yaxis.set_minor_formatter(NullFormatter())
+    ax1.set(xlabel="inner steps T", ylabel="peak memory (MiB, log scale)",
+            title="memory of a meta-step")
     ax2.set(xlabel="inner steps T", ylabel="test accuracy (%)",
-            title="few-step student accuracy")
+            title="students trained on generated data")
     all_t = sorted({c["T"] for c in cells})
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xticks(all_t, [str(t) for t in all_t])
-        ax.minorticks_off()
-        ax.legend()
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.legend(fontsize="small")
+    budget = state.get("budget", {})
+    fig.suptitle(f"GTN on {state.get('dataset', '?')}, budget {budget.get('name', '?')} "
+                 f"({budget.get('meta_iterations', '?')} meta-iterations), curriculum "
+                 f"{state.get('curriculum', '?')}")
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
     return True

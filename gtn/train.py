@@ -153,13 +153,13 @@ class GTNConfig:
     def check(self, info: DatasetInfo) -> None:
         """Refuse settings that cannot run on data set ``info`` (one-line GeneratorError)."""
         if self.batch_size < 2:
-            raise GeneratorError(f"batch size must be >= 2 (the generator's batch norm needs "
-                                 f"two images), got {self.batch_size}")
+            raise GeneratorError(f"batch size (--batch-size) must be >= 2 (the generator's "
+                                 f"batch norm needs two images), got {self.batch_size}")
         if self.method == "matching" and self.batch_size < 2 * info.num_classes:
             raise GeneratorError(
-                f"matching generates batch_size / classes images per class and needs at least "
-                f"2: batch size must be >= {2 * info.num_classes} for {info.num_classes} "
-                f"classes, got {self.batch_size}")
+                f"matching generates batch size / classes images per class and needs at least "
+                f"2: batch size (--batch-size) must be >= {2 * info.num_classes} for "
+                f"{info.num_classes} classes, got {self.batch_size}")
 
     def meta_config(self) -> MetaConfig:
         """The meta-training loop's configuration. T, the inner schedule, lr and momentum are

@@ -125,10 +125,29 @@ def get_method(name: str, **options: Any) -> SelectionMethod:
         raise SelectionError(
             f"unknown selection method {name!r}; choose one of: {', '.join(available_methods())}"
         ) from None
+    known = rule_options(cls)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        valid = ", ".join(known) if known else "none"
+        raise SelectionError(
+            f"selection method {name!r} has no option {', '.join(map(repr, unknown))}; its "
+            f"options (--option KEY=VALUE) are: {valid}")
     try:
         return cls(**options)
-    except TypeError as exc:  # unexpected keyword
-        raise SelectionError(f"bad option for selection method {name!r}: {exc}") from None
+    except SelectionError as exc:  # the rule refused a value
+        raise SelectionError(f"selection method {name!r}: {exc} (--option KEY=VALUE)") from None
+    except (TypeError, ValueError) as exc:  # a value of the wrong type
+        raise SelectionError(f"bad option value for selection method {name!r} "
+                             f"({', '.join(f'{k}={v!r}' for k, v in options.items())}): "
+                             f"{str(exc).splitlines()[0]}") from None
+
+
+def rule_options(cls: type) -> list[str]:
+    """The keyword options a rule's constructor takes (what ``--option KEY=VALUE`` accepts)."""
+    import inspect
+
+    params = inspect.signature(cls).parameters.values()
+    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def check_choice(picked: torch.Tensor, n: int, k: int, name: str) -> torch.Tensor:

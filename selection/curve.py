@@ -64,7 +64,11 @@ def parse_rule(spec: str) -> tuple[str, dict]:
     if order and order not in ORDERS:
         raise SelectionError(f"rule {spec!r}: the order after ':' must be one of "
                              f"{', '.join(ORDERS)}")
-    get_method(name, **options)   # validates name and option
+    rule = get_method(name)   # validates the name
+    if order and not hasattr(rule, "order"):
+        raise SelectionError(f"rule {spec!r}: {name} is not a score rule; ':hardest' and "
+                             f"':easiest' apply to forgetting, gradnorm and entropy")
+    get_method(name, **options)   # validates the option
     return name, options
 
 

@@ -119,11 +119,11 @@ class DBSCAN:
                  min_samples: int = 5, eps_quantile: float = 0.5) -> None:
         self.signal = space_signal(space)
         if eps is not None and float(eps) <= 0:
-            raise SelectionError(f"eps must be > 0, got {eps}")
+            raise SelectionError(f"option eps must be > 0, got {eps}")
         if int(min_samples) < 1:
-            raise SelectionError(f"min_samples must be >= 1, got {min_samples}")
+            raise SelectionError(f"option min_samples must be >= 1, got {min_samples}")
         if not 0.0 < float(eps_quantile) <= 1.0:
-            raise SelectionError(f"eps_quantile must be in (0, 1], got {eps_quantile}")
+            raise SelectionError(f"option eps_quantile must be in (0, 1], got {eps_quantile}")
         self.space, self.eps = space, (None if eps is None else float(eps))
         self.min_samples, self.eps_quantile = int(min_samples), float(eps_quantile)
 

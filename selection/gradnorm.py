@@ -30,7 +30,7 @@ class GradNorm:
         self.signal = check_choice_option("score", score, ("el2n", "grand"))
         self.order = score_order(order, "highest", "lowest")
         if not 0.0 <= float(skip_fraction) < 1.0:
-            raise SelectionError(f"skip_fraction must be in [0, 1), got {skip_fraction}")
+            raise SelectionError(f"option skip_fraction must be in [0, 1), got {skip_fraction}")
         self.skip_fraction = float(skip_fraction)
 
     def options(self) -> dict:

@@ -31,7 +31,7 @@ def top_k(scores: torch.Tensor, k: int, generator: torch.Generator,
 
 def check_choice_option(name: str, value: str, valid: tuple[str, ...]) -> str:
     if value not in valid:
-        raise SelectionError(f"{name} must be one of {', '.join(valid)}, got {value!r}")
+        raise SelectionError(f"option {name} must be one of {', '.join(valid)}, got {value!r}")
     return value
 
 

@@ -79,7 +79,8 @@ class SignalConfig:
         if self.n_inits < 1:
             raise SelectionError(f"n_inits must be >= 1, got {self.n_inits}")
         if self.pool_per_class is not None and self.pool_per_class < 1:
-            raise SelectionError(f"pool_per_class must be >= 1, got {self.pool_per_class}")
+            raise SelectionError(f"pool_per_class (--pool-per-class) must be >= 1, got "
+                                 f"{self.pool_per_class}")
 
     @classmethod
     def of(cls, model: str = "convnet", epochs: int = 10,

@@ -95,7 +95,7 @@ def test_summary_markdown_and_figure(straight, tmp_path):
 
 
 @pytest.mark.parametrize("spec,needle", [("magic", "herding"), ("gradnorm:middle", "hardest"),
-                                         ("random:hardest", "bad option")])
+                                         ("random:hardest", "not a score rule")])
 def test_bad_rule_spec_is_one_line(spec, needle):
     with pytest.raises(SelectionError, match=needle) as err:
         parse_rule(spec)

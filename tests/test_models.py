@@ -76,7 +76,7 @@ def test_spec_parsing_and_errors():
         "convnet", {"width": 64, "depth": 4, "norm": "batch"})
     with pytest.raises(ModelError, match="convnet"):
         build_model("gpt", 1, 10, (28, 28))
-    with pytest.raises(ModelError, match="bad option"):
+    with pytest.raises(ModelError, match="no option 'colour'; its options are: width, depth"):
         build_model("convnet:colour=red", 1, 10, (28, 28))
     with pytest.raises(ModelError, match="norm"):
         build_model("convnet:norm=foo", 1, 10, (28, 28))

@@ -79,7 +79,7 @@ def test_bad_ipc(data, provider, ipc):
 def test_unknown_method_lists_valid_names():
     with pytest.raises(SelectionError, match="herding"):
         get_method("nope")
-    with pytest.raises(SelectionError, match="bad option"):
+    with pytest.raises(SelectionError, match="no option 'colour'"):
         get_method("random", colour="blue")
 
 

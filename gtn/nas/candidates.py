@@ -111,6 +111,11 @@ _WORKER: dict = {}
 
 def _worker_init(sets: dict, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
                  threads: int) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent stops the pool (no traceback from
+    # every worker); the finished candidates are in the cache already
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(max(1, threads))
     _WORKER.update(sets=sets, val_x=val_x, val_y=val_y, num_classes=num_classes)
 
@@ -193,7 +198,13 @@ def evaluate_candidates(candidates: Sequence[Candidate], sets: Sequence[TrainSet
                                                threads)) as pool:
                 futures = {pool.submit(_worker_job, ts.label, cand.spec, seed, cand.id):
                            (ts, cand, path, fp, fp_dict) for ts, cand, path, fp, fp_dict in jobs}
-                for fut in as_completed(futures):
-                    finish(*futures[fut], fut.result())
-                    bar.update(1)
+                try:
+                    for fut in as_completed(futures):
+                        finish(*futures[fut], fut.result())
+                        bar.update(1)
+                except KeyboardInterrupt:  # stop now, not after the running candidates
+                    for proc in list(getattr(pool, "_processes", {}).values()):
+                        proc.terminate()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
     return results
