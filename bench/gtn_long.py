@@ -60,6 +60,8 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "implicit": (dict(RECIPES["implicit"]), "implicit: trajectory gradient + learned step sizes"),
     "implicit-tail2": (dict(RECIPES["implicit"], unroll_tail=2),
                        "implicit + exact tail of 2 steps"),
+    "implicit-tail2-s4": (dict(RECIPES["implicit"], unroll_tail=2, mixed_sample=4),
+                          "implicit + exact tail of 2 steps, head term from 4 batches"),
     "implicit-tail5": (dict(RECIPES["implicit"], unroll_tail=5),
                        "implicit + exact tail of 5 steps"),
     "implicit-ift": (dict(RECIPES["implicit"], mixed_at="final", step_size_grad=False),
