@@ -240,7 +240,7 @@ def report(out: Path) -> str:
             val = " / ".join(f"{pick[i]:.1f}" if i in pick else "-" for i in (100, 500))
             t = torch.tensor(ev[-1]["test"], dtype=torch.float64)
             mib = r.get("memory", {}).get("saved_peak_bytes")
-            its_done = f"{ev[-1]['iteration']}" + ("" if r.get("done") else " (cut)")
+            its_done = f"{ev[-1]['iteration']}" + ("" if r.get("done") else " (partial)")
             spm = r["s_per_meta_step"] if r.get("done") else \
                 ev[-1]["train_s"] / ev[-1]["iteration"]
             md.append(f"| {r['variant']} | {its_done} | {val} / {ev[-1]['validation']:.1f} | "
