@@ -129,7 +129,8 @@ class Bench:
                             "torch": torch.__version__, "threads": torch.get_num_threads()}
         if resume and self.json_path.exists():
             previous = json.loads(self.json_path.read_text())
-            if previous.get("budget") == self.state["budget"]:
+            # compared as JSON: the file holds lists where the budget has tuples
+            if previous.get("budget") == json.loads(json.dumps(self.state["budget"])):
                 self.state["cells"] = previous.get("cells", {})
                 self.state["wall_seconds"] = previous.get("wall_seconds", 0.0)
                 log(f"resuming: {len(self.state['cells'])} cells already done")
@@ -310,8 +311,11 @@ def markdown(state: dict) -> str:
             for m in METHODS:
                 c = cells.get(f"accuracy/{name}/{ipc}/{m}")
                 row.append("—" if c is None else f"{c['mean']:.1f} ± {c['std']:.1f}"
+                           + ("†" if c.get("carried_over") else "")
                            + (f" ({c['published']})" if c.get("published") else ""))
             lines.append("| " + " | ".join(row) + " |")
+    if any(c.get("carried_over") for c in cells.values()):
+        lines += ["", f"† {state.get('carried_over_note', 'carried over from an earlier run')}"]
     groups: dict[str, list[float]] = {}
     for k, c in cells.items():
         if k.startswith("init/"):

@@ -96,7 +96,8 @@ def run(budget: Budget, methods: list[str], out: Path, device: torch.device,
         import json
 
         previous = json.loads(json_path.read_text())
-        if previous.get("budget") == state["budget"]:
+        # compared as JSON: the file holds lists where the budget has tuples
+        if previous.get("budget") == json.loads(json.dumps(state["budget"])):
             state["cells"] = previous.get("cells", {})
             log(f"resuming: {len(state['cells'])} cells already done")
     wall = time.perf_counter()
@@ -180,10 +181,14 @@ def markdown(state: dict, budget: Budget, methods: list[str]) -> str:
                     continue
                 pub = c.get("published")
                 row.append(f"{c['mean']:.1f} ± {c['std']:.1f}"
+                           + ("†" if c.get("carried_over") else "")
                            + (f" ({pub})" if pub is not None else ""))
-            row.append(f"{whole['mean']:.1f} ({PUBLISHED_WHOLE[dataset]})"
+            row.append(f"{whole['mean']:.1f}{'†' if whole.get('carried_over') else ''} "
+                       f"({PUBLISHED_WHOLE[dataset]})"
                        if whole and ipc == budget.ipcs[0] else "")
             lines.append("| " + " | ".join(row) + " |")
+    if any(c.get("carried_over") for c in cells.values()):
+        lines += ["", f"† {state.get('carried_over_note', 'carried over from an earlier run')}"]
     return "\n".join(lines) + "\n"
 
 
