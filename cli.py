@@ -605,13 +605,19 @@ def curve(ctx, dataset, fractions, methods, seeds, model, epochs, lr, batch_size
                    "convnet:width=64,depth=4,norm=batch.")
 @click.option("--students", type=click.IntRange(min=1), default=5, show_default=True,
               help="Fresh students to train (mean ± std over them).")
+@click.option("--protocol", type=click.Choice(["dc", "dsa", "none"]), default=None,
+              help="How students are trained, after the papers: dc (MNIST: DC's crop/scale/"
+                   "rotate augmentation, 1000 epochs; CIFAR-10: none, 300), dsa (DSA's "
+                   "augmentation, no flip on digits, 1000 epochs), none (300 epochs). "
+                   "Default: the set's method's (dsa for dsa/dm sets, else dc).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="Training epochs (default: 300, or 1000 with --augment: the DC protocol).")
-@click.option("--augment", is_flag=True, help="Train with DSA augmentation.")
-@click.option("--lr", type=float, default=0.01, show_default=True,
-              help="Student SGD learning rate (momentum 0.9, x0.1 at half; the DC protocol).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Student minibatch size.")
+              help="Training epochs (default: the protocol's).")
+@click.option("--augment", is_flag=True,
+              help="Train with all six DSA ops (flip included) instead of the protocol's "
+                   "augmentation.")
+@click.option("--lr", type=float, default=None, help="Student lr (default: the protocol's, 0.01).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Default: the protocol's (256).")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None,
               help="Score on a fixed subset of this many test images (default: all).")
 @click.option("--resume", is_flag=True,
@@ -621,14 +627,16 @@ def curve(ctx, dataset, fractions, methods, seeds, model, epochs, lr, batch_size
 @run_options
 @click.pass_context
 @handle_errors
-def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, test_limit,
-             resume, data_root, download, out, seed, device, force, kernel, kernel_depth, reg,
-             krr) -> None:
+def evaluate(ctx, set_path, model, protocol, students, epochs, augment, lr, batch_size,
+             test_limit, resume, data_root, download, out, seed, device, force, kernel,
+             kernel_depth, reg, krr) -> None:
     """Train fresh students on a saved set and report their test accuracy (mean ± std).
 
     Also scores the set by kernel ridge regression with an FC kernel (--kernel, the KIP
     paper's protocol; --no-krr skips it); results.json keeps the two apart ("krr" and the
-    trained students' "protocol"). Each finished student is checkpointed in
+    trained students' "protocol"). Students are trained as the paper of the set's method
+    scores its sets (--protocol); results.json names the protocol. Each finished student is
+    checkpointed in
     OUT/progress.json; after a kill, the same command with --resume trains only the missing
     students and gives the same result.
     """
@@ -637,9 +645,10 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
     from cli_kip import check_kernel_options, dc_protocol_name, describe, krr_score
     from distill.data import load_dataset
     from distill.devices import resolve_device
-    from distill.engine import EvalProtocol, TrainConfig, evaluate_set
+    from distill.engine import evaluate_set
     from distill.kip import training_labels
     from distill.models import parse_model_spec
+    from distill.protocols import default_protocol, make_protocol
     from distill.store import PartialResults, load_set
 
     if krr:
@@ -648,10 +657,14 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
     parse_model_spec(model)
     saved = load_set(set_path)
     dev = resolve_device(device)
-    train_cfg = TrainConfig(epochs=epochs or (1000 if augment else 300), lr=lr,
-                            batch_size=batch_size, augment=augment)
-    protocol = EvalProtocol(model=model, n_students=students, train=train_cfg,
-                            test_limit=test_limit)
+    changes = {k: v for k, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size}.items()
+               if v is not None}
+    if augment:
+        changes.update(augment=True, augmentation="")
+        changes.setdefault("epochs", 1000)
+    name = protocol or default_protocol(saved.meta.get("method"))
+    protocol = make_protocol(name, saved.dataset, model=model, n_students=students,
+                             test_limit=test_limit, **changes)
     test = load_dataset(saved.dataset, "test", root=data_root, download=download)
     if tuple(saved.images.shape[1:]) != (test.info.channels, *test.info.im_size):
         raise click.UsageError(f"{set_path} holds images of shape {tuple(saved.images.shape[1:])}"
@@ -665,7 +678,8 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
                           num_classes=test.info.num_classes,
                           progress=_progress(ctx), done=checkpoint.state.get("accuracies", []),
                           on_student=lambda i, acc: checkpoint.append("accuracies", acc))
-    results = {**result.as_dict(), "protocol": dc_protocol_name(protocol)}
+    results = {**result.as_dict(), "protocol": dc_protocol_name(protocol),
+               "protocol_name": protocol.name, "protocol_changes": sorted(changes)}
     if krr:
         results["krr"] = krr_score(saved.images.to(dev), saved.labels.to(dev), test.to(dev),
                                    kernel, kernel_depth, reg)
@@ -720,7 +734,8 @@ def evaluate(ctx, set_path, model, students, epochs, augment, lr, batch_size, te
               help="Fresh students of the final evaluation (0: skip it).")
 @click.option("--eval-model", default=None, help="Evaluation student (default: --model).")
 @click.option("--eval-epochs", type=click.IntRange(min=1), default=None,
-              help="Default: 300, or 1000 for dsa/dm (trained with augmentation).")
+              help="Default: the method's protocol's (dc: 1000 on MNIST with DC's "
+                   "augmentation, else 300; dsa/dm: 1000 with DSA's).")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None,
               help="Score on a fixed subset of this many test images (default: all).")
 @click.option("--signal-epochs", type=click.IntRange(min=1), default=10, show_default=True,
@@ -759,10 +774,11 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
     from distill.condense import condense, condense_config
     from distill.data import load_dataset
     from distill.devices import resolve_device
-    from distill.engine import EvalProtocol, evaluate_set
+    from distill.engine import evaluate_set
     from distill.grid import write_grid
     from distill.methods import get_method
     from distill.models import parse_model_spec
+    from distill.protocols import default_protocol, describe_protocol, make_protocol
     from distill.store import save_set
 
     out_dir = claim_out(out, force, resume)
@@ -772,7 +788,7 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
         raise click.BadParameter(f"only dd learns the student lr, not {method}",
                                  param_hint="--learn-lr")
     config = condense_config(
-        method, iterations=iterations, lr=image_lr, real_batch=real_batch,
+        method, iterations=iterations, lr=image_lr, dataset=dataset, real_batch=real_batch,
         outer_loop=outer_loop, inner_loop=inner_loop, distance=distance,
         inner_lr=inner_lr, truncate=truncate,
         checkpoint_every=checkpoint_every, eval_every=eval_every,
@@ -785,11 +801,9 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
         raise click.BadParameter(f"{ipc} exceeds the smallest class ({int(counts.min())})",
                                  param_hint="--ipc")
     test = load_dataset(dataset, "test", root=data_root, download=download)
-    protocol = EvalProtocol.dc(model=eval_model or model, n_students=max(students, 1),
-                               augment=get_method(method).augments)
-    if eval_epochs:
-        protocol = replace(protocol, train=replace(protocol.train, epochs=eval_epochs))
-    protocol = replace(protocol, test_limit=test_limit)
+    protocol = make_protocol(default_protocol(method), dataset, model=eval_model or model,
+                             n_students=max(students, 1), test_limit=test_limit,
+                             **({"epochs": eval_epochs} if eval_epochs else {}))
     init_value: Any = init
     if init not in ("noise", "real"):  # a coreset seeds the synthetic set
         from selection import SignalConfig
@@ -821,7 +835,7 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
                              resume=resume, progress=_progress(ctx),
                              evaluate=periodic if eval_every else None)
     saved = teacher.to_saved({"dataset": data.info.name, "method": method, "init": init,
-                              "seed": seed, "config": run_config})
+                              "seed": seed, "config": run_config, "protocol": protocol.name})
     results: dict = {"label": f"{method} init={init}", "method": method, "init": init,
                      "ipc": ipc, "meta": meta.as_dict(),
                      "seconds_per_iteration": meta.seconds_per_iteration,
@@ -829,13 +843,14 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
     if students:
         ev = evaluate_set(saved.images.to(dev), saved.labels.to(dev), test_x, test_y, protocol,
                           seed=seed, num_classes=data.info.num_classes, progress=_progress(ctx))
-        results.update(ev.as_dict())
+        results.update(ev.as_dict(), protocol=describe_protocol(protocol),
+                       protocol_name=protocol.name)
     results["wall_seconds"] = time.perf_counter() - start
     save_set(out_dir / "set.pt", saved)
     write_grid(out_dir / "grid.png", saved)
     write_run(out_dir, "distill", run_config, results)
     acc = (f"{results['mean']:.2f} ± {results['std']:.2f} % test accuracy over {students} "
-           f"student(s)") if students else "not evaluated"
+           f"student(s), {protocol.name} protocol") if students else "not evaluated"
     click.echo(f"{method} ({ipc} per class, init {init}) -> {acc}; "
                f"{meta.seconds_per_iteration:.2f} s/iteration; set in {out_dir / 'set.pt'}")
 

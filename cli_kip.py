@@ -129,10 +129,11 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
     from distill.condense import condense
     from distill.data import get_info, load_dataset
     from distill.devices import resolve_device
-    from distill.engine import EvalProtocol, evaluate_set
+    from distill.engine import evaluate_set
     from distill.grid import write_grid
     from distill.kip import kip_config, label_solve_set, training_labels
     from distill.models import parse_model_spec
+    from distill.protocols import make_protocol
     from distill.rng import generator
     from distill.store import SavedSet, load_set, save_set
     from distill.synthetic import SyntheticSet
@@ -159,10 +160,9 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
         raise click.BadParameter(f"{ipc} exceeds the smallest class ({int(counts.min())})",
                                  param_hint="--ipc")
     test = load_dataset(dataset, "test", root=data_root, download=download)
-    protocol = EvalProtocol.dc(model=eval_model or model, n_students=max(students, 1))
-    if eval_epochs:
-        protocol = replace(protocol, train=replace(protocol.train, epochs=eval_epochs))
-    protocol = replace(protocol, test_limit=test_limit)
+    protocol = make_protocol("dc", dataset, model=eval_model or model,
+                             n_students=max(students, 1), test_limit=test_limit,
+                             **({"epochs": eval_epochs} if eval_epochs else {}))
     init_value: Any = init
     if init not in ("noise", "real") and supported is None:  # a coreset is the support
         from selection import SignalConfig, SignalProvider, get_method
@@ -182,7 +182,7 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
     results: dict = {"label": f"{method} init={init}", "method": method, "init": init,
                      "ipc": ipc}
     meta = {"dataset": data.info.name, "method": method, "init": init, "seed": seed,
-            "config": run_config}
+            "config": run_config, "protocol": protocol.name}
     if method == "kip":
         config = kip_config(iterations, lr=image_lr, checkpoint_every=checkpoint_every,
                             eval_every=eval_every, **{f: getattr(kip_cfg, f) for f in (
@@ -224,7 +224,8 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
         ev = evaluate_set(saved.images.to(dev), training_labels(saved.labels).to(dev),
                           test.images, test.labels, protocol, seed=seed,
                           num_classes=data.info.num_classes, progress=_progress(ctx))
-        results.update(ev.as_dict(), protocol=dc_protocol_name(protocol))
+        results.update(ev.as_dict(), protocol=dc_protocol_name(protocol),
+                       protocol_name=protocol.name)
     results["wall_seconds"] = time.perf_counter() - start
     save_set(out_dir / "set.pt", saved)
     write_grid(out_dir / "grid.png", saved)
@@ -234,9 +235,10 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
 
 
 def dc_protocol_name(protocol) -> str:
-    t = protocol.train
-    return (f"DC protocol: {protocol.n_students} fresh {protocol.model} student(s), SGD lr "
-            f"{t.lr:g}, {t.epochs} epochs{', DSA augmentation' if t.augment else ''}")
+    """The trained students' protocol in one line (:func:`distill.protocols.describe_protocol`)."""
+    from distill.protocols import describe_protocol
+
+    return describe_protocol(protocol)
 
 
 def describe(results: dict, students: int) -> str:
@@ -247,7 +249,10 @@ def describe(results: dict, students: int) -> str:
         parts.append(f"KRR (FC{k['kernel_depth']} {k['kernel'].upper()}, KIP paper protocol): "
                      f"{k['accuracy']:.2f} %")
     if students:
-        parts.append(f"trained {results['model']} (DC protocol, {students} student(s)): "
+        from distill.protocols import protocol_label
+
+        name = protocol_label(results.get("protocol_name") or "dc")
+        parts.append(f"trained {results['model']} ({name}, {students} student(s)): "
                      f"{results['mean']:.2f} ± {results['std']:.2f} %")
     return "; ".join(parts)
 

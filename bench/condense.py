@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill.condense import condense, condense_config  # noqa: E402
 from distill.data import load_dataset  # noqa: E402
 from distill.devices import resolve_device  # noqa: E402
-from distill.engine import EvalProtocol, TrainConfig, evaluate_set  # noqa: E402
+from distill.engine import TrainConfig, evaluate_set  # noqa: E402
+from distill.protocols import default_protocol, make_protocol  # noqa: E402
 from distill.rng import generator  # noqa: E402
 from distill.stats import comparison_markdown  # noqa: E402
 from distill.store import atomic_write_json, atomic_write_text  # noqa: E402
@@ -65,8 +66,7 @@ class Budget:
     model: str                       # student meta-trained against and evaluated
     iterations: dict                 # (method, ipc) -> iterations; key "method" or "method/ipc"
     real_batch: dict                 # ipc -> real images per class per step
-    eval_epochs: int                 # 300 in the papers (1000 with augmentation: dsa, dm)
-    eval_epochs_augment: int
+    eval_epochs: int | None          # None: the protocol's (distill.protocols)
     students: int
     test_limit: int | None
     init_iterations: int
@@ -87,27 +87,29 @@ class Budget:
 BUDGETS = {
     "smoke": Budget("smoke", ("mnist",), (1,), "convnet:width=8,depth=2",
                     iterations={"dc": 2, "dsa": 2, "dm": 2}, real_batch={1: 16, 10: 8},
-                    eval_epochs=5, eval_epochs_augment=5, students=1, test_limit=200,
+                    eval_epochs=5, students=1, test_limit=200,
                     init_iterations=2, init_seeds=(0, 1), pool_per_class=20, signal_epochs=1,
                     strategy_iterations=1, inner_steps=2, speed_iterations=1, speed_rounds=1,
                     speed_datasets=("mnist",), notes="proves the path only; figures mean nothing"),
     "short": Budget("short", ("mnist", "cifar10"), (1, 10), "convnet:width=32",
                     iterations={"dc": 200, "dsa": 200, "dm": 500, "dc/10": 20, "dsa/10": 20,
                                 "dm/10": 200},
-                    real_batch={1: 256, 10: 128}, eval_epochs=300, eval_epochs_augment=1000,
-                    students=2, test_limit=2000, init_iterations=100, init_seeds=(0, 1),
+                    real_batch={1: 256, 10: 128}, eval_epochs=None, students=2,
+                    test_limit=2000, init_iterations=100, init_seeds=(0, 1),
                     pool_per_class=1000, signal_epochs=5, strategy_iterations=2,
                     inner_steps=10, speed_iterations=3, speed_rounds=2,
                     speed_datasets=("mnist", "cifar10"),
                     notes="width-32 ConvNet; DC/DSA 200 iterations at IPC 1 and 20 at IPC 10 "
                           "(paper: 1000), DM 500 / 200 (paper: 20 000); real batch 256 per "
                           "class at IPC 1, 128 at IPC 10; DC loop table and image lr as in the "
-                          "paper; evaluation: DC protocol (300 epochs, 1000 with augmentation "
-                          "for DSA/DM), 2 students, fixed 2000-image test subset"),
+                          "paper; evaluation: each method's paper's protocol (dc: MNIST with "
+                          "DC's crop/scale/rotate, 1000 epochs, CIFAR-10 none, 300; dsa for "
+                          "DSA/DM: DSA's augmentation, no flip on MNIST, 1000 epochs), 2 "
+                          "students, fixed 2000-image test subset"),
     "paper": Budget("paper", ("mnist", "cifar10"), (1, 10, 50), "convnet",
                     iterations={"dc": 1000, "dsa": 1000, "dm": 20000},
-                    real_batch={1: 256, 10: 256, 50: 256}, eval_epochs=300,
-                    eval_epochs_augment=1000, students=5, test_limit=None,
+                    real_batch={1: 256, 10: 256, 50: 256}, eval_epochs=None, students=5,
+                    test_limit=None,
                     init_iterations=1000, init_seeds=(0, 1, 2, 3, 4), pool_per_class=None,
                     signal_epochs=20, strategy_iterations=5, inner_steps=10,
                     speed_iterations=10, speed_rounds=3, speed_datasets=("mnist", "cifar10"),
@@ -127,7 +129,8 @@ class Bench:
                             "torch": torch.__version__, "threads": torch.get_num_threads()}
         if resume and self.json_path.exists():
             previous = json.loads(self.json_path.read_text())
-            if previous.get("budget") == self.state["budget"]:
+            # compared as JSON: the file holds lists where the budget has tuples
+            if previous.get("budget") == json.loads(json.dumps(self.state["budget"])):
                 self.state["cells"] = previous.get("cells", {})
                 self.state["wall_seconds"] = previous.get("wall_seconds", 0.0)
                 log(f"resuming: {len(self.state['cells'])} cells already done")
@@ -149,19 +152,21 @@ class Bench:
         self.state["cells"][key] = cell
         self.save()
 
-    def evaluate(self, name, images, labels, augment, seed):
+    def evaluate(self, name, images, labels, method, seed):
+        """Scored by the protocol of ``method``'s paper (random real images: DC's)."""
         b = self.budget
         train_set, test_set = self.data(name)
-        protocol = EvalProtocol(model=b.model, n_students=b.students, test_limit=b.test_limit,
-                                train=TrainConfig(epochs=b.eval_epochs_augment if augment
-                                                  else b.eval_epochs, augment=augment))
+        protocol = make_protocol(default_protocol(method), name, model=b.model,
+                                 n_students=b.students, test_limit=b.test_limit,
+                                 **({"epochs": b.eval_epochs} if b.eval_epochs else {}))
         return evaluate_set(images.detach(), labels.detach(), test_set.images, test_set.labels,
                             protocol, seed=seed, num_classes=train_set.info.num_classes)
 
     def condense(self, name, method, ipc, iterations, init="real", seed=0, tag="", inner_steps=10,
                  **kw):
         train_set, _ = self.data(name)
-        cfg = condense_config(method, iterations=iterations, compile=True, real_chunk=64,
+        cfg = condense_config(method, iterations=iterations, dataset=name, compile=True,
+                              real_chunk=64,
                               real_batch=self.budget.real_batch[ipc], checkpoint_every=10, **kw)
         ckpt = self.ckpt / f"{name}-{method}-{ipc}-{tag}-{seed}.pt"
         t0 = time.perf_counter()
@@ -185,15 +190,15 @@ class Bench:
                             "published": PUBLISHED.get((name, ipc), {}).get(method)}
                     if method == "random":  # the initial set of every "real" run, untrained
                         t = SyntheticSet.from_real(train_set, ipc, generator(0, "init"))
-                        r = self.evaluate(name, t.images, t.targets(), False, 0)
+                        r = self.evaluate(name, t.images, t.targets(), "random", 0)
                     else:
                         t, meta, wall = self.condense(name, method, ipc, b.iters(method, ipc))
-                        r = self.evaluate(name, t.images, t.targets(), method != "dc", 0)
+                        r = self.evaluate(name, t.images, t.targets(), method, 0)
                         cell.update(iterations=meta.iterations, wall_seconds=wall,
                                     seconds_per_iteration=meta.seconds_per_iteration,
                                     memory=meta.memory, final_loss=meta.losses[-1])
                     cell.update(accuracies=list(r.accuracies), mean=r.mean, std=r.std,
-                                eval_seconds=r.seconds)
+                                eval_seconds=r.seconds, protocol=default_protocol(method))
                     self.put(key, cell)
                     self.log(f"{name} ipc={ipc:<3} {method:<7} {r.mean:6.2f} ± {r.std:5.2f} % "
                              f"(published {cell['published']})")
@@ -220,7 +225,7 @@ class Bench:
                                             signals=providers[seed]).indices
                 t, meta, wall = self.condense(name, "dc", ipc, b.init_iterations,
                                               init=init_value, seed=seed, tag=f"init-{init}")
-                r = self.evaluate(name, t.images, t.targets(), False, seed)
+                r = self.evaluate(name, t.images, t.targets(), "dc", seed)
                 self.put(key, {"init": init, "seed": seed, "accuracies": list(r.accuracies),
                                "mean": r.mean, "wall_seconds": wall})
                 self.log(f"init {init:<10} seed {seed}: {r.mean:.2f} %")
@@ -298,15 +303,19 @@ def markdown(state: dict) -> str:
              f"brackets. Wall time {state.get('wall_seconds', 0) / 60:.1f} min on "
              f"{state['device']} ({state['threads']} threads).", "",
              "| data set | IPC | " + " | ".join(METHODS) + " |",
-             "|---|---|" + "---|" * len(METHODS)]
+             "|---|---|" + "---|" * len(METHODS),
+             "| *protocol* | | " + " | ".join(f"*{default_protocol(m)}*" for m in METHODS) + " |"]
     for name in b["datasets"]:
         for ipc in b["ipcs"]:
             row = [name, str(ipc)]
             for m in METHODS:
                 c = cells.get(f"accuracy/{name}/{ipc}/{m}")
                 row.append("—" if c is None else f"{c['mean']:.1f} ± {c['std']:.1f}"
+                           + ("†" if c.get("carried_over") else "")
                            + (f" ({c['published']})" if c.get("published") else ""))
             lines.append("| " + " | ".join(row) + " |")
+    if any(c.get("carried_over") for c in cells.values()):
+        lines += ["", f"† {state.get('carried_over_note', 'carried over from an earlier run')}"]
     groups: dict[str, list[float]] = {}
     for k, c in cells.items():
         if k.startswith("init/"):
@@ -354,12 +363,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--resume", action="store_true", help="keep finished cells of the JSON")
+    parser.add_argument("--datasets", default=None,
+                        help="override the budget's data sets of the accuracy section")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = set(sections) - {"accuracy", "init", "strategies", "speed"}
     if bad:
         parser.error(f"unknown sections {sorted(bad)}")
-    bench = Bench(BUDGETS[args.budget], Path(args.out), resolve_device(args.device),
+    budget = BUDGETS[args.budget]
+    if args.datasets:
+        budget = replace(budget, datasets=tuple(args.datasets.split(",")))
+    bench = Bench(budget, Path(args.out), resolve_device(args.device),
                   args.data_root, args.resume)
     state = bench.run(sections)
     print(markdown(state))

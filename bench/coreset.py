@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill.data import load_dataset  # noqa: E402
 from distill.devices import resolve_device  # noqa: E402
-from distill.engine import EvalProtocol, TrainConfig, evaluate_set, mean_std  # noqa: E402
+from distill.engine import TrainConfig, evaluate_set, mean_std  # noqa: E402
+from distill.protocols import make_protocol  # noqa: E402
 from distill.store import atomic_write_json, atomic_write_text  # noqa: E402
 from selection import SignalConfig, SignalProvider, available_methods, select  # noqa: E402
 
@@ -50,7 +51,7 @@ class Budget:
     datasets: tuple[str, ...]
     ipcs: tuple[int, ...]
     model: str
-    epochs: int                  # student epochs (DC: 300)
+    epochs: int | None           # student epochs (None: the dc protocol's)
     students: int                # fresh students per selected set
     seeds: tuple[int, ...]       # selection seeds
     test_limit: int | None       # fixed test subset size (None: all 10 000)
@@ -67,16 +68,17 @@ BUDGETS = {
                     signal_epochs=1, whole_epochs=1, whole_limit=2000,
                     notes="proves the path only; figures mean nothing"),
     "short": Budget("short", ("mnist", "cifar10"), (1, 10, 50), "convnet:width=32,depth=3",
-                    epochs=300, students=2, seeds=(0,), test_limit=2000,
+                    epochs=None, students=2, seeds=(0,), test_limit=2000,
                     pool_per_class=1000, signal_epochs=5, whole_epochs=3,
-                    notes="DC protocol (300 epochs, SGD 0.01/0.9/5e-4, batch 256, lr/10 at "
-                          "half) with a width-32 ConvNet; candidates: 1000 random images per "
+                    notes="dc protocol (SGD 0.01/0.9/5e-4, batch 256, lr/10 at half; MNIST: "
+                          "DC's crop/scale/rotate augmentation, 1000 epochs; CIFAR-10: none, "
+                          "300 epochs) with a width-32 ConvNet; candidates: 1000 random images per "
                           "class; signal ConvNet trained 5 epochs on them; 2 students; a fixed "
                           "2000-image test subset; whole-data reference: 3 epochs"),
-    "paper": Budget("paper", ("mnist", "cifar10"), (1, 10, 50), "convnet", epochs=300,
+    "paper": Budget("paper", ("mnist", "cifar10"), (1, 10, 50), "convnet", epochs=None,
                     students=5, seeds=(0, 1, 2, 3), test_limit=None, pool_per_class=None,
                     signal_epochs=20, whole_epochs=300,
-                    notes="DC protocol with the width-128 ConvNet; 4 selection seeds x 5 "
+                    notes="dc protocol with the width-128 ConvNet; 4 selection seeds x 5 "
                           "students; whole training set as candidates"),
 }
 
@@ -94,14 +96,15 @@ def run(budget: Budget, methods: list[str], out: Path, device: torch.device,
         import json
 
         previous = json.loads(json_path.read_text())
-        if previous.get("budget") == state["budget"]:
+        # compared as JSON: the file holds lists where the budget has tuples
+        if previous.get("budget") == json.loads(json.dumps(state["budget"])):
             state["cells"] = previous.get("cells", {})
             log(f"resuming: {len(state['cells'])} cells already done")
     wall = time.perf_counter()
-    protocol = EvalProtocol(model=budget.model, n_students=budget.students,
-                            train=TrainConfig(epochs=budget.epochs),
-                            test_limit=budget.test_limit)
     for dataset in budget.datasets:
+        protocol = make_protocol("dc", dataset, model=budget.model, n_students=budget.students,
+                                 test_limit=budget.test_limit,
+                                 **({"epochs": budget.epochs} if budget.epochs else {}))
         train_set = load_dataset(dataset, "train", root=data_root).to(device)
         test_set = load_dataset(dataset, "test", root=data_root).to(device)
         key = cell_key(dataset, "whole", "whole")
@@ -110,7 +113,7 @@ def run(budget: Budget, methods: list[str], out: Path, device: torch.device,
             if budget.whole_limit is not None:
                 whole = train_set.balanced_subset(budget.whole_limit // train_set.info.num_classes,
                                                   torch.Generator().manual_seed(0))
-            whole_protocol = replace(protocol, n_students=1,
+            whole_protocol = replace(protocol, n_students=1, name="none",
                                      train=TrainConfig(epochs=budget.whole_epochs))
             r = evaluate_set(whole.images, whole.labels, test_set.images, test_set.labels,
                              whole_protocol, seed=0, num_classes=train_set.info.num_classes)
@@ -145,7 +148,7 @@ def run(budget: Budget, methods: list[str], out: Path, device: torch.device,
                 state["cells"][key] = {
                     "dataset": dataset, "ipc": ipc, "method": method, "accuracies": accs,
                     "mean": mean, "std": std, "select_seconds": select_seconds,
-                    "eval_seconds": eval_seconds,
+                    "eval_seconds": eval_seconds, "protocol": protocol.name,
                     "published": PUBLISHED.get((dataset, ipc), {}).get(method)}
                 atomic_write_json(json_path, state)
                 log(f"{dataset} ipc={ipc:<3} {method:<11} {mean:6.2f} ± {std:5.2f} %  "
@@ -178,10 +181,14 @@ def markdown(state: dict, budget: Budget, methods: list[str]) -> str:
                     continue
                 pub = c.get("published")
                 row.append(f"{c['mean']:.1f} ± {c['std']:.1f}"
+                           + ("†" if c.get("carried_over") else "")
                            + (f" ({pub})" if pub is not None else ""))
-            row.append(f"{whole['mean']:.1f} ({PUBLISHED_WHOLE[dataset]})"
+            row.append(f"{whole['mean']:.1f}{'†' if whole.get('carried_over') else ''} "
+                       f"({PUBLISHED_WHOLE[dataset]})"
                        if whole and ipc == budget.ipcs[0] else "")
             lines.append("| " + " | ".join(row) + " |")
+    if any(c.get("carried_over") for c in cells.values()):
+        lines += ["", f"† {state.get('carried_over_note', 'carried over from an earlier run')}"]
     return "\n".join(lines) + "\n"
 
 

@@ -73,7 +73,7 @@ def main() -> None:
         ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     data = load_dataset("mnist", "train", root=args.data_root)
     real = RealSampler(data)
-    base = GTNConfig(batch_size=args.batch_size, student="convnet:width=16,depth=2",
+    base = GTNConfig(batch_size=args.batch_size, student="convnet:width=16,depth=2,first_pad=1",
                      generator=GeneratorConfig(noise_dim=64, width_fc=256, width_conv=32),
                      real_batch=512, meta_lr=5e-3)
     rows = []

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .augment import digit_strategy
 from .data import ImageSet
 from .metatrain import SCHEDULES, CheckpointError, MetaConfig, MetaResult, meta_train, scheduled_lr
 from .methods import METHODS, get_method
@@ -29,10 +30,14 @@ __all__ = ["ConfigError", "MetaConfig", "MetaResult", "CheckpointError", "NonFin
 
 
 def condense_config(method: str, iterations: int = 1000, lr: float | None = None,
-                    **overrides: Any) -> MetaConfig:
+                    dataset: str | None = None, **overrides: Any) -> MetaConfig:
     """The :class:`MetaConfig` of a paper method (:data:`~distill.methods.METHODS`) with its
     defaults; ``overrides`` set :class:`MetaConfig` fields (``optimizer``, ``momentum``,
     ``checkpoint_every``, ...) or :class:`~distill.strategies.StrategyConfig` fields.
+
+    ``dataset``: the data set it will condense; on digits (MNIST, SVHN) the DSA augmentation
+    of dsa / dm drops ``flip``, as the DSA reference prescribes
+    (:func:`distill.augment.digit_strategy`).
 
     Raises:
         ConfigError: an unknown method, or an option its strategy does not have.
@@ -44,7 +49,7 @@ def condense_config(method: str, iterations: int = 1000, lr: float | None = None
                                      overrides.get("checkpoint_steps")):
         raise ConfigError(f"truncate and checkpoint_steps apply to dd only (unrolled "
                           f"backprop), not to {method}")
-    overrides.setdefault("augment", m.augment)
+    overrides.setdefault("augment", digit_strategy(m.augment, dataset) if m.augment else "")
     settings: dict[str, Any] = {"optimizer": m.optimizer, "lr": m.lr, "momentum": m.momentum,
                                 **loop}
     if lr is not None:
@@ -94,7 +99,7 @@ def condense(
 
     parse_model_spec(model)
     info = train_set.info
-    config = condense_config(method) if isinstance(method, str) else method
+    config = condense_config(method, dataset=info.name) if isinstance(method, str) else method
     if not config.method:
         raise ConfigError("condense needs a paper method's configuration (condense_config)")
     counts = train_set.class_counts()

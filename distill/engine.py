@@ -52,7 +52,10 @@ class TrainConfig:
         batch_size: mini-batch size (the last batch of an epoch may be smaller).
         decay_at: fraction of ``epochs`` after which the lr is multiplied by 0.1 (DC: 0.5);
             ``None`` keeps it constant.
-        augment: apply differentiable DSA augmentation (per-sample parameters) to every batch.
+        augment: apply differentiable DSA augmentation (per-sample parameters, DSA's six ops)
+            to every batch.
+        augmentation: a named per-image augmentation instead, ``dsa:<ops>`` or ``dc:<ops>``
+            (:func:`distill.augment.make_train_augment`); ``""`` defers to ``augment``.
     """
 
     epochs: int = 300
@@ -62,6 +65,7 @@ class TrainConfig:
     batch_size: int = 256
     decay_at: float | None = 0.5
     augment: bool = False
+    augmentation: str = ""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -149,9 +153,13 @@ def train(
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     decay_epoch = int(config.epochs * config.decay_at) if config.decay_at is not None else -1
-    augment = None
-    if config.augment:
-        from .augment import AugmentConfig, DiffAugment  # only when asked for
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    if config.augmentation:
+        from .augment import make_train_augment  # only when asked for
+
+        augment = make_train_augment(config.augmentation)
+    elif config.augment:
+        from .augment import AugmentConfig, DiffAugment
 
         augment = DiffAugment(AugmentConfig(per_sample=True))
     model.train()
@@ -223,6 +231,7 @@ class EvalProtocol:
     n_students: int = 5
     train: TrainConfig = field(default_factory=TrainConfig)
     test_limit: int | None = None
+    name: str = ""  # the named protocol it follows (distill.protocols), "" when hand-made
 
     @classmethod
     def dc(cls, model: str = "convnet", n_students: int = 5, augment: bool = False,

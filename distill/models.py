@@ -77,21 +77,35 @@ class _Student(nn.Module):
 class ConvNet(_Student):
     """The DC ConvNet: ``depth`` x [conv3x3(width) -> norm -> act -> 2x2 pool] -> linear.
 
-    Input (N, C, H, W); with the defaults on 1x28x28 the embedding is 128*3*3 = 1152-d.
+    As published (``ConvNet`` in ``networks.py`` of VICO-UoE/DatasetCondensation, built by
+    ``get_network`` in its ``utils.py`` with ``get_default_convnet_setting``: width 128, depth
+    3, ReLU, instance norm as ``GroupNorm(C, C)``, 2x2 average pooling), the first convolution
+    pads single-channel images by 3 pixels (``padding=3 if channel == 1 and d == 0``), so a
+    1x28x28 digit is seen as 32x32: feature maps 32 -> 16 -> 8 -> 4 and a 128*4*4 = 2048-d
+    embedding (the reference sizes its norms and classifier for 32 px when ``im_size`` is 28).
+    Every other convolution pads by 1; 3x32x32 images give 128*4*4 = 2048 too.
+
+    ``first_pad`` overrides the first convolution's padding (``None``: the published rule;
+    ``first_pad=1`` on 28 px is gtnkit's earlier 1152-d variant).
     """
 
     def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int],
                  width: int = 128, depth: int = 3, norm: str = "instance", act: str = "relu",
-                 pool: str = "avg") -> None:
+                 pool: str = "avg", first_pad: int | None = None) -> None:
         super().__init__()
         if pool not in POOLS:
             raise ModelError(f"unknown pool {pool!r}; choose one of: {', '.join(POOLS)}")
         if width < 1 or depth < 1:
             raise ModelError(f"width and depth must be >= 1, got {width}, {depth}")
+        if first_pad is None:
+            first_pad = 3 if channels == 1 else 1
+        if not isinstance(first_pad, int) or first_pad < 0:
+            raise ModelError(f"first_pad must be an integer >= 0, got {first_pad!r}")
         layers: list[nn.Module] = []
-        hw, ch = (im_size[0], im_size[1]), channels
-        for _ in range(depth):
-            layers += [nn.Conv2d(ch, width, 3, padding=1), _norm(norm, width, hw), _act(act)]
+        hw, ch = (im_size[0] + 2 * first_pad - 2, im_size[1] + 2 * first_pad - 2), channels
+        for d in range(depth):
+            layers += [nn.Conv2d(ch, width, 3, padding=first_pad if d == 0 else 1),
+                       _norm(norm, width, hw), _act(act)]
             if pool != "none":
                 if min(hw) < 2:
                     raise ModelError(f"depth {depth} pools {im_size} images below 1 pixel")
@@ -115,13 +129,14 @@ class MLP(_Student):
 
 
 class LeNet(_Student):
-    """LeNet-5: conv5(6) relu maxpool, conv5(16) relu maxpool, fc 120, fc 84 (padding 2 on
-    28 px)."""
+    """LeNet-5: conv5(6) relu maxpool, conv5(16) relu maxpool, fc 120, fc 84; the first conv
+    pads single-channel images by 2 (a 28 px digit gives 16*5*5 = 400 features), as ``LeNet``
+    in the DC reference's ``networks.py``."""
 
     def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int],
                  act: str = "relu") -> None:
         super().__init__()
-        pad = 2 if tuple(im_size) == (28, 28) else 0
+        pad = 2 if channels == 1 else 0  # the reference: padding=2 if channel == 1 else 0
         conv = nn.Sequential(nn.Conv2d(channels, 6, 5, padding=pad), _act(act), nn.MaxPool2d(2),
                              nn.Conv2d(6, 16, 5), _act(act), nn.MaxPool2d(2), nn.Flatten())
         with torch.no_grad():
@@ -158,14 +173,16 @@ class AlexNet(_Student):
 
 
 class VGG11(_Student):
-    """VGG-11 (cfg A) with a configurable norm (DC default: instance); 28 px inputs padded to 32."""
+    """VGG-11 (cfg A) with a configurable norm (DC default: instance): the first conv pads
+    single-channel images by 3 (28 px seen as 32), as ``VGG`` in the DC reference's
+    ``networks.py``; 512-d embedding on MNIST and CIFAR-10."""
 
     def __init__(self, channels: int, num_classes: int, im_size: tuple[int, int],
                  width: int = 64, norm: str = "instance") -> None:
         super().__init__()
         cfg: list[int | str] = [1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"]
         layers: list[nn.Module] = []
-        pad = 3 if tuple(im_size) == (28, 28) else 1
+        pad = 3 if channels == 1 else 1  # the reference: padding=3 if channel == 1 and first
         hw = (im_size[0] + 2 * pad - 2, im_size[1] + 2 * pad - 2)
         ch, first = channels, True
         for v in cfg:

@@ -279,8 +279,11 @@ class Matching(Strategy):
         outer, inner = cfg.outer_loop or outer, cfg.inner_loop or inner
         net = make_student(generator)
         net.train()
+        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
         losses = []
         for ol in range(outer):
+            if batch_norm:
+                freeze_batch_norm(net, real, generator)
             xr = [real.class_batch(c, cfg.per_class, generator) for c in range(real.num_classes)]
             syn = teacher.class_batches(generator)
             loss = self._fast(
@@ -293,12 +296,35 @@ class Matching(Strategy):
                 break
             with torch.no_grad():  # the student trains on constants
                 x, y = teacher.batch(None, generator)
+            # DSA trains the student with its own strategy, parameters per image (DSA's
+            # main.py: epoch(..., aug=True) -> DiffAugment(img, args.dsa_strategy, param))
             inner_cfg = TrainConfig(epochs=inner, lr=cfg.net_lr, momentum=0.0, weight_decay=0.0,
                                     batch_size=256, decay_at=None,
-                                    augment=self.augment is not None)
+                                    augmentation=f"dsa:{cfg.augment}" if cfg.augment else "")
             self._fast(lambda m, x=x, y=y, c=inner_cfg: train(m, x.detach(), y.detach(), c,
                                                                generator), net)
         return {"loss": sum(losses) / len(losses)}
+
+
+#: Real images per class the DC reference passes through a batch-norm student before matching.
+BN_REAL_PER_CLASS = 16
+
+
+@torch.no_grad()
+def freeze_batch_norm(net: nn.Module, real: RealSampler, generator: torch.Generator,
+                      per_class: int = BN_REAL_PER_CLASS) -> None:
+    """Update the running statistics of ``net``'s batch norms with one forward pass of
+    ``per_class`` real images of every class (train mode: momentum 0.1), then freeze them
+    (eval mode) for the matching that follows; the student's own training (``train``) puts
+    them back in train mode. As the DC reference's ``main.py`` does before every outer step
+    ("Synthetic data batch, e.g. only 1 image/batch, is too small to obtain stable mu and
+    sigma", BNSizePC = 16)."""
+    x = torch.cat([real.class_batch(c, per_class, generator) for c in range(real.num_classes)])
+    net.train()
+    net(x)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 class Distribution(Strategy):

@@ -43,13 +43,62 @@ def test_convnet_variants(norm, act, pool):
     assert model.feature_dim == 8 * (4 * 4 if pool != "none" else 16 * 16)
 
 
-def test_convnet_parameter_count_closed_form():
-    w = 128
-    conv = (1 * 9 * w + w) + 2 * (w * 9 * w + w)       # three 3x3 convs with bias
-    norm = 3 * 2 * w                                   # instance norm affine
-    head = w * 3 * 3 * 10 + 10                          # 28 -> 14 -> 7 -> 3
+def _conv(cin: int, cout: int, k: int, bias: bool = True) -> int:
+    return cin * k * k * cout + (cout if bias else 0)
+
+
+def _published(name: str, ch: int) -> tuple[int, int]:
+    """(embedding size, parameter count) of the DC reference's networks (``networks.py`` of
+    VICO-UoE/DatasetCondensation, default settings, 10 classes), written out by hand."""
+    if name == "convnet":  # width 128, depth 3, instance norm; 28 px padded to 32: 32->16->8->4
+        feat = 128 * 4 * 4
+        body = _conv(ch, 128, 3) + 2 * _conv(128, 128, 3) + 3 * 2 * 128
+    elif name == "mlp":
+        feat = 128
+        body = (28 * 28 if ch == 1 else 32 * 32 * 3) * 128 + 128 + 128 * 128 + 128
+    elif name == "lenet":  # conv5 pads 2 on digits: 28 -> 14 -> 10 -> 5
+        feat = 84
+        body = _conv(ch, 6, 5) + _conv(6, 16, 5) + 16 * 5 * 5 * 120 + 120 + 120 * 84 + 84
+    elif name == "alexnet":  # 192 x 4 x 4 on both shapes
+        feat = 192 * 4 * 4
+        body = (_conv(ch, 128, 5) + _conv(128, 192, 5) + _conv(192, 256, 3)
+                + _conv(256, 192, 3) + _conv(192, 192, 3))
+    elif name == "vgg11":  # cfg A, instance norm after every conv, 512 x 1 x 1
+        feat, cin, body = 512, ch, 0
+        for cout in (64, 128, 256, 256, 512, 512, 512, 512):
+            body += _conv(cin, cout, 3) + 2 * cout
+            cin = cout
+    else:  # resnet18: no-bias convs, instance norm, BasicBlocks [2, 2, 2, 2], 512-d
+        feat, body, cin = 512, _conv(ch, 64, 3, False) + 2 * 64, 64
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            for b in range(2):
+                s = stride if b == 0 else 1
+                body += _conv(cin, planes, 3, False) + _conv(planes, planes, 3, False) + 4 * planes
+                if s != 1 or cin != planes:
+                    body += _conv(cin, planes, 1, False) + 2 * planes
+                cin = planes
+    return feat, body + feat * 10 + 10
+
+
+@pytest.mark.parametrize("name", available_models())
+@pytest.mark.parametrize("shape", SHAPES)
+def test_published_networks_feature_sizes_and_parameter_counts(name, shape):
+    feat, params = _published(name, shape[0])
+    model = build_model(name, shape[0], 10, shape[1:])
+    assert model.feature_dim == feat
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_dc_convnet_sees_digits_as_32_pixels():
+    """The published first conv pads 1-channel images by 3: its output is 32 x 32."""
     model = build_model("convnet", 1, 10, (28, 28))
-    assert sum(p.numel() for p in model.parameters()) == conv + norm + head
+    assert model.features[0].padding == (3, 3)
+    assert model.features[0](torch.zeros(1, 1, 28, 28)).shape[-2:] == (32, 32)
+    older = build_model("convnet:first_pad=1", 1, 10, (28, 28))
+    assert older.feature_dim == 128 * 3 * 3
+    assert build_model("convnet", 3, 10, (32, 32)).features[0].padding == (1, 1)
+    with pytest.raises(ModelError, match="first_pad"):
+        build_model("convnet:first_pad=-1", 1, 10, (28, 28))
 
 
 def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():

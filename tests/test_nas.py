@@ -145,11 +145,11 @@ def test_ids_do_not_depend_on_option_order():
 def test_macs_of_a_small_convnet_by_hand():
     params, macs = nas.model_cost("convnet:width=4,depth=2,norm=none,act=relu,pool=avg", 1, 10,
                                   (28, 28))
-    conv1 = 28 * 28 * 4 * 1 * 9
-    conv2 = 14 * 14 * 4 * 4 * 9
-    linear = 4 * 7 * 7 * 10
+    conv1 = 32 * 32 * 4 * 1 * 9  # the DC ConvNet pads a 28 px digit to 32 in its first conv
+    conv2 = 16 * 16 * 4 * 4 * 9
+    linear = 4 * 8 * 8 * 10
     assert macs == conv1 + conv2 + linear
-    assert params == (4 * 9 + 4) + (4 * 4 * 9 + 4) + (196 * 10 + 10)
+    assert params == (4 * 9 + 4) + (4 * 4 * 9 + 4) + (256 * 10 + 10)
 
 
 def test_sampling_respects_families_and_refuses_the_impossible():
