@@ -122,7 +122,8 @@ def draws_markdown(report: dict) -> str:
               f"are shared, so only the candidates change between draws. Mean over draws "
               f"with a 95 % t interval across draws; pooled = the {len(report['candidates'])}"
               f" distinct candidates of all draws together, with a bootstrap interval; "
-              f"first = draws in which the proxy has the highest value.")]
+              f"first = draws in which the proxy has the highest value (ties: the higher "
+              f"all-candidate Spearman).")]
     heads = " | ".join(f"draw {i + 1}" for i in range(k))
     for metric, title in (("spearman_top", "top-half Spearman"),
                           ("spearman", "all-candidate Spearman")):
