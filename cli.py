@@ -1212,15 +1212,21 @@ def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, recipe, 
 @click.option("--cache", type=click.Path(file_okay=False), default=None,
               help="Folder of finished per-candidate results, reused by any later run "
                    "(default: OUT/cache). A killed run resumes by running it again.")
+@click.option("--draws", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Independent draws of N candidates (draw d sampled with seed SEED + d; "
+                   "students seeded by SEED alone, so a candidate in two draws is trained "
+                   "once): per-draw, mean and pooled figures and a paired comparison of the "
+                   "proxies.")
 @data_options
 @run_options
 @click.pass_context
 @handle_errors
 def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k, workers,
-        cache, data_root, download, out, seed, device, force) -> None:
+        cache, draws, data_root, download, out, seed, device, force) -> None:
     """Rank N sampled architectures by short proxy trainings and compare with the ranking of
     longer real training (validation split of the training set): Spearman / Kendall with
-    bootstrap intervals (all and top half), top-k overlap, picked accuracy, speed-up.
+    bootstrap intervals (all and top half), top-k overlap, picked accuracy, speed-up, and a
+    paired, Holm-adjusted comparison of the proxies (a winner only where it is significant).
 
     Writes OUT/nas.md, OUT/nas.png (proxy vs true accuracy), config.json and results.json.
     """
@@ -1231,6 +1237,7 @@ def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k
     from distill.store import atomic_write_text
     from gtn.nas import (
         NAS_BUDGETS,
+        draws_markdown,
         parse_proxies,
         plot_scatter,
         report_markdown,
@@ -1252,8 +1259,8 @@ def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k
     report = run_search(data, resolved, plan, n_candidates, seed=seed,
                         cache=Path(cache) if cache else out_dir / "cache", workers=workers,
                         device=dev, space=space, top_k=top_k, progress=_progress(ctx),
-                        log=log.info)
-    text = report_markdown(report)
+                        log=log.info, draws=draws)
+    text = report_markdown(report) + "\n" + draws_markdown(report)
     atomic_write_text(out_dir / "nas.md", text)
     plotted = plot_scatter(report, out_dir / "nas.png")
     if not plotted:
@@ -1262,6 +1269,7 @@ def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k
     write_run(out_dir, "nas", {"dataset": info.name, "n_candidates": n_candidates,
                                "proxies": labels, "budget": budget, "space": asdict(space),
                                "top_k": top_k, "workers": workers, "seed": seed,
+                               "draws": draws,
                                "device": str(dev)}, report)
     click.echo(text, nl=False)
 

@@ -11,8 +11,19 @@ with every proxy. Ground truth and proxy results are cached one file per candida
 ``--resume`` (without it the GTN and DM runs start over; cached candidates are reused either
 way, since their keys hold the exact data and schedule).
 
+The search runs ``--draws K`` independent draws of candidates (draw d sampled with seed
+``--seed`` + d; students and proxy sets seeded by ``--seed`` alone, so a candidate drawn twice is
+trained once) and writes the results after every draw: per-draw, mean and pooled rank
+correlations, how often each proxy ranks first, and the paired, Holm-adjusted comparison of
+the proxies (:func:`gtn.nas.compare_proxies`).
+
+A better generator: ``--gtn RUN`` takes a saved one (a ``gtnkit gtn train`` folder or its
+generator.pt); ``--gtn-set KEY=VALUE`` (repeatable) changes the bench's own GTN recipe
+(fields of :class:`gtn.train.GTNConfig`, e.g. ``--gtn-set meta_iterations=400``). The proxy
+caches are keyed by the generated data, so only the GTN proxies are retrained.
+
     python bench/nas.py --budget smoke    # a minute: proves the path
-    python bench/nas.py --budget short    # the README table (2-core CPU, one thread)
+    python bench/nas.py --budget short --workers 2   # the README tables (2-core CPU)
     python bench/nas.py --budget paper    # CIFAR-10, every family (wants a GPU)
 
 Published (Such et al., ICML 2020, via DESIGN.md): as a NAS proxy, the GTN's Spearman
@@ -41,6 +52,7 @@ from distill.store import atomic_write_json, atomic_write_text, save_set
 from gtn.generator import GeneratorConfig
 from gtn.nas import (
     NAS_BUDGETS,
+    draws_markdown,
     nas_split,
     parse_proxy,
     plot_scatter,
@@ -60,13 +72,15 @@ class Plan:
     dc_iterations: int
     dc_model: str
     dc_real_batch: int
+    draws: int = 3
 
 
 PLANS = {
     "smoke": Plan("mnist", 4, GTNConfig(
         inner_steps=2, batch_size=20, student="convnet:width=4,depth=1", meta_iterations=2,
         real_batch=20, generator=GeneratorConfig(noise_dim=8, width_fc=16, width_conv=8)),
-        dc_ipc=2, dc_iterations=2, dc_model="convnet:width=4,depth=1", dc_real_batch=8),
+        dc_ipc=2, dc_iterations=2, dc_model="convnet:width=4,depth=1", dc_real_batch=8,
+        draws=2),
     "short": Plan("mnist", 48, GTNConfig(
         inner_steps=8, batch_size=64, student="convnet:width=16,depth=2",
         width_choices=(8, 16, 32), meta_iterations=200, real_batch=128, meta_lr=2e-3,
@@ -77,6 +91,30 @@ PLANS = {
         meta_iterations=2000, real_batch=128), dc_ipc=50, dc_iterations=20000,
         dc_model="convnet", dc_real_batch=256),
 }
+
+
+def gtn_overrides(config: GTNConfig, items: list[str]) -> GTNConfig:
+    """``config`` with ``KEY=VALUE`` fields replaced (values as Python literals, else text)."""
+    import ast
+    from dataclasses import fields, replace
+
+    names = {f.name for f in fields(config)}
+    changes: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in names:
+            raise SystemExit(f"--gtn-set {item!r}: want KEY=VALUE with KEY one of "
+                             f"{', '.join(sorted(names))}")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        changes[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        return replace(config, **changes)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"--gtn-set: {err}") from None
 
 
 def make_gtn(train, plan: Plan, validation: int, folder: Path, seed: int, device, resume: bool,
@@ -127,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", choices=sorted(PLANS), default="smoke")
     parser.add_argument("--n-candidates", type=int, default=None)
     parser.add_argument("--gtn", default=None, help="Use this generator instead of training one.")
+    parser.add_argument("--gtn-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="Change a field of the bench's GTN recipe (repeatable).")
+    parser.add_argument("--draws", type=int, default=None,
+                        help="Independent draws of candidates (default: the plan's).")
     parser.add_argument("--dc", default=None, help="Use this condensed set instead.")
     parser.add_argument("--coreset", default="herding", help="Selection rule of the coreset.")
     parser.add_argument("--workers", type=int, default=1)
@@ -137,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     plan, budget = PLANS[args.budget], NAS_BUDGETS[args.budget]
+    if args.gtn_set:
+        from dataclasses import replace
+
+        plan = replace(plan, gtn=gtn_overrides(plan.gtn, args.gtn_set))
+    if args.draws is not None and args.draws < 1:
+        raise SystemExit(f"--draws must be >= 1, got {args.draws}")
     device = resolve_device(args.device)
     out = Path(args.out)
     folder = out / "ckpt" / f"nas-{args.budget}"
@@ -159,47 +207,100 @@ def main(argv: list[str] | None = None) -> int:
                                       f"dc:{dc_path}",
                                       f"coreset:{args.coreset}", "real-subset", "real-steps")]
     proxies = [(s, resolve_proxy(s, plan.dataset)) for s in specs]
-    report = run_search(train, proxies, budget, args.n_candidates or plan.n_candidates,
-                        seed=args.seed, cache=out / "ckpt" / "nas-cache", workers=args.workers,
-                        device=device, log=print)
-    # short names in the table: the paths are in the JSON
     names = {f"gtn:{gtn_path}": "gtn", f"gtn-steps:{gtn_path}": "gtn-steps",
              f"dc:{dc_path}": "dc (dm)"}
-    report["proxies"] = {names.get(k, k): {**v, "source": k} for k, v in
-                         report["proxies"].items()}
-    report["winner"] = names.get(report["winner"], report["winner"])
-    for c in report["candidates"]:
-        c["proxies"] = {names.get(k, k): v for k, v in c["proxies"].items()}
-    report["made"] = made
-    report["wall_seconds"] = time.perf_counter() - started
-    report["torch"] = torch.__version__
-    md = [f"# NAS proxy benchmark, budget `{args.budget}`", "", report_markdown(report).rstrip(),
-          ""]
-    if made.get("gtn"):
-        g = made["gtn"]
-        cfg = g["config"]
-        md.append(f"GTN: unrolled, T = {cfg['inner_steps']} x {cfg['batch_size']} images, "
-                  f"curriculum {cfg['curriculum']}, {cfg['meta_iterations']} meta-iterations"
-                  + (f", {g['seconds']:.0f} s" if "seconds" in g else " (reused)") + ".")
-    if made.get("dc"):
-        d = made["dc"]
-        md.append(f"DM condensed set: {plan.dc_ipc} images per class, {plan.dc_iterations} "
-                  f"iterations against {plan.dc_model}"
-                  + (f", {d['seconds']:.0f} s" if "seconds" in d else " (reused)")
-                  + "; condensed from the training images outside the validation split.")
-    md += [(f"Coreset: {args.coreset} from {budget.pool_per_class} per class, signals of "
-            f"{budget.signal_model} ({budget.signal_epochs} epoch(s))."),
-           (f"Device {report['device']}, {report['threads']} thread(s), {args.workers} "
-            f"worker(s); whole bench {report['wall_seconds'] / 60:.1f} min."), ""]
-    plotted = plot_scatter(report, out / f"nas-{args.budget}.png")
-    if plotted:
-        png = (out / f"nas-{args.budget}.png").resolve()
-        repo = Path(__file__).resolve().parents[1]
-        md.append(f"Scatter: `{png.relative_to(repo) if png.is_relative_to(repo) else png}`")
-    atomic_write_json(out / f"nas-{args.budget}.json", report)
-    atomic_write_text(out / f"nas-{args.budget}.md", "\n".join(md) + "\n")
-    print("\n".join(md))
+    draws = args.draws or plan.draws
+
+    def write(report: dict, final: bool) -> None:
+        """Write the JSON and Markdown of the draws so far (short names in the tables: the
+        paths are in the JSON), and at the end the scatter plot."""
+        report = rename(report, names)
+        report["made"] = made
+        report["wall_seconds"] = time.perf_counter() - started
+        report["torch"] = torch.__version__
+        report["complete"] = final
+        report["command"] = " ".join(["python", "bench/nas.py", *(argv if argv is not None
+                                                                  else sys.argv[1:])])
+        done = len(report["draws"])
+        md = [f"# NAS proxy benchmark, budget `{args.budget}`", ""]
+        if not final:
+            md += [f"**Partial: {done} of {draws} draws done** (rerun the same command with "
+                   f"`--resume` to continue).", ""]
+        md += ["## Pooled over every candidate", "", report_markdown(report).rstrip(), "",
+               draws_markdown(report).rstrip(), ""]
+        if made.get("gtn"):
+            g = made["gtn"]
+            cfg = g["config"]
+            md.append(f"GTN: unrolled, T = {cfg['inner_steps']} x {cfg['batch_size']} images, "
+                      f"curriculum {cfg['curriculum']}, {cfg['meta_iterations']} "
+                      f"meta-iterations"
+                      + (f", {g['seconds']:.0f} s" if "seconds" in g else " (reused)") + ".")
+        else:
+            md.append(f"GTN: the generator {gtn_path}.")
+        if made.get("dc"):
+            d = made["dc"]
+            md.append(f"DM condensed set: {plan.dc_ipc} images per class, {plan.dc_iterations} "
+                      f"iterations against {plan.dc_model}"
+                      + (f", {d['seconds']:.0f} s" if "seconds" in d else " (reused)")
+                      + "; condensed from the training images outside the validation split.")
+        md += [(f"Coreset: {args.coreset} from {budget.pool_per_class} per class, signals of "
+                f"{budget.signal_model} ({budget.signal_epochs} epoch(s))."),
+               (f"Device {report['device']}, {report['threads']} thread(s), {args.workers} "
+                f"worker(s); whole bench {report['wall_seconds'] / 60:.1f} min (this "
+                f"invocation; cached students are read, not retrained)."), ""]
+        if final and plot_scatter(report, out / f"nas-{args.budget}.png"):
+            png = (out / f"nas-{args.budget}.png").resolve()
+            repo = Path(__file__).resolve().parents[1]
+            md.append(f"Scatter (pooled): "
+                      f"`{png.relative_to(repo) if png.is_relative_to(repo) else png}`")
+        atomic_write_json(out / f"nas-{args.budget}.json", report)
+        atomic_write_text(out / f"nas-{args.budget}.md", "\n".join(md) + "\n")
+        print(f"wrote {out / f'nas-{args.budget}.md'} ({done}/{draws} draws)", flush=True)
+        if final:
+            print("\n".join(md))
+
+    report = run_search(train, proxies, budget, args.n_candidates or plan.n_candidates,
+                        seed=args.seed, cache=out / "ckpt" / "nas-cache", workers=args.workers,
+                        device=device, log=lambda s: print(s, flush=True), draws=draws,
+                        on_draw=lambda r: write(r, False))
+    write(report, True)
     return 0
+
+
+def rename(report: dict, names: dict[str, str]) -> dict:
+    """The report with the proxies' labels shortened by ``names`` everywhere."""
+    def short(label: str) -> str:
+        return names.get(label, label)
+
+    def keys(d: dict) -> dict:
+        return {short(k): v for k, v in d.items()}
+
+    report = dict(report)
+    report["proxies"] = {short(k): {**v, "source": k} for k, v in report["proxies"].items()}
+    if "winner" in report:
+        report["winner"] = short(report["winner"])
+    report["candidates"] = [{**c, "proxies": keys(c["proxies"])} for c in report["candidates"]]
+    report["draws"] = [{**d, "proxies": keys(d["proxies"]),
+                        "winner": short(d["winner"]) if d.get("winner") else None}
+                       for d in report.get("draws", [])]
+    if "across" in report:
+        a = report["across"]
+        comp = {}
+        for metric, c in a["comparison"].items():
+            comp[metric] = {**c, "labels": [short(x) for x in c["labels"]],
+                            "estimate": keys(c["estimate"]), "p_best": keys(c["p_best"]),
+                            "pairs": [{**q, "a": short(q["a"]), "b": short(q["b"])}
+                                      for q in c["pairs"]],
+                            "leader": short(c["leader"]) if c["leader"] else None,
+                            "winner": short(c["winner"]) if c["winner"] else None,
+                            "top_group": [short(x) for x in c["top_group"]]}
+        report["across"] = {"across": keys(a["across"]),
+                            "first": {m: keys(v) for m, v in a["first"].items()},
+                            "comparison": comp}
+    if "training" in report:
+        t = report["training"]
+        report["training"] = {**t, "trained": keys(t["trained"]), "cached": keys(t["cached"])}
+    return report
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def tiny_mnist(monkeypatch):
     (["--proxy", "gtn:{missing}"], "no generator"),
     (["--proxy", "real-subset", "--n-candidates", "1"], "--n-candidates"),
     (["--proxy", "real-subset", "--workers", "0"], "--workers"),
+    (["--proxy", "real-subset", "--draws", "0"], "--draws"),
     (["--proxy", "real-subset", "--families", "convnet,gpt"], "gpt"),
     (["--proxy", "real-subset", "--proxy", "real-subset"], "twice"),
 ])
@@ -99,6 +100,24 @@ def test_nas_end_to_end_and_cache(tmp_path, runs, tiny_mnist):
     res2 = json.loads((out / "results.json").read_text())
     assert {c["id"]: c["truth"] for c in res2["candidates"]} == first
     assert len(list((out / "cache").rglob("*.json"))) == n_cached
+
+
+def test_nas_draws(tmp_path, tiny_mnist):
+    out = tmp_path / "o"
+    r = run("-q", "nas", "--dataset", "mnist", "--n-candidates", 3, "--proxy", "real-subset",
+            "--proxy", "real-steps", "--budget", "smoke", "--families", "mlp", "--draws", 2,
+            "--seed", 2, "--data-root", tmp_path, "--out", out)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert json.loads((out / "config.json").read_text())["draws"] == 2
+    assert [d["seed"] for d in res["draws"]] == [2, 3]
+    distinct = {i for d in res["draws"] for i in d["ids"]}
+    assert len(res["candidates"]) == res["training"]["distinct"] == len(distinct)
+    assert len(list((out / "cache").rglob("*.json"))) == 3 * len(distinct)  # once each
+    comp = res["across"]["comparison"]["spearman_top"]
+    assert [(q["a"], q["b"]) for q in comp["pairs"]] in ([("real-subset", "real-steps")],
+                                                         [("real-steps", "real-subset")])
+    assert "Paired comparison, top-half Spearman" in (out / "nas.md").read_text()
 
 
 @pytest.mark.realdata

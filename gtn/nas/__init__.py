@@ -22,7 +22,12 @@ proxy, one concept per module:
   for the same number of SGD steps);
 * **ranking quality** (:func:`rank_quality`): Spearman and Kendall tau-b with percentile
   bootstrap intervals over all candidates and over the top half by true accuracy, top-k
-  overlap, the true accuracy of the architecture the proxy picks, and the speed-up.
+  overlap, the true accuracy of the architecture the proxy picks, and the speed-up;
+* **several draws** of candidates (``run_search(draws=K)``): the same figures per draw, their
+  mean with a t interval across draws, how often each proxy ranks first, and a **paired
+  comparison** of the proxies on the same candidates (:func:`compare_proxies`: stratified
+  paired bootstrap of the Spearman difference, Holm-adjusted), which names a winner only
+  when it beats every other proxy significantly.
 
 Every student trains through :func:`distill.engine.train`. A candidate's initialisation and
 batch order come from ``child_seed(seed, "nas", candidate id)`` and never from the order of
@@ -31,6 +36,7 @@ evaluation, so ``workers=K`` (spawned processes) gives the numbers of ``workers=
 
 from .budgets import NAS_BUDGETS, NASBudget
 from .candidates import evaluate_candidates, train_candidate
+from .compare import bootstrap_draws, compare_proxies, holm, mean_interval, spearman_rows
 from .errors import NASError
 from .proxies import (
                       PROXY_KINDS,
@@ -44,8 +50,8 @@ from .proxies import (
                       truth_set,
 )
 from .ranking import bootstrap_ci, kendall, rank_quality, spearman
-from .report import plot_scatter, report_markdown
-from .search import run_search
+from .report import draws_markdown, plot_scatter, report_markdown
+from .search import run_search, summarize_draws
 from .space import FAMILIES, Candidate, SearchSpace, canonical_spec, model_cost, sample_candidates
 
 __all__ = [
@@ -59,10 +65,15 @@ __all__ = [
     "SearchSpace",
     "TrainSet",
     "bootstrap_ci",
+    "bootstrap_draws",
     "build_proxy_set",
     "canonical_spec",
+    "compare_proxies",
+    "draws_markdown",
     "evaluate_candidates",
+    "holm",
     "kendall",
+    "mean_interval",
     "model_cost",
     "nas_split",
     "parse_proxies",
@@ -74,6 +85,8 @@ __all__ = [
     "run_search",
     "sample_candidates",
     "spearman",
+    "spearman_rows",
+    "summarize_draws",
     "train_candidate",
     "truth_set",
 ]

@@ -8,7 +8,10 @@ from collections.abc import Sequence
 
 from distill.store import save_figure
 
-__all__ = ["report_markdown", "plot_scatter"]
+__all__ = ["report_markdown", "draws_markdown", "plot_scatter"]
+
+PAPER_GTN_TOP = 0.56
+"""Such et al. (ICML 2020): the GTN proxy's Spearman with true accuracy on the top half."""
 
 
 def _ci(value: float, ci: Sequence[float]) -> str:
@@ -47,13 +50,125 @@ def report_markdown(report: dict) -> str:
             f"{q.get('speedup', math.nan):.1f}x / {q.get('speedup_wall', math.nan):.1f}x |")
     if report["proxies"]:
         best = max(c["truth"] for c in report["candidates"])
-        lines += ["", (f"Best possible pick: {best:.2f} %. Winner (highest top-half "
-                       f"Spearman): **{report['winner']}**. Published GTN proxy (Such et al., "
-                       f"ICML 2020): Spearman 0.56 on the top half at ~9x fewer steps."),
+        sep = report.get("across", {}).get("comparison", {}).get("spearman_top")
+        verdict = ""
+        if sep is not None:
+            verdict = (f" Separable by the paired comparison: **{sep['winner']}**." if
+                       sep["winner"] else " No proxy is separable by the paired comparison "
+                       "(Holm, top-half Spearman).")
+        lines += ["", (f"Best possible pick: {best:.2f} %. Nominal leader (highest top-half "
+                       f"Spearman): {report['winner']}.{verdict} Published GTN proxy (Such et "
+                       f"al., ICML 2020): Spearman 0.56 on the top half at ~9x fewer steps."),
                   "", ("Speed-up = ground-truth seconds / proxy seconds summed over the "
                        "candidates: of the training loops, and wall time with building and "
                        "scoring each student (building a proxy set is not included: see "
                        "setup_seconds in the JSON).")]
+    return "\n".join(lines) + "\n"
+
+
+def _mean_ci(cell: dict) -> str:
+    mean, (lo, hi) = cell["mean"], cell["ci"]
+    if not math.isfinite(mean):
+        return "—"
+    return f"{mean:.2f} [{lo:.2f}, {hi:.2f}]" if math.isfinite(lo) else f"{mean:.2f}"
+
+
+def _p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _comparison_lines(comp: dict, what: str) -> list[str]:
+    alpha = comp["alpha"]
+    labels = sorted(comp["labels"], key=lambda lab: -comp["estimate"][lab])
+    if comp["winner"]:
+        verdict = (f"**{comp['winner']}** is separable: it beats every other proxy on the "
+                   f"{what} (Holm-adjusted p < {alpha:g} for each pair).")
+    else:
+        others = [lab for lab in comp["top_group"] if lab != comp["leader"]]
+        verdict = (f"**No proxy is separable** on the {what}: the leader {comp['leader']} "
+                   f"cannot be told apart (Holm-adjusted p >= {alpha:g}) from "
+                   f"{', '.join(others)}.")
+    sig = [q for q in comp["pairs"] if q["significant"]]
+    lines = [verdict, "",
+             "P(ranks first) over the bootstrap resamples: "
+             + ", ".join(f"{lab} {comp['p_best'][lab]:.2f}" for lab in labels) + ".", "",
+             "| a − b | difference of mean Spearman [95 % CI] | p | Holm p |",
+             "|---|---|---|---|"]
+    for q in comp["pairs"]:
+        lo, hi = q["ci"]
+        mark = " *" if q["significant"] else ""
+        lines.append(f"| {q['a']} − {q['b']} | {q['difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                     f" | {_p(q['p'])} | {_p(q['p_holm'])}{mark} |")
+    lines += ["", f"{len(sig)} of {len(comp['pairs'])} pairs significant (*: Holm p < "
+                  f"{alpha:g}); {comp['resamples']} paired resamples."]
+    return lines
+
+
+def draws_markdown(report: dict) -> str:
+    """The figures across draws as Markdown: per-draw, mean (t interval) and pooled Spearman
+    on the top half and over all candidates, Kendall, how often each proxy ranks first, the
+    paired comparison of proxies, the GTN proxies against the paper, and what was trained."""
+    across = report.get("across")
+    if not across:
+        return ""
+    draws = report["draws"]
+    k = len(draws)
+    sizes = sorted({len(d["ids"]) for d in draws})
+    labels = list(report["proxies"])
+    tr = report.get("training", {})
+    lines = [f"### Across {k} draw(s) of {'/'.join(map(str, sizes))} candidates", "",
+             (f"Draw d samples its candidates with seed {report['seed']} + d; every student "
+              f"is initialised by seed {report['seed']} and the candidate, and the proxy sets "
+              f"are shared, so only the candidates change between draws. Mean over draws "
+              f"with a 95 % t interval across draws; pooled = the {len(report['candidates'])}"
+              f" distinct candidates of all draws together, with a bootstrap interval; "
+              f"first = draws in which the proxy has the highest value (ties: the higher "
+              f"all-candidate Spearman).")]
+    heads = " | ".join(f"draw {i + 1}" for i in range(k))
+    for metric, title in (("spearman_top", "top-half Spearman"),
+                          ("spearman", "all-candidate Spearman")):
+        pooled_ci = metric + "_ci"
+        lines += ["", f"**{title}**", "",
+                  f"| proxy | {heads} | mean [95 % t] | pooled [95 % bootstrap] | first |",
+                  "|---|" + "---|" * k + "---|---|---|"]
+        for label in labels:
+            cell = across["across"][label][metric]
+            q = report["proxies"][label]
+            lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in cell["per_draw"])
+                         + f" | {_mean_ci(cell)} | {_ci(q[metric], q[pooled_ci])} | "
+                         f"{across['first'][metric][label]}/{k} |")
+    lines += ["", "**Kendall tau-b, top-k overlap and picked accuracy** (mean [95 % t] over "
+                  "draws)", "",
+              "| proxy | Kendall (top half) | Kendall (all) | top-k overlap | picked acc. (%) |",
+              "|---|---|---|---|---|"]
+    for label in labels:
+        a = across["across"][label]
+        lines.append(f"| {label} | {_mean_ci(a['kendall_top'])} | {_mean_ci(a['kendall'])} | "
+                     f"{_mean_ci(a['top_k_overlap'])} | {_mean_ci(a['picked'])} |")
+    for metric, what in (("spearman_top", "top-half Spearman"),
+                         ("spearman", "all-candidate Spearman")):
+        comp = across["comparison"][metric]
+        lines += ["", f"**Paired comparison, {what}** (mean over draws of the per-draw rho; "
+                      f"stratified paired bootstrap over the candidates of each draw)", ""]
+        lines += _comparison_lines(comp, what)
+    gtn = [lab for lab in labels if report["proxies"][lab].get("kind") in ("gtn", "gtn-steps")]
+    for label in gtn:
+        cell = across["across"][label]["spearman_top"]
+        q = report["proxies"][label]
+        lo, hi = cell["ci"]
+        plo, phi = q["spearman_top_ci"]
+        where = ("inside" if lo <= PAPER_GTN_TOP <= hi else
+                 "above" if PAPER_GTN_TOP > hi else "below") if math.isfinite(lo) else "?"
+        lines += ["", (f"{label} against the GTN paper's top-half Spearman {PAPER_GTN_TOP}: "
+                       f"mean {_mean_ci(cell)} over draws (0.56 is {where} the interval), "
+                       f"pooled {q['spearman_top']:.2f} [{plo:.2f}, {phi:.2f}].")]
+    if tr:
+        lines += ["", (f"Students trained: {tr['distinct']} distinct candidates in "
+                       f"{len(tr['draw_sizes'])} draw(s) of {sum(tr['draw_sizes'])} "
+                       f"candidate slots; per set trained now / read from the cache: "
+                       + ", ".join(f"{lab} {tr['trained'][lab]}/{tr['cached'][lab]}"
+                                   for lab in tr["trained"])
+                       + ". Every distinct (candidate, set) is trained at most once.")]
     return "\n".join(lines) + "\n"
 
 
