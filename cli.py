@@ -942,7 +942,8 @@ def _int_list(value: str, name: str) -> list[int]:
 RECIPES_HELP = ("Recipes (measured on MNIST; see the README's GTN recipe section): "
                 "unrolled: meta_lr=0.005, meta_schedule=cosine, real_batch=512, "
                 "intermediate_every=1; implicit: meta_lr=0.005, meta_schedule=cosine, "
-                "real_batch=512, mixed_at=trajectory, step_size_grad=True; matching: "
+                "real_batch=512, mixed_at=trajectory, step_size_grad=True, unroll_tail=5; "
+                "matching: "
                 "meta_lr=0.005, meta_schedule=cosine.")
 
 

@@ -9,7 +9,7 @@ on different machines. Every 100 meta-iterations: few-step accuracy of one stude
 paper's protocol: T steps on the learned curriculum at the learned lr and momentum); the
 headline is the test accuracy at the last meta-iteration, never the best one.
 
-    python bench/gtn.py --sections long --long-cells mnist-t10/unrolled,mnist-t10/implicit
+    python bench/gtn.py --sections long --long-cells mnist-t10/unrolled,mnist-t10/implicit-tail5
     python bench/gtn_long.py --cells all --workers 2 --resume
     python bench/gtn_long.py --report                 # md + json + png from the cell files
 
@@ -36,7 +36,7 @@ from distill.data import load_dataset  # noqa: E402
 from distill.devices import resolve_device  # noqa: E402
 from distill.store import atomic_write_json, atomic_write_text, save_figure  # noqa: E402
 from gtn import GeneratorConfig, GTNConfig, few_step_accuracy, train_gtn  # noqa: E402
-from gtn.train import RECIPES, split_validation  # noqa: E402
+from gtn.train import split_validation  # noqa: E402
 
 SMALL = GeneratorConfig(noise_dim=64, width_fc=256, width_conv=32)
 PAPER = GeneratorConfig()
@@ -54,19 +54,21 @@ SETTINGS: dict[str, tuple[str, int, dict, str]] = {
                                          student=S16),
                     "CIFAR-10, T = 10, batch 32, generator 64 / 256 / 32"),
 }
-# variant -> (GTNConfig keywords on top of the method's recipe, what)
+# variant -> (GTNConfig keywords, what); frozen here so that a cell's meaning does not move
+# with the library's recipes (gtn.train.RECIPES: unrolled and implicit-tail5 are them)
+_ADAM = dict(meta_lr=5e-3, meta_schedule="cosine")
+_TRAJ = dict(_ADAM, real_batch=512, mixed_at="trajectory", step_size_grad=True)
 VARIANTS: dict[str, tuple[dict, str]] = {
-    "unrolled": (dict(RECIPES["unrolled"]), "unrolled backprop, recipe"),
-    "implicit": (dict(RECIPES["implicit"]), "implicit: trajectory gradient + learned step sizes"),
-    "implicit-tail2": (dict(RECIPES["implicit"], unroll_tail=2),
-                       "implicit + exact tail of 2 steps"),
-    "implicit-tail2-s4": (dict(RECIPES["implicit"], unroll_tail=2, mixed_sample=4),
+    "unrolled": (dict(_ADAM, real_batch=512, intermediate_every=1),
+                 "unrolled backprop + intermediate losses (recipe)"),
+    "implicit-traj": (dict(_TRAJ), "implicit: trajectory gradient + learned step sizes"),
+    "implicit-tail2": (dict(_TRAJ, unroll_tail=2), "implicit + exact tail of 2 steps"),
+    "implicit-tail2-s4": (dict(_TRAJ, unroll_tail=2, mixed_sample=4),
                           "implicit + exact tail of 2 steps, head term from 4 batches"),
-    "implicit-tail5": (dict(RECIPES["implicit"], unroll_tail=5),
-                       "implicit + exact tail of 5 steps"),
-    "implicit-ift": (dict(RECIPES["implicit"], mixed_at="final", step_size_grad=False),
+    "implicit-tail5": (dict(_TRAJ, unroll_tail=5), "implicit + exact tail of 5 steps (recipe)"),
+    "implicit-ift": (dict(_ADAM, real_batch=512),
                      "implicit function theorem (Neumann), fixed step sizes"),
-    "matching": (dict(RECIPES["matching"]), "gradient matching, recipe"),
+    "matching": (dict(_ADAM), "gradient matching (recipe)"),
 }
 STYLE = {"unrolled": "-", "matching": ":"}
 
@@ -243,7 +245,9 @@ def report(out: Path) -> str:
             its_done = f"{ev[-1]['iteration']}" + ("" if r.get("done") else " (partial)")
             spm = r["s_per_meta_step"] if r.get("done") else \
                 ev[-1]["train_s"] / ev[-1]["iteration"]
-            md.append(f"| {r['variant']} | {its_done} | {val} / {ev[-1]['validation']:.1f} | "
+            what = VARIANTS[c.split("/")[1]][1] if c.split("/")[1] in VARIANTS else \
+                r["variant"]
+            md.append(f"| {what} | {its_done} | {val} / {ev[-1]['validation']:.1f} | "
                       f"{float(t.mean()):.2f} ± {float(t.std(unbiased=False)):.2f} | "
                       f"{ev[-1]['train_s']:.0f} | {spm:.2f} | ")
             md[-1] += (f"{mib / 2 ** 20:.0f} | " if mib else "- | ") + f"{r['device']} |"

@@ -57,13 +57,14 @@ GTN_METHODS = {
 # The training recipe per method, measured on MNIST (bench/gtn_recipe.py, bench/gtn_long.py):
 # Adam at 5e-3 with cosine decay to 10 % (the official GTN code: 0.02, cosine), the student
 # scored on 512 real images; unrolled adds the official intermediate losses; implicit takes
-# the first-order trajectory gradient and learns the step sizes (the implicit gradient does
-# not reach them, and the theorem's fixed point is far from a 10-step student).
+# the first-order trajectory gradient with an exact tail of 5 steps and learns the step sizes
+# (the implicit gradient does not reach them, and the theorem's fixed point is far from a
+# 10-step student): 94.1 against unrolled's 94.8 % (MNIST, T = 10, 1000 meta-iterations).
 RECIPES: dict[str, dict] = {
     "unrolled": dict(meta_lr=5e-3, meta_schedule="cosine", real_batch=512,
                      intermediate_every=1),
     "implicit": dict(meta_lr=5e-3, meta_schedule="cosine", real_batch=512,
-                     mixed_at="trajectory", step_size_grad=True),
+                     mixed_at="trajectory", step_size_grad=True, unroll_tail=5),
     "matching": dict(meta_lr=5e-3, meta_schedule="cosine"),
 }
 
