@@ -1059,6 +1059,12 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
                                    intermediate_every=intermediate_every,
                                    step_size_grad=step_size_grad, mixed_at=mixed_at,
                                    real_batch=real_batch).items() if v is not None}
+    if unroll_tail and method != "implicit":
+        raise click.BadParameter("only --method implicit has a tail to unroll",
+                                 param_hint="--unroll-tail")
+    if unroll_tail and (mixed_at == "final" or (mixed_at is None and not recipe)):
+        raise click.BadParameter("needs --mixed-at trajectory (the implicit recipe's)",
+                                 param_hint="--unroll-tail")
     config = recipe_config(
         method, recipe, inner_steps=steps[0], batch_size=batch_size, curriculum=curriculum,
         learn_labels=learn_labels, student=student, width_choices=widths,
