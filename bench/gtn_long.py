@@ -148,25 +148,14 @@ def real_steps_accuracy(train, student: str, steps: int, batch: int, lrs: list[f
                         seed: int, n_students: int = 3) -> list[float]:
     """The reference a generator must beat: fresh students trained ``steps`` SGD steps on
     random real batches of ``batch`` images (the GTN few-step protocol with real data)."""
-    from distill.engine import accuracy
-    from distill.inner import load_params, student_steps
-    from distill.models import build_model
-    from distill.rng import generator as make_generator
     from distill.strategies import RealSampler
+    from gtn.train import steps_accuracy
 
-    info, device = train.info, images.device
-    sampler = RealSampler(train, device)
-    accs = []
-    for i in range(n_students):
-        g = make_generator(seed, "real-steps", i)
-        model = build_model(student, info.channels, info.num_classes, info.im_size,
-                            generator=g).to(device)
-        model.train()
-        batches = [sampler.batch(batch, g) for _ in range(steps)]
-        state = student_steps(model, [p.detach() for p in model.parameters()], batches, lrs,
-                              momentum)
-        accs.append(100.0 * accuracy(load_params(model, state.params), images, labels))
-    return accs
+    sampler = RealSampler(train, images.device)
+    return steps_accuracy(student, train.info,
+                          lambda g: [sampler.batch(batch, g) for _ in range(steps)], lrs,
+                          momentum, images, labels, seed, n_students, "real-steps",
+                          images.device)
 
 
 GRID = [(lr, m) for lr in (0.02, 0.05, 0.1, 0.2, 0.4) for m in (0.5, 0.8, 0.9)]

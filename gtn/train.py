@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from distill.models import build_model, parse_model_spec
 from distill.progress import Progress
 from distill.rng import generator as make_generator
 from distill.strategies import RealSampler, StrategyConfig
+from distill.teacher import Batch
 
 from .generator import GeneratorConfig, GeneratorError, GeneratorTeacher
 
@@ -263,18 +264,28 @@ def few_step_accuracy(teacher: GeneratorTeacher, student: str, images: torch.Ten
                       labels: torch.Tensor, seed: int, n_students: int = 3) -> list[float]:
     """Test accuracy (%) of fresh students trained T steps on the teacher's curriculum with
     its learned per-step lr and momentum (the GTN paper's protocol)."""
-    info = teacher.info
-    device = teacher.log_lr.device
-    lrs = teacher.lr_tensor().detach().tolist()
-    momentum = float(teacher.momentum_tensor().detach())
+    return steps_accuracy(student, teacher.info,
+                          lambda g: teacher.inner_batches(g, graph=False),
+                          teacher.lr_tensor().detach().tolist(),
+                          float(teacher.momentum_tensor().detach()), images, labels, seed,
+                          n_students, "few-step", teacher.log_lr.device)
+
+
+def steps_accuracy(student: str, info: DatasetInfo,
+                   batches: Callable[[torch.Generator], Iterable[Batch]],
+                   lrs: list[float], momentum: float, images: torch.Tensor,
+                   labels: torch.Tensor, seed: int, n_students: int, stream: str,
+                   device: torch.device) -> list[float]:
+    """Test accuracy (%) of ``n_students`` fresh students, each trained one SGD step per batch
+    of ``batches(g)`` (``g``: the student's own generator, stream ``stream``)."""
     accs = []
     for i in range(n_students):
-        g = make_generator(seed, "few-step", i)
+        g = make_generator(seed, stream, i)
         model = build_model(student, info.channels, info.num_classes, info.im_size,
                             generator=g).to(device)
         model.train()
-        state = student_steps(model, [p.detach() for p in model.parameters()],
-                              teacher.inner_batches(g, graph=False), lrs, momentum)
+        state = student_steps(model, [p.detach() for p in model.parameters()], batches(g), lrs,
+                              momentum)
         accs.append(100.0 * accuracy(load_params(model, state.params), images, labels))
     return accs
 
