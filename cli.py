@@ -642,13 +642,13 @@ def evaluate(ctx, set_path, model, protocol, students, epochs, augment, lr, batc
     """
     from dataclasses import asdict
 
-    from cli_kip import check_kernel_options, dc_protocol_name, describe, krr_score
+    from cli_kip import check_kernel_options, describe, krr_score
     from distill.data import load_dataset
     from distill.devices import resolve_device
     from distill.engine import evaluate_set
     from distill.kip import training_labels
     from distill.models import parse_model_spec
-    from distill.protocols import default_protocol, make_protocol
+    from distill.protocols import default_protocol, describe_protocol, make_protocol
     from distill.store import PartialResults, load_set
 
     if krr:
@@ -678,7 +678,7 @@ def evaluate(ctx, set_path, model, protocol, students, epochs, augment, lr, batc
                           num_classes=test.info.num_classes,
                           progress=_progress(ctx), done=checkpoint.state.get("accuracies", []),
                           on_student=lambda i, acc: checkpoint.append("accuracies", acc))
-    results = {**result.as_dict(), "protocol": dc_protocol_name(protocol),
+    results = {**result.as_dict(), "protocol": describe_protocol(protocol),
                "protocol_name": protocol.name, "protocol_changes": sorted(changes)}
     if krr:
         results["krr"] = krr_score(saved.images.to(dev), saved.labels.to(dev), test.to(dev),

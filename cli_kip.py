@@ -133,7 +133,7 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
     from distill.grid import write_grid
     from distill.kip import kip_config, label_solve_set, training_labels
     from distill.models import parse_model_spec
-    from distill.protocols import make_protocol
+    from distill.protocols import describe_protocol, make_protocol
     from distill.rng import generator
     from distill.store import SavedSet, load_set, save_set
     from distill.synthetic import SyntheticSet
@@ -224,7 +224,7 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
         ev = evaluate_set(saved.images.to(dev), training_labels(saved.labels).to(dev),
                           test.images, test.labels, protocol, seed=seed,
                           num_classes=data.info.num_classes, progress=_progress(ctx))
-        results.update(ev.as_dict(), protocol=dc_protocol_name(protocol),
+        results.update(ev.as_dict(), protocol=describe_protocol(protocol),
                        protocol_name=protocol.name)
     results["wall_seconds"] = time.perf_counter() - start
     save_set(out_dir / "set.pt", saved)
@@ -232,13 +232,6 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
     write_run(out_dir, "distill", run_config, results)
     click.echo(f"{method} ({ipc} per class, init {init}) -> {describe(results, students)}; "
                f"set in {out_dir / 'set.pt'}")
-
-
-def dc_protocol_name(protocol) -> str:
-    """The trained students' protocol in one line (:func:`distill.protocols.describe_protocol`)."""
-    from distill.protocols import describe_protocol
-
-    return describe_protocol(protocol)
 
 
 def describe(results: dict, students: int) -> str:
