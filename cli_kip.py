@@ -52,6 +52,9 @@ def kip_options(fn: Callable) -> Callable:
     fn = click.option("--target-batch", type=int, default=1000, show_default=True,
                       help="kip: real target images per iteration (>= the number of classes)."
                       )(fn)
+    fn = click.option("--uniform-targets", is_flag=True,
+                      help="kip: draw target batches uniformly from the training set (default: "
+                           "class-balanced, as the KIP paper does).")(fn)
     fn = click.option("--kernel-family", is_flag=True,
                       help="kip: draw the depth from 1..--kernel-depth every iteration (the "
                            "paper's family of kernels).")(fn)
@@ -98,13 +101,14 @@ def check_kernel_options(kernel: str, kernel_depth: int, reg: float) -> None:
 
 
 def check_kip_options(method: str, dataset: str, kernel: str, kernel_depth: int,
-                      kernel_family: bool, reg: float, target_batch: int, **_: Any):
+                      kernel_family: bool, reg: float, target_batch: int,
+                      uniform_targets: bool = False, **_: Any):
     """Refuse bad KIP / LS options before anything is read or written (one line each)."""
     from distill.data import get_info
     from distill.kip import KipConfig
 
     cfg = KipConfig(kernel=kernel, kernel_depth=kernel_depth, family=kernel_family, reg=reg,
-                    target_batch=max(target_batch, 1))
+                    target_batch=max(target_batch, 1), balanced_targets=not uniform_targets)
     if method == "kip":
         k = get_info(dataset).num_classes
         if target_batch < k:
@@ -120,7 +124,8 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
                 signal_epochs: int, pool_per_class: int | None, resume: bool,
                 data_root: str | None, download: bool, out: str, seed: int, device: str,
                 force: bool, kernel: str, kernel_depth: int, kernel_family: bool, reg: float,
-                target_batch: int, ls_targets: int, support: str | None, **_: Any) -> None:
+                target_batch: int, ls_targets: int, support: str | None,
+                uniform_targets: bool = False, **_: Any) -> None:
     """``gtnkit distill --method kip|ls``: same files as every method (set.pt, grid.png,
     config.json, results.json; checkpoint.pt for kip), scored by KRR and by the DC protocol."""
     from dataclasses import asdict, replace
@@ -140,7 +145,7 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
     from selection import available_methods
 
     kip_cfg = check_kip_options(method, dataset, kernel, kernel_depth, kernel_family, reg,
-                                target_batch)
+                                target_batch, uniform_targets)
     if support and method != "ls":
         raise click.UsageError("--support applies to --method ls only")
     if learn_labels and method == "ls":
@@ -186,7 +191,8 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
     if method == "kip":
         config = kip_config(iterations, lr=image_lr, checkpoint_every=checkpoint_every,
                             eval_every=eval_every, **{f: getattr(kip_cfg, f) for f in (
-                                "kernel", "kernel_depth", "family", "reg")},
+                                "kernel", "kernel_depth", "family", "reg",
+                                "balanced_targets")},
                             target_batch=target_batch)
         run_config["meta"] = asdict(config)
 

@@ -20,6 +20,7 @@ Each cell is written to the JSON as it finishes; ``--resume`` skips finished cel
 
     python bench/kip.py --budget smoke   # a minute
     python bench/kip.py --budget short   # about an hour on a 2-core CPU (the README table)
+    python bench/kip.py --budget long    # MNIST learning curves to 10 000 iterations (CPU)
     python bench/kip.py --budget paper   # the paper's iteration counts (wants a GPU)
 """
 
@@ -83,6 +84,7 @@ class Budget:
     students: dict                         # IPC -> ConvNet students
     test_limit: int | None
     notes: str
+    balanced: bool = False                 # class-balanced target batches (the paper's)
 
     def iters(self, ipc: int) -> int:
         return self.iterations[ipc]
@@ -111,7 +113,18 @@ BUDGETS = {
                     1e-6, 60000, 250, 10000, "convnet", {1: 300, 10: 300, 50: 300},
                     {1: 5, 10: 5, 50: 5}, None,
                     "KIP: FC3 NTK, 4000 iterations, target batch 5000; ConvNet: DC protocol, "
-                    "width 128, 300 epochs, 5 students, full test set"),
+                    "width 128, 300 epochs, 5 students, full test set", balanced=True),
+    # The learning curve at the paper's sampling (class-balanced target batches) and ten
+    # times the short budget's iterations, MNIST only: how far KIP climbs on this CPU.
+    "long": Budget("long", (("mnist", 10), ("mnist", 1)), {1: 10000, 10: 10000}, 5000, 0.01,
+                   "ntk", 1, 1e-6, 10000, 500, 2000, "convnet:width=32", {1: 300, 10: 300},
+                   {1: 2, 10: 2}, 2000,
+                   "KIP: FC1 NTK (w_var 2, b_var 0.01), lambda 1e-6 x tr(K_ss)/n_s, Adam lr "
+                   "0.01, 10 000 iterations, class-balanced target batches of 5000, labels "
+                   "fixed, init random real images; LS: 10 000 random training images as "
+                   "targets; KRR scored on the full test set; ConvNet: width-32 DC ConvNet, DC "
+                   "protocol without augmentation, 300 epochs, 2 students, fixed 2000-image "
+                   "test subset", balanced=True),
 }
 
 
@@ -204,7 +217,8 @@ class Bench:
 
                 cfg = kip_config(b.iters(ipc), lr=b.lr, eval_every=b.curve_every,
                                  checkpoint_every=25, kernel=b.kernel, kernel_depth=b.depth,
-                                 reg=b.reg, target_batch=b.target_batch)
+                                 reg=b.reg, target_batch=b.target_batch,
+                                 balanced_targets=b.balanced)
                 ckpt = self.out / "ckpt" / f"kip-{b.name}{self.tag}-{name}-{ipc}.pt"
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 syn, res = condense(train_set, cfg, ipc, init="real", seed=0,

@@ -60,7 +60,7 @@ from gtn.nas import (
     resolve_proxy,
     run_search,
 )
-from gtn.train import GTNConfig, save_generator, train_gtn
+from gtn.train import GTNConfig, recipe_config, save_generator, train_gtn
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,9 @@ PLANS = {
         real_batch=20, generator=GeneratorConfig(noise_dim=8, width_fc=16, width_conv=8)),
         dc_ipc=2, dc_iterations=2, dc_model="convnet:width=4,depth=1", dc_real_batch=8,
         draws=2),
-    "short": Plan("mnist", 48, GTNConfig(
-        inner_steps=8, batch_size=64, student="convnet:width=16,depth=2",
-        width_choices=(8, 16, 32), meta_iterations=200, real_batch=128, meta_lr=2e-3,
+    "short": Plan("mnist", 48, recipe_config(
+        "unrolled", inner_steps=8, batch_size=64, student="convnet:width=16,depth=2",
+        width_choices=(8, 16, 32), meta_iterations=400,
         generator=GeneratorConfig(noise_dim=32, width_fc=128, width_conv=16)),
         dc_ipc=10, dc_iterations=500, dc_model="convnet:width=16,depth=2", dc_real_batch=64),
     "paper": Plan("cifar10", 50, GTNConfig(
@@ -233,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = g["config"]
             md.append(f"GTN: unrolled, T = {cfg['inner_steps']} x {cfg['batch_size']} images, "
                       f"curriculum {cfg['curriculum']}, {cfg['meta_iterations']} "
-                      f"meta-iterations"
+                      f"meta-iterations, meta-lr {cfg['meta_lr']:g} ({cfg['meta_schedule']}), "
+                      f"real batch {cfg['real_batch']}, intermediate losses every "
+                      f"{cfg['intermediate_every'] or 'never'}, student widths "
+                      f"{'/'.join(map(str, cfg['width_choices'] or ())) or 'fixed'}"
                       + (f", {g['seconds']:.0f} s" if "seconds" in g else " (reused)") + ".")
         else:
             md.append(f"GTN: the generator {gtn_path}.")

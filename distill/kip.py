@@ -211,6 +211,8 @@ class KipConfig(StrategyConfig):
         target_batch: real target images per iteration (>= the number of classes).
         center_labels: centre one-hot labels by 1/K (changes the loss's scale and which
             directions it weighs, never the argmax of a KRR prediction).
+        balanced_targets: draw every target batch class-balanced, as the paper does
+            (``False``: uniformly from the whole training set).
     """
 
     kernel: str = "ntk"
@@ -221,6 +223,7 @@ class KipConfig(StrategyConfig):
     reg: float = 1e-6
     target_batch: int = 1000
     center_labels: bool = True
+    balanced_targets: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -260,7 +263,8 @@ class KipStrategy(Strategy):
                               f"classes ({k})")
         depth = self.kernel.sample_depth(generator)
         x_s, y_s = teacher.batch(None, generator)
-        x_t, y_t = real.batch(cfg.target_batch, generator)
+        x_t, y_t = (real.balanced_batch if cfg.balanced_targets else real.batch)(
+            cfg.target_batch, generator)
         loss = kip_loss(x_s, one_hot_targets(y_s, k, cfg.center_labels), x_t,
                         one_hot_targets(y_t, k, cfg.center_labels),
                         lambda a, b: kernel_matrix(a, b, self.kernel, depth), cfg.reg)

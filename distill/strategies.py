@@ -84,6 +84,23 @@ class RealSampler:
         idx = torch.randperm(self.labels.numel(), generator=generator)[:n].to(self.images.device)
         return self.images[idx], self.labels[idx]
 
+    def balanced_batch(self, n: int, generator: torch.Generator
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` images, ``n // K`` from every class and one more from each of ``n % K``
+        classes drawn at random; in class order. Raises ``ConfigError`` for ``n < K``."""
+        k = self.num_classes
+        if n < k:
+            raise ConfigError(f"a class-balanced batch of {n} images needs at least one per "
+                              f"class ({k})")
+        extra = set(torch.randperm(k, generator=generator)[:n % k].tolist())
+        parts = []
+        for c in range(k):
+            m = self._members[c]
+            take = n // k + (c in extra)
+            parts.append(m[torch.randperm(m.numel(), generator=generator)[:take]])
+        idx = torch.cat(parts).to(self.images.device)
+        return self.images[idx], self.labels[idx]
+
 
 MIXED_AT = ("final", "trajectory")
 

@@ -170,3 +170,52 @@ def test_a_target_batch_smaller_than_the_classes_fails_before_any_update(tmp_pat
     with pytest.raises(ConfigError, match=r"target_batch \(5\) must be >= the number of classes"):
         condense(data, _kip(3, target_batch=5), 1, checkpoint=ckpt)
     assert not ckpt.exists()
+
+
+@pytest.mark.parametrize("n", [10, 23, 47])
+def test_balanced_target_batches_hold_every_class_equally(n):
+    """The paper samples target batches class-balanced: every class n // K or n // K + 1
+    times (the extra ones in n % K distinct classes), distinct images, the labels those of
+    the images drawn, and the same draw for the same generator state."""
+    from distill.strategies import RealSampler
+
+    data = make_tiny_set(per_class=12)
+    k = data.info.num_classes
+    real = RealSampler(data)
+    x, y = real.balanced_batch(n, generator(3, "t"))
+    counts = torch.bincount(y, minlength=k)
+    assert int(counts.sum()) == n and set(counts.tolist()) <= {n // k, n // k + 1}
+    assert int((counts == n // k + 1).sum()) == n % k
+    # each row is a distinct training image of the class it is labelled with
+    rows = [int(((data.images - xi).abs().flatten(1).sum(1) == 0).nonzero()[0]) for xi in x]
+    assert len(set(rows)) == n and data.labels[rows].tolist() == y.tolist()
+    x2, y2 = real.balanced_batch(n, generator(3, "t"))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    with pytest.raises(ConfigError, match="at least one per class"):
+        real.balanced_batch(k - 1, generator(3, "t"))
+
+
+def test_kip_draws_its_targets_class_balanced_by_default():
+    """KipStrategy asks the sampler for a balanced batch unless told otherwise."""
+    class Spy:
+        num_classes = 3
+
+        def __init__(self):
+            self.calls = []
+
+        def balanced_batch(self, n, g):
+            self.calls.append("balanced")
+            raise StopIteration
+
+        def batch(self, n, g):
+            self.calls.append("uniform")
+            raise StopIteration
+
+    teacher = SyntheticSet(torch.randn(3, 1, 4, 4), 3)
+    for balanced, want in ((True, "balanced"), (False, "uniform")):
+        spy = Spy()
+        strategy = KipStrategy(KipConfig(target_batch=6, balanced_targets=balanced))
+        with pytest.raises(StopIteration):
+            strategy.step(teacher, torch.optim.Adam(teacher.parameters()), spy, None,
+                          generator(0, "t"))
+        assert spy.calls == [want]
