@@ -44,6 +44,7 @@ from distill.devices import resolve_device  # noqa: E402
 from distill.engine import EvalProtocol, TrainConfig, evaluate_set  # noqa: E402
 from distill.kernels import KernelConfig, make_kernel  # noqa: E402
 from distill.kip import kip_config, krr_accuracy, label_solve_set, training_labels  # noqa: E402
+from distill.protocols import describe_protocol, make_protocol  # noqa: E402
 from distill.rng import generator  # noqa: E402
 from distill.store import atomic_write_json, atomic_write_text  # noqa: E402
 from distill.synthetic import SyntheticSet  # noqa: E402
@@ -85,6 +86,8 @@ class Budget:
     test_limit: int | None
     notes: str
     balanced: bool = False                 # class-balanced target batches (the paper's)
+    dc_protocol: bool = False              # ConvNet scored by the full DC protocol (MNIST:
+    #                                        crop/scale/rotate, 1000 epochs), not eval_epochs
 
     def iters(self, ipc: int) -> int:
         return self.iterations[ipc]
@@ -117,14 +120,14 @@ BUDGETS = {
     # The learning curve at the paper's sampling (class-balanced target batches) and ten
     # times the short budget's iterations, MNIST only: how far KIP climbs on this CPU.
     "long": Budget("long", (("mnist", 10), ("mnist", 1)), {1: 10000, 10: 10000}, 5000, 0.01,
-                   "ntk", 1, 1e-6, 10000, 500, 2000, "convnet:width=32", {1: 300, 10: 300},
+                   "ntk", 1, 1e-6, 10000, 500, 2000, "convnet:width=32", {1: 1000, 10: 1000},
                    {1: 2, 10: 2}, 2000,
                    "KIP: FC1 NTK (w_var 2, b_var 0.01), lambda 1e-6 x tr(K_ss)/n_s, Adam lr "
                    "0.01, 10 000 iterations, class-balanced target batches of 5000, labels "
                    "fixed, init random real images; LS: 10 000 random training images as "
-                   "targets; KRR scored on the full test set; ConvNet: width-32 DC ConvNet, DC "
-                   "protocol without augmentation, 300 epochs, 2 students, fixed 2000-image "
-                   "test subset", balanced=True),
+                   "targets; KRR scored on the full test set; ConvNet: width-32 DC ConvNet, the DC "
+                   "protocol (MNIST: crop/scale/rotate augmentation, 1000 epochs), 2 students, "
+                   "fixed 2000-image test subset", balanced=True, dc_protocol=True),
 }
 
 
@@ -158,12 +161,17 @@ class Bench:
     def convnet(self, name: str, ipc: int, images: torch.Tensor, labels: torch.Tensor) -> dict:
         b = self.budget
         _, test = self.data(name)
-        protocol = EvalProtocol(model=b.eval_model, n_students=b.students[ipc],
-                                train=TrainConfig(epochs=b.eval_epochs[ipc]),
-                                test_limit=b.test_limit)
+        if b.dc_protocol:
+            protocol = make_protocol("dc", name, model=b.eval_model, n_students=b.students[ipc],
+                                     test_limit=b.test_limit)
+        else:
+            protocol = EvalProtocol(model=b.eval_model, n_students=b.students[ipc],
+                                    train=TrainConfig(epochs=b.eval_epochs[ipc]),
+                                    test_limit=b.test_limit)
         r = evaluate_set(images.detach(), training_labels(labels.detach()), test.images,
                          test.labels, protocol, seed=0, num_classes=test.info.num_classes)
         return {"convnet_mean": r.mean, "convnet_std": r.std,
+                "convnet_protocol": describe_protocol(protocol),
                 "convnet_accuracies": list(r.accuracies), "convnet_seconds": r.seconds}
 
     def reuse_random(self, name: str, ipc: int) -> dict | None:
@@ -174,10 +182,14 @@ class Bench:
             return None
         d = json.loads(path.read_text())
         cb, b = d["budget"], self.budget
-        same = (cb["model"] == b.eval_model and cb["eval_epochs"] == b.eval_epochs[ipc]
-                and cb["students"] == b.students[ipc] and cb["test_limit"] == b.test_limit)
         c = d["cells"].get(f"accuracy/{name}/{ipc}/random")
-        if not same or c is None:
+        if c is None:
+            return None
+        scored = (c.get("protocol") == "dc" if b.dc_protocol
+                  else "protocol" not in c and cb["eval_epochs"] == b.eval_epochs[ipc])
+        same = (cb["model"] == b.eval_model and cb["students"] == b.students[ipc]
+                and cb["test_limit"] == b.test_limit and scored)
+        if not same:
             return None
         return {"convnet_mean": c["mean"], "convnet_std": c["std"],
                 "convnet_accuracies": c["accuracies"], "convnet_source": "condense-short.json"}
