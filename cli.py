@@ -724,7 +724,9 @@ def evaluate(ctx, set_path, model, protocol, students, epochs, augment, lr, batc
               help="ift: terms K of the Neumann series for the inverse Hessian.")
 @click.option("--neumann-alpha", type=float, default=0.01, show_default=True,
               help="ift: step size alpha of the Neumann series.")
-@click.option("--learn-labels", is_flag=True, help="Also learn soft labels.")
+@click.option("--learn-labels", is_flag=True,
+              help="Also learn the labels: soft labels (probabilities), or for kip free "
+                   "real-valued label vectors as in the KIP paper.")
 @click.option("--learn-lr", is_flag=True, help="dd: also learn the student lr.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Write OUT/checkpoint.pt every N iterations (what --resume continues from).")

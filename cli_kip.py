@@ -23,9 +23,9 @@ from typing import Any
 import click
 
 KIP_METHODS = ("kip", "ls")
-KIP_METHOD_HELP = ("kip: kernel inducing points (learn images, and labels with --learn-labels, "
-                   "by kernel ridge regression); ls: label solve (closed-form labels for fixed "
-                   "images)")
+KIP_METHOD_HELP = ("kip: kernel inducing points (learn images, and with --learn-labels free "
+                   "real-valued labels as the paper does, by kernel ridge regression); ls: label "
+                   "solve (closed-form labels for fixed images)")
 
 
 def _kernel_options(fn: Callable) -> Callable:
@@ -202,7 +202,7 @@ def kip_distill(ctx: click.Context, method: str, dataset: str, ipc: int, init: s
             return {"krr_accuracy": score["accuracy"]}
 
         teacher, res = condense(data, config, ipc, init=init_value, seed=seed,
-                                device=dev, learn_labels=learn_labels,
+                                device=dev, learn_labels="free" if learn_labels else False,
                                 checkpoint=out_dir / "checkpoint.pt", resume=resume,
                                 progress=_progress(ctx), evaluate=periodic if eval_every else None)
         saved = teacher.to_saved(meta)

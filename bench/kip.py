@@ -133,10 +133,11 @@ BUDGETS = {
 
 class Bench:
     def __init__(self, budget: Budget, out: Path, device: torch.device, data_root,
-                 resume: bool, learn_labels: bool, methods: tuple[str, ...] = METHODS):
+                 resume: bool, learn_labels: bool | str, methods: tuple[str, ...] = METHODS):
         self.budget, self.out, self.device, self.root = budget, out, device, data_root
         self.learn_labels, self.methods = learn_labels, methods
-        self.tag = tag = "-labels" if learn_labels else ""
+        # "-labels": softmax soft labels (the first runs); "-freelabels": the paper's free ones
+        self.tag = tag = {False: "", "softmax": "-labels", "free": "-freelabels"}[learn_labels]
         self.json_path = out / f"kip-{budget.name}{tag}.json"
         self.md_path = out / f"kip-{budget.name}{tag}.md"
         self.state = {"budget": asdict(budget), "cells": {}, "device": str(device),
@@ -254,7 +255,8 @@ class Bench:
         b = self.budget
         cells = self.state["cells"]
         short = _condense_short(self.out)
-        labels = " (learned labels)" if self.learn_labels else ""
+        labels = {False: "", "softmax": " (learned soft labels, softmax)",
+                  "free": " (learned free labels, as in the paper)"}[self.learn_labels]
         lines = [f"KIP / Label Solve, budget `{b.name}`{labels}: {b.notes}. Device "
                  f"{self.state['device']} ({self.state['threads']} threads).",
                  "",
@@ -320,7 +322,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--learn-labels", action="store_true")
+    p.add_argument("--learn-labels", choices=("softmax", "free"), default=None, nargs="?",
+                   const="free", help="KIP also learns the labels: free real vectors (the "
+                   "paper's; the default) or softmax soft labels")
     p.add_argument("--only", default=None, help="comma-separated data set/IPC cells, e.g. mnist/10")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated rows to run")
     args = p.parse_args(argv)
@@ -330,7 +334,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     methods = tuple(m for m in METHODS if m in args.methods.split(","))
     bench = Bench(budget, args.out, resolve_device(args.device), args.data_root, args.resume,
-                  args.learn_labels, methods)
+                  args.learn_labels or False, methods)
     only = set(args.only.split(",")) if args.only else None
     for name, ipc in budget.cells:
         if only is None or f"{name}/{ipc}" in only:

@@ -66,7 +66,7 @@ def condense(
     model: str = "convnet",
     seed: int = 0,
     device: torch.device | str = "cpu",
-    learn_labels: bool = False,
+    learn_labels: bool | str = False,
     learn_lr: bool = False,
     inner_steps: int = 10,
     inner_batch: int | None = None,
@@ -84,7 +84,8 @@ def condense(
         init: ``"noise"``, ``"real"`` (random real images) or indices into ``train_set``
             (``ipc`` per class, grouped by class), e.g. a coreset from ``selection``.
         model: the zoo spec of the students the teacher is meta-trained against.
-        learn_labels / learn_lr: also learn soft labels / the student lr (``dd``).
+        learn_labels / learn_lr: also learn soft labels / the student lr (``dd``);
+            ``learn_labels="free"``: unconstrained label vectors (KIP's label learning).
         inner_steps / inner_batch: the set's inner schedule for ``dd`` / ``ift``: T student
             steps on random batches of this many images (``None``: all of them).
         evaluate: ``evaluate(teacher, iteration) -> dict`` for periodic evaluation.

@@ -44,7 +44,10 @@ class SyntheticSet(Teacher):
         images: ``nn.Parameter`` (num_classes * ipc, C, H, W), class ``c`` in rows
             ``c*ipc .. (c+1)*ipc-1``, in the data set's normalised space.
         labels: (N,) int64 buffer.
-        label_logits: optional ``nn.Parameter`` (N, num_classes) for learnable soft labels.
+        label_logits: optional ``nn.Parameter`` (N, num_classes) for learnable labels:
+            logits of soft labels (``learn_labels=True`` or ``"softmax"``), or the label
+            vectors themselves, unconstrained (``"free"``, as KIP learns them: kernel ridge
+            regression takes any real-valued targets).
         log_lr: optional ``nn.Parameter`` () for a learnable student learning rate.
         steps: T, the student steps of one meta-iteration (unrolled / implicit strategies).
         step_size: images per student step (``None``: the whole set every step).
@@ -54,10 +57,15 @@ class SyntheticSet(Teacher):
     label_logits: nn.Parameter | None
     log_lr: nn.Parameter | None
 
-    def __init__(self, images: torch.Tensor, num_classes: int, learn_labels: bool = False,
+    def __init__(self, images: torch.Tensor, num_classes: int, learn_labels: bool | str = False,
                  lr: float | None = None, steps: int = 10, step_size: int | None = None) -> None:
         super().__init__()
         n = images.shape[0]
+        mode = {False: None, True: "softmax"}.get(learn_labels, learn_labels)  # type: ignore
+        if mode not in (None, "softmax", "free"):
+            raise ValueError(f"learn_labels must be False, True, 'softmax' or 'free', got "
+                             f"{learn_labels!r}")
+        self.label_mode: str | None = mode
         if n % num_classes:
             raise ValueError(f"{n} images do not split into {num_classes} equal classes")
         if steps < 1 or (step_size is not None and step_size < 1):
@@ -67,9 +75,11 @@ class SyntheticSet(Teacher):
         self.images = nn.Parameter(images.detach().clone().float())
         self.register_buffer("labels", torch.arange(num_classes).repeat_interleave(self.ipc))
         self.label_logits = None
-        if learn_labels:  # start at a sharp version of the hard labels
+        if mode == "softmax":  # start at a sharp version of the hard labels
             self.label_logits = nn.Parameter(
                 F.one_hot(self.labels, num_classes).float() * math.log(100.0))
+        elif mode == "free":  # start at the one-hot labels themselves
+            self.label_logits = nn.Parameter(F.one_hot(self.labels, num_classes).float())
         self.log_lr = nn.Parameter(torch.tensor(math.log(lr))) if lr is not None else None
 
     # ------------------------------------------------------------------ initialisation
@@ -141,9 +151,12 @@ class SyntheticSet(Teacher):
         return dc_loops(self.ipc)
 
     def targets(self) -> torch.Tensor:
-        """(N,) hard labels, or (N, num_classes) soft labels when they are learned."""
+        """(N,) hard labels, or (N, num_classes) learned labels: probabilities (softmax
+        mode) or free real vectors."""
         if self.label_logits is None:
             return self.labels
+        if self.label_mode == "free":
+            return self.label_logits
         return F.softmax(self.label_logits, dim=1)
 
     @property

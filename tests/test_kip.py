@@ -126,7 +126,7 @@ def test_kip_lowers_its_loss_and_its_krr_error_on_a_tiny_problem():
                         1e-6) == 100.0
 
 
-@pytest.mark.parametrize("learn_labels", [False, True])
+@pytest.mark.parametrize("learn_labels", [False, True, "free"])
 def test_kip_resumes_after_a_kill_to_the_same_result(tmp_path, learn_labels):
     data = make_tiny_set(per_class=8)
     cfg = _kip(5, family=True)
@@ -140,7 +140,9 @@ def test_kip_resumes_after_a_kill_to_the_same_result(tmp_path, learn_labels):
     assert r_res.losses == r_full.losses
     if learn_labels:
         assert torch.equal(resumed.label_logits, full.label_logits)
-        initial = torch.nn.functional.one_hot(full.labels, 10).float() * np.log(100.0)
+        initial = torch.nn.functional.one_hot(full.labels, 10).float()
+        if learn_labels is True:
+            initial = initial * np.log(100.0)
         assert not torch.allclose(full.label_logits, initial)  # the labels were learned
 
 
@@ -219,3 +221,47 @@ def test_kip_draws_its_targets_class_balanced_by_default():
             strategy.step(teacher, torch.optim.Adam(teacher.parameters()), spy, None,
                           generator(0, "t"))
         assert spy.calls == [want]
+
+
+def test_free_labels_start_one_hot_train_unconstrained_and_save():
+    """learn_labels="free": the targets are the label parameter itself (starting at one-hot),
+    so they can leave the simplex; softmax mode stays on it; a bad mode is one line."""
+    x = torch.randn(6, 1, 4, 4)
+    free = SyntheticSet(x, 3, learn_labels="free")
+    assert torch.equal(free.targets(), torch.eye(3).repeat_interleave(2, 0))
+    assert free.targets() is free.label_logits
+    with torch.no_grad():
+        free.label_logits.sub_(0.7)
+    assert float(free.targets().detach().min()) < 0  # off the simplex: allowed
+    assert torch.equal(free.to_saved({}).labels, free.targets().detach())
+    soft = SyntheticSet(x, 3, learn_labels=True)
+    assert torch.allclose(soft.targets().sum(1), torch.ones(6))
+    with pytest.raises(ValueError, match="learn_labels must be"):
+        SyntheticSet(x, 3, learn_labels="logits")
+
+
+def test_kip_free_label_descent_reaches_the_label_solve_optimum():
+    """With the images frozen, minimising KIP's loss over free labels on one fixed target
+    set is least squares in the labels: gradient descent through the KIP loss must land on
+    scipy's lstsq solution (the Label Solve closed form), an independent oracle."""
+    g = torch.Generator().manual_seed(0)
+    x_s = torch.randn(6, 5, dtype=torch.float64, generator=g)
+    x_t = torch.randn(30, 5, dtype=torch.float64, generator=g)
+    y_t = torch.randn(30, 3, dtype=torch.float64, generator=g)
+    kernel = make_kernel("ntk", 1)
+    reg = 1e-3
+    y = torch.zeros(6, 3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([y], lr=1, max_iter=500, tolerance_grad=1e-12,
+                            tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = kip_loss(x_s, y, x_t, y_t, kernel, reg)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    k_ss = kernel(x_s, x_s)
+    a = (kernel(x_t, x_s) @ torch.linalg.inv(regularise(k_ss, reg))).numpy()
+    want = scipy.linalg.lstsq(a, y_t.numpy())[0]
+    np.testing.assert_allclose(y.detach().numpy(), want, rtol=1e-6, atol=1e-6)
