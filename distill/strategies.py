@@ -75,10 +75,13 @@ class RealSampler:
         self.num_classes = dataset.info.num_classes
         self._members = [dataset.class_indices(c).cpu() for c in range(self.num_classes)]
 
-    def class_batch(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    def _draw(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Indices of ``n`` random distinct images of class ``c`` (CPU)."""
         m = self._members[c]
-        idx = m[torch.randperm(m.numel(), generator=generator)[:n]]
-        return self.images[idx.to(self.images.device)]
+        return m[torch.randperm(m.numel(), generator=generator)[:n]]
+
+    def class_batch(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        return self.images[self._draw(c, n, generator).to(self.images.device)]
 
     def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randperm(self.labels.numel(), generator=generator)[:n].to(self.images.device)
@@ -93,12 +96,8 @@ class RealSampler:
             raise ConfigError(f"a class-balanced batch of {n} images needs at least one per "
                               f"class ({k})")
         extra = set(torch.randperm(k, generator=generator)[:n % k].tolist())
-        parts = []
-        for c in range(k):
-            m = self._members[c]
-            take = n // k + (c in extra)
-            parts.append(m[torch.randperm(m.numel(), generator=generator)[:take]])
-        idx = torch.cat(parts).to(self.images.device)
+        idx = torch.cat([self._draw(c, n // k + (c in extra), generator)
+                         for c in range(k)]).to(self.images.device)
         return self.images[idx], self.labels[idx]
 
 
