@@ -69,6 +69,10 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "implicit-ift": (dict(_ADAM, real_batch=512),
                      "implicit function theorem (Neumann), fixed step sizes"),
     "matching": (dict(_ADAM), "gradient matching (recipe)"),
+    "matching-c": (dict(_ADAM, match_curriculum=True),
+                   "gradient matching along the curriculum (students as scored)"),
+    "matching-s": (dict(_ADAM, inner_lr=0.05, inner_momentum=0.8),
+                   "gradient matching, students at real data's best step sizes (0.05 / 0.8)"),
 }
 STYLE = {"unrolled": "-", "matching": ":"}
 
@@ -145,15 +149,17 @@ def run_cell(cell: str, out: Path, root: str | None, device: str, seed: int, res
 
 def real_steps_accuracy(train, student: str, steps: int, batch: int, lrs: list[float],
                         momentum: float, images: torch.Tensor, labels: torch.Tensor,
-                        seed: int, n_students: int = 3) -> list[float]:
+                        seed: int, n_students: int = 3, balanced: bool = False) -> list[float]:
     """The reference a generator must beat: fresh students trained ``steps`` SGD steps on
-    random real batches of ``batch`` images (the GTN few-step protocol with real data)."""
+    random real batches of ``batch`` images (the GTN few-step protocol with real data);
+    ``balanced``: every class equally often in each batch (what gradient matching imitates)."""
     from distill.strategies import RealSampler
     from gtn.train import steps_accuracy
 
     sampler = RealSampler(train, images.device)
+    draw = sampler.balanced_batch if balanced else sampler.batch
     return steps_accuracy(student, train.info,
-                          lambda g: [sampler.batch(batch, g) for _ in range(steps)], lrs,
+                          lambda g: [draw(batch, g) for _ in range(steps)], lrs,
                           momentum, images, labels, seed, n_students, "real-steps",
                           images.device)
 
@@ -187,6 +193,16 @@ def real_reference(setting: str, out: Path, root: str | None, device: str, seed:
     lr, m = max(scores, key=lambda k: scores[k])
     rows[f"best of grid on validation (lr {lr}, momentum {m})"] = real_steps_accuracy(
         fit, student, t, b, [lr] * t, m, tx, ty, seed)
+    # What gradient matching can at best imitate: the gradient of a class-balanced real batch
+    # of match_real_per_class images per class at every step (its students train with fixed
+    # step sizes, so its generator teaches like these batches at most, up to matching error).
+    per_class = GTNConfig().match_real_per_class
+    big = per_class * data.info.num_classes
+    rows[f"balanced batches of {per_class} per class ({big}), fixed 0.02 / 0.5 (what "
+         f"matching imitates)"] = real_steps_accuracy(fit, student, t, big, [0.02] * t, 0.5,
+                                                      tx, ty, seed, balanced=True)
+    rows[f"balanced batches of {big}, lr {lr}, momentum {m}"] = real_steps_accuracy(
+        fit, student, t, big, [lr] * t, m, tx, ty, seed, balanced=True)
     record = {"setting": setting, "rows": rows,
               "grid_validation": {f"{k[0]}/{k[1]}": v for k, v in scores.items()}}
     atomic_write_json(out / f"real-{setting}.json", record)

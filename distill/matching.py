@@ -56,7 +56,8 @@ def matching_loss(model: nn.Module, real: Sequence[torch.Tensor],
                   distance: str = "layerwise", augment: DiffAugment | None = None,
                   generator: torch.Generator | None = None,
                   real_model: nn.Module | None = None,
-                  real_chunk: int | None = None) -> torch.Tensor:
+                  real_chunk: int | None = None,
+                  classes: Sequence[int] | None = None) -> torch.Tensor:
     """Σ_c d(∇ℓ(S_c), ∇ℓ(T_c)) over classes; differentiable w.r.t. the synthetic images.
 
     Args:
@@ -71,9 +72,13 @@ def matching_loss(model: nn.Module, real: Sequence[torch.Tensor],
             real side); default ``model``.
         real_chunk: compute each real gradient in pieces of this size (see
             :func:`class_gradient`).
+        classes: the class of each list entry (default: entry c is class c).
     """
     total = torch.zeros(())  # replaced by the first class's distance
-    for c, (xr, xs, ys) in enumerate(zip(real, synthetic, synthetic_targets)):
+    labels = range(len(real)) if classes is None else classes
+    if len(labels) != len(real):
+        raise ValueError(f"{len(labels)} classes for {len(real)} real batches")
+    for i, (c, xr, xs, ys) in enumerate(zip(labels, real, synthetic, synthetic_targets)):
         if augment is not None:
             params = augment.sample(1, generator)
             xr, xs = augment.apply(xr, params), augment.apply(xs, params)
@@ -82,5 +87,5 @@ def matching_loss(model: nn.Module, real: Sequence[torch.Tensor],
                                 chunk=real_chunk)
         g_syn = class_gradient(model, xs, ys, create_graph=True)
         d = gradient_distance(g_syn, g_real, distance)
-        total = d if c == 0 else total + d
+        total = d if i == 0 else total + d
     return total

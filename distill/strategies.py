@@ -148,6 +148,11 @@ class StrategyConfig:
             official GTN code, Such et al., ICML 2020): the student is also scored on the real
             batch after every ``intermediate_every``-th inner step before the last, and the
             meta-loss is ``final + intermediate_weight · mean(intermediate)``; 0 turns them off.
+        match_curriculum: ``matching`` with a teacher that has a curriculum (a GTN): match
+            each of the T curriculum batches in order, class by class, at the student state
+            the few-step protocol reaches there, and step the student on that batch with the
+            teacher's per-step lr and momentum (``False``: DC's rounds on fresh per-class
+            batches with a plain SGD student at ``net_lr``).
         unroll_tail: ``implicit`` with ``mixed_at="trajectory"``: backpropagate exactly
             through the last this many of the T steps (their batches, learned lr and
             momentum, the student state and momentum buffer that enter them), and use the
@@ -180,6 +185,7 @@ class StrategyConfig:
     intermediate_every: int = 0
     intermediate_weight: float = 1.0
     unroll_tail: int = 0
+    match_curriculum: bool = False
 
     def __post_init__(self) -> None:
         if self.unroll_tail < 0:
@@ -291,6 +297,8 @@ class Matching(Strategy):
     def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
              make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
         cfg = self.config
+        if cfg.match_curriculum and teacher.has_curriculum:
+            return self._along_curriculum(teacher, optimizer, real, make_student, generator)
         outer, inner = teacher.matching_loops()
         outer, inner = cfg.outer_loop or outer, cfg.inner_loop or inner
         net = make_student(generator)
@@ -319,6 +327,53 @@ class Matching(Strategy):
                                     augmentation=f"dsa:{cfg.augment}" if cfg.augment else "")
             self._fast(lambda m, x=x, y=y, c=inner_cfg: train(m, x.detach(), y.detach(), c,
                                                                generator), net)
+        return {"loss": sum(losses) / len(losses)}
+
+    def _along_curriculum(self, teacher: Teacher, optimizer: torch.optim.Optimizer,
+                          real: RealSampler, make_student: StudentFactory,
+                          generator: torch.Generator) -> dict[str, float]:
+        """Match the T curriculum batches in order at the states the student visits.
+
+        Gradient matching for a generative teacher (Medvedev & D'yakonov, AIST 2021) made to
+        follow the few-step protocol the teacher is scored by: step t matches the gradient of
+        curriculum batch t, class by class, against a real batch of each class present, at
+        the student after steps 0..t-1 (taken on the earlier curriculum batches with the
+        teacher's lr and momentum), updates the teacher, then takes step t itself. So the
+        states where gradients are compared are those a student trained on the curriculum
+        passes through, and the learned noise of every step is trained.
+        """
+        cfg = self.config
+        net = make_student(generator)
+        net.train()
+        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+        lr, momentum = self._rates(teacher)
+        lrs = [float(v) for v in (lr.detach().reshape(-1).tolist() if torch.is_tensor(lr)
+                                  else [lr])]
+        mu = float(momentum.detach()) if torch.is_tensor(momentum) else float(momentum)
+        params = [p.detach() for p in net.parameters()]
+        buffers: list[torch.Tensor | None] | None = None
+        losses = []
+        for t, choice in enumerate(teacher.order(generator)):
+            load_params(net, params)
+            if batch_norm:
+                freeze_batch_norm(net, real, generator)
+            x, y = teacher.step_batch(choice, generator)
+            hard = y if y.dim() == 1 else y.argmax(1)
+            present = [c for c in range(real.num_classes) if bool((hard == c).any())]
+            picks = [(hard == c).nonzero().flatten() for c in present]
+            xr = [real.class_batch(c, cfg.per_class, generator) for c in present]
+            xs, ys = [x[i] for i in picks], [y[i] for i in picks]
+            loss = self._fast(
+                lambda real_net, n, xr=xr, xs=xs, ys=ys, present=present: matching_loss(
+                    n, xr, xs, ys, cfg.distance, self.augment, generator, real_model=real_net,
+                    real_chunk=cfg.real_chunk, classes=present),
+                net, net)
+            losses.append(self._update(loss, teacher, optimizer))
+            net.train()
+            state = student_steps(net, params, [(x.detach(), y.detach())],
+                                  lrs[t % len(lrs)], mu, cfg.inner_weight_decay,
+                                  buffers=buffers)
+            params, buffers = state.params, state.buffers
         return {"loss": sum(losses) / len(losses)}
 
 

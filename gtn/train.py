@@ -100,8 +100,11 @@ class GTNConfig:
             intermediate losses; 0: off).
         real_batch: real images the student is scored on (unrolled / implicit).
         match_real_per_class: real images per class whose gradient the generated images of
-            that class must match, per step (matching). Matching trains the generator on
-            fresh noise: a learned curriculum is not used by it.
+            that class must match, per step (matching).
+        match_curriculum: ``matching`` matches the T curriculum batches in order at the
+            states a student trained on them passes through, stepping it with the teacher's
+            lr and momentum (``False``: fresh per-class noise at each round and a plain SGD
+            student at lr 0.01, as DC trains; the learned curriculum is then never trained).
         validation: training images held out for validation (never the test set).
         checkpoint_steps: gradient checkpointing of ``unrolled`` in segments of this size.
         neumann_terms, neumann_alpha: the IFT series.
@@ -130,6 +133,7 @@ class GTNConfig:
     intermediate_weight: float = 1.0
     real_batch: int = 128
     match_real_per_class: int = 64
+    match_curriculum: bool = False
     validation: int = 10000
     checkpoint_steps: int | None = None
     neumann_terms: int = 5
@@ -179,6 +183,7 @@ class GTNConfig:
                 mixed_sample=self.mixed_sample, mixed_at=self.mixed_at,
                 unroll_tail=self.unroll_tail, intermediate_every=self.intermediate_every,
                 intermediate_weight=self.intermediate_weight,
+                match_curriculum=self.match_curriculum,
                 checkpoint_steps=self.checkpoint_steps, neumann_terms=self.neumann_terms,
                 neumann_alpha=self.neumann_alpha))
 

@@ -162,10 +162,12 @@ def test_curricula_differ_exactly_as_specified():
     assert not torch.allclose(n1, n2)  # fresh noise every step
 
 
-@pytest.mark.parametrize("method", ["unrolled", "implicit", "matching"])
-def test_a_few_meta_steps_improve_the_student(tmp_path, method):
+@pytest.mark.parametrize("method,along", [("unrolled", False), ("implicit", False),
+                                          ("matching", False), ("matching", True)])
+def test_a_few_meta_steps_improve_the_student(tmp_path, method, along):
     data = make_tiny_set(per_class=30)
     cfg = GTNConfig(method=method, inner_steps=4, batch_size=20, match_real_per_class=10,
+                    match_curriculum=along,
                     generator=GeneratorConfig(8, 32, 8), student="convnet:width=4,depth=2",
                     meta_iterations=25, meta_lr=1e-2, real_batch=40, validation=100)
     before = GTNConfig(**{**cfg.__dict__, "meta_iterations": 1, "meta_lr": 1e-12})
@@ -219,11 +221,13 @@ def test_generated_sets_are_usable_image_sets():
 RECIPES = {"plain": {},
            "recipe": dict(meta_schedule="cosine", grad_clip=1.0, intermediate_every=1),
            "implicit-variants": dict(meta_schedule="cosine", step_size_grad=True,
-                                     mixed_at="trajectory", mixed_sample=2)}
+                                     mixed_at="trajectory", mixed_sample=2),
+           "curriculum": dict(match_curriculum=True)}
 
 
 @pytest.mark.parametrize("method,recipe", [("unrolled", "plain"), ("implicit", "plain"),
-                                           ("matching", "plain"), ("unrolled", "recipe"),
+                                           ("matching", "plain"), ("matching", "curriculum"),
+                                           ("unrolled", "recipe"),
                                            ("implicit", "implicit-variants")])
 def test_gtn_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, method, recipe):
     data = make_tiny_set(per_class=12)
@@ -290,3 +294,59 @@ def test_seeded_teacher_does_not_move_the_global_rng():
     after = torch.rand(2)
     torch.manual_seed(3)
     assert torch.equal(after, torch.rand(2))
+
+
+def test_matching_along_the_curriculum_against_a_hand_written_loop():
+    """``match_curriculum``: step t matches curriculum batch t class by class at the student
+    that torch.optim.SGD (the teacher's lr and momentum) reaches on batches 0..t-1, with one
+    teacher update per step; written here independently of the strategy's student_steps."""
+    import copy
+
+    from distill.distances import layerwise_cosine
+    from distill.strategies import RealSampler, StrategyConfig, make_strategy
+
+    info = TINY_INFO
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 1, 4, 4, generator=g)
+    y = (x[:, 0, 0, 0] > 0).long()
+    real = RealSampler(ImageSet(x, y, info))
+
+    def student(_gen=None):
+        return linear_student().float()
+
+    t_lib = teacher(steps=3, batch=4)
+    with torch.no_grad():
+        t_lib.log_lr.copy_(torch.log(torch.tensor([0.3, 0.1, 0.2])))  # distinct per step
+    t_ref = copy.deepcopy(t_lib)
+    strategy = make_strategy("matching", StrategyConfig(real_batch=5, match_curriculum=True))
+    opt_lib = torch.optim.SGD(t_lib.parameters(), lr=0.05)
+    strategy.step(t_lib, opt_lib, real, student, torch.Generator().manual_seed(9))
+
+    opt_ref = torch.optim.SGD(t_ref.parameters(), lr=0.05)
+    net = student()
+    params = list(net.parameters())
+    sgd = torch.optim.SGD(params, lr=1.0, momentum=float(t_ref.momentum_tensor().detach()))
+    gen = torch.Generator().manual_seed(9)
+    for step in range(3):
+        xs, ys = t_ref.step_batch(step, gen)
+        total = torch.zeros(())
+        for c in range(2):
+            xr = real.class_batch(c, 5, gen)
+            g_real = torch.autograd.grad(
+                classification_loss(net(xr), torch.full((5,), c)), params)
+            mine = ys == c
+            g_syn = torch.autograd.grad(classification_loss(net(xs[mine]), ys[mine]), params,
+                                        create_graph=True)
+            total = total + layerwise_cosine(g_syn, g_real)
+        opt_ref.zero_grad()
+        total.backward()
+        opt_ref.step()
+        sgd.param_groups[0]["lr"] = float(t_ref.lr_tensor()[step].detach())
+        sgd.zero_grad()
+        classification_loss(net(xs.detach()), ys).backward()
+        sgd.step()
+
+    for (name, a), b in zip(t_lib.state_dict().items(), t_ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    before = teacher(steps=3, batch=4)
+    assert all(not torch.equal(before.noise[s], t_lib.noise[s]) for s in range(3))  # trained
