@@ -1002,6 +1002,16 @@ RECIPES_HELP = ("Recipes (measured on MNIST; see the README's GTN recipe section
 @click.option("--real-batch", type=click.IntRange(min=1), default=None,
               help="Real images the student is scored on per meta-iteration "
                    "[default: recipe, else 128].")
+@click.option("--inner-lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="The student's lr per step: where learned (unrolled; implicit with "
+                   "--step-size-grad) its initial value, else fixed [default: recipe, else "
+                   "0.02].")
+@click.option("--inner-momentum", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+              help="The student's momentum, likewise [default: recipe, else 0.5].")
+@click.option("--match-curriculum/--match-fresh", default=None,
+              help="matching: match the T curriculum batches in order at the states a student "
+                   "trained on them visits, or DC's rounds on fresh noise with a plain SGD "
+                   "student [default: recipe, else fresh].")
 @click.option("--validation", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Training images held out for validation.")
 @click.option("--noise-dim", type=click.IntRange(min=1), default=128, show_default=True,
@@ -1034,8 +1044,8 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
               width_choices, meta_iterations, recipe, meta_lr, meta_schedule, meta_lr_floor,
               grad_clip,
               intermediate_every, intermediate_weight, mixed_sample, mixed_at, step_size_grad,
-              unroll_tail, real_batch, validation, noise_dim,
-              width_fc, width_conv, weight_norm, checkpoint_steps, neumann_terms, neumann_alpha,
+              unroll_tail, real_batch, inner_lr, inner_momentum, match_curriculum, validation,
+              noise_dim, width_fc, width_conv, weight_norm, checkpoint_steps, neumann_terms, neumann_alpha,
               checkpoint_every, eval_every, students, resume, data_root, download, out, seed,
               device, force) -> None:
     """Meta-train a generator teacher on DATASET; writes OUT/generator.pt, grid.png,
@@ -1060,7 +1070,12 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
     given = {k: v for k, v in dict(meta_lr=meta_lr, meta_schedule=meta_schedule,
                                    intermediate_every=intermediate_every,
                                    step_size_grad=step_size_grad, mixed_at=mixed_at,
-                                   real_batch=real_batch).items() if v is not None}
+                                   real_batch=real_batch, inner_lr=inner_lr,
+                                   inner_momentum=inner_momentum,
+                                   match_curriculum=match_curriculum).items() if v is not None}
+    if match_curriculum is not None and method != "matching":
+        raise click.BadParameter("only --method matching matches (along the curriculum or on "
+                                 "fresh noise)", param_hint="--match-curriculum/--match-fresh")
     if unroll_tail and method != "implicit":
         raise click.BadParameter("only --method implicit has a tail to unroll",
                                  param_hint="--unroll-tail")

@@ -71,6 +71,8 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "matching": (dict(_ADAM), "gradient matching (recipe)"),
     "matching-c": (dict(_ADAM, match_curriculum=True),
                    "gradient matching along the curriculum (students as scored)"),
+    "matching-cs": (dict(_ADAM, match_curriculum=True, inner_lr=0.05, inner_momentum=0.8),
+                    "gradient matching along the curriculum, real data's best step sizes"),
     "matching-s": (dict(_ADAM, inner_lr=0.05, inner_momentum=0.8),
                    "gradient matching, students at real data's best step sizes (0.05 / 0.8)"),
 }

@@ -53,6 +53,8 @@ VARIANTS = {
     "implicit recipe + tail 5 (head: 4 batches)": dict(
         method="implicit", mixed_at="trajectory", step_size_grad=True, unroll_tail=5,
         mixed_sample=4),
+    "matching (DC rounds on fresh noise)": dict(method="matching"),
+    "matching along the curriculum": dict(method="matching", match_curriculum=True),
     "implicit recipe + tail 2 (head: 4 batches)": dict(
         method="implicit", mixed_at="trajectory", step_size_grad=True, unroll_tail=2,
         mixed_sample=4),

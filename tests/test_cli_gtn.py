@@ -26,6 +26,11 @@ TINY = ["--inner-steps", 2, "--batch-size", 20, "--student", "convnet:width=4,de
     (["train", "--dataset", "mnist", "--unroll-tail", "2"], "--method implicit"),
     (["train", "--dataset", "mnist", "--method", "implicit", "--mixed-at", "final",
       "--unroll-tail", "2"], "--mixed-at trajectory"),
+    (["train", "--dataset", "mnist", "--match-curriculum"], "--method matching"),
+    (["train", "--dataset", "mnist", "--method", "implicit", "--match-fresh"],
+     "--method matching"),
+    (["train", "--dataset", "mnist", "--inner-lr", "0"], "--inner-lr"),
+    (["train", "--dataset", "mnist", "--inner-momentum", "1"], "--inner-momentum"),
     (["compare", "--dataset", "mnist", "--methods", "unrolled,magic"], "magic"),
     (["compare", "--dataset", "mnist", "--inner-steps", "8,0"], "--inner-steps"),
     (["compare", "--dataset", "svhn"], "mnist"),
@@ -90,3 +95,15 @@ def test_the_recipes_in_gtn_train_help_are_the_library_table():
         for name, value in options.items():
             assert f"{name}={value}" in chunk, (method, name)
         assert chunk.count("=") == len(options), method
+
+
+@pytest.mark.realdata
+def test_gtn_train_matching_options_reach_the_config(tmp_path, data_root):
+    out = tmp_path / "m"
+    r = run("-q", "gtn", "train", "--dataset", "mnist", "--method", "matching", *TINY,
+            "--match-fresh", "--inner-lr", 0.05,
+            "--inner-momentum", 0.8, "--data-root", data_root, "--out", out)
+    assert r.exit_code == 0, r.output
+    gtn = json.loads((out / "config.json").read_text())["gtn"]
+    assert (gtn["match_curriculum"], gtn["inner_lr"], gtn["inner_momentum"]) == \
+        (False, 0.05, 0.8)
