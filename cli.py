@@ -1045,7 +1045,8 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
               grad_clip,
               intermediate_every, intermediate_weight, mixed_sample, mixed_at, step_size_grad,
               unroll_tail, real_batch, inner_lr, inner_momentum, match_curriculum, validation,
-              noise_dim, width_fc, width_conv, weight_norm, checkpoint_steps, neumann_terms, neumann_alpha,
+              noise_dim, width_fc, width_conv, weight_norm, checkpoint_steps, neumann_terms,
+              neumann_alpha,
               checkpoint_every, eval_every, students, resume, data_root, download, out, seed,
               device, force) -> None:
     """Meta-train a generator teacher on DATASET; writes OUT/generator.pt, grid.png,
