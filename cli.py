@@ -945,8 +945,8 @@ RECIPES_HELP = ("Recipes (measured on MNIST; see the README's GTN recipe section
                 "unrolled: meta_lr=0.005, meta_schedule=cosine, real_batch=512, "
                 "intermediate_every=1; implicit: meta_lr=0.005, meta_schedule=cosine, "
                 "real_batch=512, mixed_at=trajectory, step_size_grad=True, unroll_tail=5; "
-                "matching: "
-                "meta_lr=0.005, meta_schedule=cosine.")
+                "matching: meta_lr=0.005, meta_schedule=cosine, match_curriculum=True, "
+                "inner_lr=0.05, inner_momentum=0.8.")
 
 
 @gtn.command("train", epilog=RECIPES_HELP)
