@@ -68,11 +68,12 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "implicit-tail5": (dict(_TRAJ, unroll_tail=5), "implicit + exact tail of 5 steps (recipe)"),
     "implicit-ift": (dict(_ADAM, real_batch=512),
                      "implicit function theorem (Neumann), fixed step sizes"),
-    "matching": (dict(_ADAM), "gradient matching (recipe)"),
+    "matching": (dict(_ADAM), "gradient matching: DC's rounds on fresh noise (earlier recipe)"),
     "matching-c": (dict(_ADAM, match_curriculum=True),
                    "gradient matching along the curriculum (students as scored)"),
     "matching-cs": (dict(_ADAM, match_curriculum=True, inner_lr=0.05, inner_momentum=0.8),
-                    "gradient matching along the curriculum, real data's best step sizes"),
+                    "gradient matching along the curriculum, real data's best step sizes "
+                    "(0.05 / 0.8; recipe)"),
     "matching-s": (dict(_ADAM, inner_lr=0.05, inner_momentum=0.8),
                    "gradient matching, students at real data's best step sizes (0.05 / 0.8)"),
 }
