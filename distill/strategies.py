@@ -45,7 +45,7 @@ from .hypergrad import (
     trajectory_coefficients,
     trajectory_hypergradient,
 )
-from .inner import forward, load_params, student_steps
+from .inner import forward, load_params, rate_list, student_steps
 from .matching import matching_loss
 from .synthetic import dc_loops
 from .teacher import StepChoice, Teacher
@@ -303,7 +303,7 @@ class Matching(Strategy):
         outer, inner = cfg.outer_loop or outer, cfg.inner_loop or inner
         net = make_student(generator)
         net.train()
-        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+        batch_norm = _has_batch_norm(net)
         losses = []
         for ol in range(outer):
             if batch_norm:
@@ -345,15 +345,15 @@ class Matching(Strategy):
         cfg = self.config
         net = make_student(generator)
         net.train()
-        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-        lr, momentum = self._rates(teacher)
-        lrs = [float(v) for v in (lr.detach().reshape(-1).tolist() if torch.is_tensor(lr)
-                                  else [lr])]
-        mu = float(momentum.detach()) if torch.is_tensor(momentum) else float(momentum)
+        batch_norm = _has_batch_norm(net)
+        order = teacher.order(generator)
+        lr, momentum = (torch.as_tensor(r).detach() for r in self._rates(teacher))
+        lrs = [float(v) for v in rate_list(lr, len(order), "learning rates")]
+        mu = float(momentum)
         params = [p.detach() for p in net.parameters()]
         buffers: list[torch.Tensor | None] | None = None
         losses = []
-        for t, choice in enumerate(teacher.order(generator)):
+        for t, choice in enumerate(order):
             load_params(net, params)
             if batch_norm:
                 freeze_batch_norm(net, real, generator)
@@ -371,10 +371,14 @@ class Matching(Strategy):
             losses.append(self._update(loss, teacher, optimizer))
             net.train()
             state = student_steps(net, params, [(x.detach(), y.detach())],
-                                  lrs[t % len(lrs)], mu, cfg.inner_weight_decay,
+                                  lrs[t], mu, cfg.inner_weight_decay,
                                   buffers=buffers)
             params, buffers = state.params, state.buffers
         return {"loss": sum(losses) / len(losses)}
+
+
+def _has_batch_norm(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
 #: Real images per class the DC reference passes through a batch-norm student before matching.
