@@ -745,8 +745,12 @@ def evaluate(ctx, set_path, model, protocol, students, epochs, augment, lr, batc
 @click.option("--pool-per-class", type=click.IntRange(min=1), default=None,
               help="Selection init: candidates per class (default: all).")
 @click.option("--fast/--eager", default=True, show_default=True,
-              help="Real-data side through torch.compile in batches of 64 (same result up to "
-                   "float rounding), or plain eager PyTorch.")
+              help="Real-data side through torch.compile (same result up to float rounding), "
+                   "or plain eager PyTorch.")
+@click.option("--real-chunk", type=click.IntRange(min=0), default=None,
+              help="dc/dsa: compute each real gradient in pieces of this many images (same "
+                   "gradient up to float rounding; 0: whole). Default: 16 on a CPU, whole on "
+                   "a GPU.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run in --out from its checkpoint.")
 @kip_options
@@ -758,8 +762,8 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
                 outer_loop, inner_loop, distance, inner_steps, inner_lr, truncate,
                 checkpoint_steps, neumann_terms, neumann_alpha, learn_labels, learn_lr,
                 checkpoint_every, eval_every, students, eval_model, eval_epochs, test_limit,
-                signal_epochs, pool_per_class, fast, resume, data_root, download, out, seed,
-                device, force, **kip) -> None:
+                signal_epochs, pool_per_class, fast, real_chunk, resume, data_root, download, out,
+                seed, device, force, **kip) -> None:
     """Condense DATASET into IPC learnable images per class (DC, DSA, DM, DD, IFT, KIP, LS).
 
     Writes OUT/set.pt, grid.png, config.json and results.json (final accuracy, loss history,
@@ -775,7 +779,7 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
 
     from distill.condense import condense, condense_config
     from distill.data import load_dataset
-    from distill.devices import resolve_device
+    from distill.devices import real_chunk_for, resolve_device
     from distill.engine import evaluate_set
     from distill.grid import write_grid
     from distill.methods import get_method
@@ -789,14 +793,18 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
     if learn_lr and not get_method(method).learns_lr:
         raise click.BadParameter(f"only dd learns the student lr, not {method}",
                                  param_hint="--learn-lr")
+    if real_chunk is not None and get_method(method).strategy != "matching":
+        raise click.BadParameter(f"applies to gradient matching (dc, dsa), not to {method}",
+                                 param_hint="--real-chunk")
+    dev = resolve_device(device)
     config = condense_config(
         method, iterations=iterations, lr=image_lr, dataset=dataset, real_batch=real_batch,
         outer_loop=outer_loop, inner_loop=inner_loop, distance=distance,
         inner_lr=inner_lr, truncate=truncate,
         checkpoint_every=checkpoint_every, eval_every=eval_every,
         neumann_terms=neumann_terms, neumann_alpha=neumann_alpha,
-        checkpoint_steps=checkpoint_steps, compile=fast, real_chunk=64 if fast else None)
-    dev = resolve_device(device)
+        checkpoint_steps=checkpoint_steps, compile=fast,
+        real_chunk=real_chunk_for(dev) if real_chunk is None else real_chunk or None)
     data = load_dataset(dataset, "train", root=data_root, download=download)
     counts = data.class_counts()
     if ipc > int(counts.min()):

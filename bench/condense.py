@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill.condense import condense, condense_config  # noqa: E402
 from distill.data import load_dataset  # noqa: E402
-from distill.devices import resolve_device  # noqa: E402
+from distill.devices import real_chunk_for, resolve_device  # noqa: E402
 from distill.engine import TrainConfig, evaluate_set  # noqa: E402
 from distill.protocols import default_protocol, make_protocol  # noqa: E402
 from distill.rng import generator  # noqa: E402
@@ -166,7 +166,7 @@ class Bench:
                  **kw):
         train_set, _ = self.data(name)
         cfg = condense_config(method, iterations=iterations, dataset=name, compile=True,
-                              real_chunk=64,
+                              real_chunk=real_chunk_for(self.device),
                               real_batch=self.budget.real_batch[ipc], checkpoint_every=10, **kw)
         ckpt = self.ckpt / f"{name}-{method}-{ipc}-{tag}-{seed}.pt"
         t0 = time.perf_counter()
@@ -263,7 +263,7 @@ class Bench:
                 for mode in ("eager", "fast"):
                     fast = mode == "fast"
                     cfg = condense_config("dc", iterations=b.speed_iterations, compile=fast,
-                                          real_chunk=64 if fast else None, real_batch=256,
+                                          real_chunk=real_chunk_for(self.device), real_batch=256,
                                           memory_iterations=0)
                     if fast:  # compile once outside the timing (a one-off cost, reported)
                         t0 = time.perf_counter()

@@ -75,8 +75,8 @@ def commands(name: str, iterations: int, reference: Path, root: str, out: Path) 
 #: convolution padded by 1: 28 -> 14 -> 7 -> 3 px, a 1152-d feature): a smaller network than the
 #: reference's, kept to show how much of an earlier speed-up came from the network alone.
 PROGRAMS = {"reference": "the DC authors' main.py",
-            "gtnkit-fast": "gtnkit distill --fast (compiled real side, batches of 64)",
-            "gtnkit-eager": "gtnkit distill --eager",
+            "gtnkit-fast": "gtnkit distill --fast (compiled real side, pieces of 16 on a CPU)",
+            "gtnkit-eager": "gtnkit distill --eager (pieces of 16 on a CPU)",
             "gtnkit-fast-1152": "gtnkit distill --fast on the 1152-d ConvNet (first padding 1): "
                                 "not the published network"}
 

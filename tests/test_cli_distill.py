@@ -33,6 +33,8 @@ def distill(tmp_path, data_root, name, *extra):
     (["--method", "dc", "--ipc", "1", "--learn-lr"], "dd"),
     (["--method", "dm", "--ipc", "1", "--truncate", "2"], "dd only"),
     (["--method", "dd", "--ipc", "1", "--inner-steps", "0"], "inner-steps"),
+    (["--method", "dm", "--ipc", "1", "--real-chunk", "4"], "gradient matching"),
+    (["--method", "dc", "--ipc", "1", "--real-chunk", "-1"], "real-chunk"),
 ])
 def test_bad_distill_input(tmp_path, args, needle):
     out = tmp_path / "o"
@@ -47,6 +49,10 @@ def test_distill_on_mnist_resume_and_compare(tmp_path, data_root, monkeypatch):
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     assert len(res["accuracies"]) == 1 and res["meta"]["iterations"] == 4
+    # the real gradients come in cache-sized pieces on a CPU, whole on a GPU
+    config = json.loads((out / "config.json").read_text())
+    assert config["meta"]["strategy_config"]["real_chunk"] == (
+        16 if config["device"] == "cpu" else None)
     assert res["seconds_per_iteration"] > 0 and res["memory"]["saved_peak_bytes"] > 0
     saved = torch.load(out / "set.pt", weights_only=True)
     assert saved["images"].shape == (10, 1, 28, 28)
