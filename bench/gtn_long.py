@@ -47,7 +47,7 @@ SETTINGS: dict[str, tuple[str, int, dict, str]] = {
     "mnist-t10": ("mnist", 1000, dict(inner_steps=10, batch_size=32, generator=SMALL,
                                       student=S16),
                   "MNIST, T = 10, batch 32, generator 64 / 256 / 32"),
-    "mnist-t32": ("mnist", 1000, dict(inner_steps=32, batch_size=128, generator=PAPER,
+    "mnist-t32": ("mnist", 2000, dict(inner_steps=32, batch_size=128, generator=PAPER,
                                       student=S16),
                   "MNIST, T = 32, batch 128, the paper's generator"),
     "cifar10-t10": ("cifar10", 500, dict(inner_steps=10, batch_size=32, generator=SMALL,
