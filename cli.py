@@ -748,9 +748,9 @@ def evaluate(ctx, set_path, model, protocol, students, epochs, augment, lr, batc
               help="Real-data side through torch.compile (same result up to float rounding), "
                    "or plain eager PyTorch.")
 @click.option("--real-chunk", type=click.IntRange(min=0), default=None,
-              help="dc/dsa: compute each real gradient in pieces of this many images (same "
-                   "gradient up to float rounding; 0: whole). Default: 16 on a CPU, whole on "
-                   "a GPU.")
+              help="dc/dsa/dm: compute each class's real gradient (dm: embedding mean) in "
+                   "pieces of this many images (same result up to float rounding; 0: whole). "
+                   "Default: 16 on a CPU, whole on a GPU.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run in --out from its checkpoint.")
 @kip_options
@@ -793,10 +793,13 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
     if learn_lr and not get_method(method).learns_lr:
         raise click.BadParameter(f"only dd learns the student lr, not {method}",
                                  param_hint="--learn-lr")
-    if real_chunk is not None and get_method(method).strategy != "matching":
-        raise click.BadParameter(f"applies to gradient matching (dc, dsa), not to {method}",
+    chunked = get_method(method).strategy in ("matching", "distribution")
+    if real_chunk is not None and not chunked:
+        raise click.BadParameter(f"applies to dc, dsa and dm, not to {method}",
                                  param_hint="--real-chunk")
     dev = resolve_device(device)
+    if real_chunk is None:
+        real_chunk = real_chunk_for(dev) if chunked else 0
     config = condense_config(
         method, iterations=iterations, lr=image_lr, dataset=dataset, real_batch=real_batch,
         outer_loop=outer_loop, inner_loop=inner_loop, distance=distance,
@@ -804,7 +807,7 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
         checkpoint_every=checkpoint_every, eval_every=eval_every,
         neumann_terms=neumann_terms, neumann_alpha=neumann_alpha,
         checkpoint_steps=checkpoint_steps, compile=fast,
-        real_chunk=real_chunk_for(dev) if real_chunk is None else real_chunk or None)
+        real_chunk=real_chunk or None)
     data = load_dataset(dataset, "train", root=data_root, download=download)
     counts = data.class_counts()
     if ipc > int(counts.min()):

@@ -128,8 +128,9 @@ class StrategyConfig:
             ``distribution``) with ``torch.compile``'d students: fused kernels, same result
             up to float rounding. The synthetic side stays eager (it needs double backward).
             Falls back to eager, with a warning, where compilation fails.
-        real_chunk: ``matching`` computes each real gradient in pieces of this many images
-            (same gradient up to rounding; smaller batches can be faster on a CPU).
+        real_chunk: ``matching`` computes each real gradient, ``distribution`` each real
+            embedding mean, in pieces of this many images (same result up to rounding;
+            cache-sized pieces are faster on a CPU: :func:`distill.devices.real_chunk_for`).
         mixed_sample: ``implicit`` with a curriculum: compute the mixed term of only this many
             of the T batches, drawn without replacement and scaled by T / k (an unbiased
             estimate of the sum; ``None``: all T). Cuts the time of a meta-step.
@@ -417,7 +418,8 @@ class Distribution(Strategy):
         xs = [x for x, _ in teacher.class_batches(generator)]
         loss = self._fast(
             lambda real_net, n: distribution_loss(n.embed, xr, xs, self.augment, generator,
-                                                  embed_real=real_net),
+                                                  embed_real=real_net,
+                                                  real_chunk=self.config.real_chunk),
             _Embed(net), net)
         return {"loss": self._update(loss, teacher, optimizer)}
 

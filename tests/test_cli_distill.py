@@ -33,7 +33,7 @@ def distill(tmp_path, data_root, name, *extra):
     (["--method", "dc", "--ipc", "1", "--learn-lr"], "dd"),
     (["--method", "dm", "--ipc", "1", "--truncate", "2"], "dd only"),
     (["--method", "dd", "--ipc", "1", "--inner-steps", "0"], "inner-steps"),
-    (["--method", "dm", "--ipc", "1", "--real-chunk", "4"], "gradient matching"),
+    (["--method", "dd", "--ipc", "1", "--real-chunk", "4"], "dc, dsa and dm"),
     (["--method", "dc", "--ipc", "1", "--real-chunk", "-1"], "real-chunk"),
 ])
 def test_bad_distill_input(tmp_path, args, needle):

@@ -19,6 +19,9 @@ def test_closed_form_with_a_linear_embedding():
     diffs = [r.flatten(1).mean(0) - s.detach().flatten(1).mean(0) for r, s in zip(real, syn)]
     expected = sum(((w @ d) ** 2).sum() for d in diffs)
     torch.testing.assert_close(loss, expected)
+    for chunk in (1, 3, 6):  # real means in pieces (uneven: 7 = 3 + 3 + 1): the same closed form
+        torch.testing.assert_close(distribution_loss(embed, real, syn, real_chunk=chunk),
+                                   expected)
     grads = torch.autograd.grad(loss, syn)
     for gr, d in zip(grads, diffs):  # d/ds_i = -(2/n) Wᵀ W (mean_r - mean_s), the same for all i
         expected_grad = (-2 / 3 * w.T @ (w @ d)).expand(3, -1)
