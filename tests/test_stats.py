@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 
@@ -41,5 +42,10 @@ def test_summary_and_markdown():
     text = comparison_markdown(groups)
     assert "| lo | 2 | 2.00 ± 1.00 |" in text
     assert "| hi | lo |" in text and "one" not in text.split("Welch")[1]  # n=1: no test
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a constant group is a legitimate input: no warning
+        hi_lo = next(r for r in welch_pairs(groups) if (r.a, r.b) == ("hi", "lo"))
+    # Welch by hand: (10 - 2) / sqrt(0 / 3 + s²_lo / 2), s²_lo = 2 (sample variance) -> t = 8
+    assert math.isclose(hi_lo.t, 8.0)
     constant = welch_pairs({"x": [1.0, 1.0], "y": [1.0, 1.0]})[0]
     assert constant.t == 0.0 and constant.p == 1.0
