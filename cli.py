@@ -798,16 +798,15 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
         raise click.BadParameter(f"applies to dc, dsa and dm, not to {method}",
                                  param_hint="--real-chunk")
     dev = resolve_device(device)
-    if real_chunk is None:
-        real_chunk = real_chunk_for(dev) if chunked else 0
+    if real_chunk is None and chunked:
+        real_chunk = real_chunk_for(dev)
     config = condense_config(
         method, iterations=iterations, lr=image_lr, dataset=dataset, real_batch=real_batch,
         outer_loop=outer_loop, inner_loop=inner_loop, distance=distance,
         inner_lr=inner_lr, truncate=truncate,
         checkpoint_every=checkpoint_every, eval_every=eval_every,
         neumann_terms=neumann_terms, neumann_alpha=neumann_alpha,
-        checkpoint_steps=checkpoint_steps, compile=fast,
-        real_chunk=real_chunk or None)
+        checkpoint_steps=checkpoint_steps, compile=fast, real_chunk=real_chunk or None)
     data = load_dataset(dataset, "train", root=data_root, download=download)
     counts = data.class_counts()
     if ipc > int(counts.min()):

@@ -50,7 +50,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
-#: Images per piece of a gradient-matching real-side gradient on a CPU. The DC ConvNet's
+#: Images per piece of the real side (a gradient-matching gradient, a DM embedding mean) on
+#: a CPU. The DC ConvNet's
 #: activations for 16 images (128 channels at 32 x 32: 8 MiB) stay near the caches: its real
 #: side of one MNIST IPC 1 iteration (10 classes x 256 images, 1 thread) took 10.1 CPU s in
 #: pieces of 16 against 15.6 s whole (eager), 8.5 against 10.8 s compiled (pieces of 64:
@@ -60,6 +61,6 @@ CPU_REAL_CHUNK = 16
 
 
 def real_chunk_for(device: torch.device | str) -> int | None:
-    """The default piece size of gradient matching's real-side gradients on ``device``
+    """The default piece size of the real side of dc / dsa / dm on ``device``
     (:data:`CPU_REAL_CHUNK` on a CPU, ``None``: the whole batch, elsewhere)."""
     return CPU_REAL_CHUNK if torch.device(device).type == "cpu" else None

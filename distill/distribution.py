@@ -38,19 +38,22 @@ def distribution_loss(embed: nn.Module, real: Sequence[torch.Tensor],
         real_chunk: embed each real batch in pieces of this many images (the same mean up to
             float rounding; cache-sized pieces are faster on a CPU).
     """
-    def real_mean(f: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if real_chunk is None or real_chunk >= x.shape[0]:
-            return f(x).mean(0)
-        return torch.stack([f(x[i:i + real_chunk]).sum(0)
-                            for i in range(0, x.shape[0], real_chunk)]).sum(0) / x.shape[0]
-
     total = torch.zeros(())  # replaced by the first class's distance
     for i, (xr, xs) in enumerate(zip(real, synthetic)):
         if augment is not None:
             params = augment.sample(1, generator)
             xr, xs = augment.apply(xr, params), augment.apply(xs, params)
         with torch.no_grad():
-            mean_real = real_mean(embed if embed_real is None else embed_real, xr)
+            mean_real = _mean_embedding(embed if embed_real is None else embed_real, xr,
+                                        real_chunk)
         d = ((mean_real - embed(xs).mean(0)) ** 2).sum()
         total = d if i == 0 else total + d
     return total
+
+
+def _mean_embedding(f: nn.Module, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """``f(x).mean(0)``, computed in pieces of ``chunk`` images when given."""
+    if chunk is None or chunk >= x.shape[0]:
+        return f(x).mean(0)
+    return torch.stack([f(x[i:i + chunk]).sum(0)
+                        for i in range(0, x.shape[0], chunk)]).sum(0) / x.shape[0]
