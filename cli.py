@@ -1000,15 +1000,17 @@ RECIPES_HELP = ("Recipes (measured on MNIST; see the README's GTN recipe section
 @click.option("--mixed-sample", type=click.IntRange(min=1), default=None,
               help="implicit: the mixed term from this many of the T batches (unbiased "
                    "estimate; default all).")
-@click.option("--mixed-at", type=click.Choice(["final", "trajectory"]), default=None,
-              help="implicit: the implicit function theorem at the trained student, or "
-                   "first-order along the trajectory [default: recipe, else final].")
+@click.option("--mixed-at", type=click.Choice(["final", "trajectory", "exact"]), default=None,
+              help="implicit: the implicit function theorem at the trained student, "
+                   "first-order along the trajectory, or exact along it (unrolled backprop's "
+                   "gradient, one step rebuilt at a time: memory flat in T) "
+                   "[default: recipe, else final].")
 @click.option("--step-size-grad/--no-step-size-grad", default=None,
               help="implicit: learn the per-step lr and momentum by the first-order "
                    "trajectory hypergradient [default: recipe, else off].")
 @click.option("--unroll-tail", type=click.IntRange(min=0), default=0, show_default=True,
               help="implicit with --mixed-at trajectory: backpropagate exactly through the "
-                   "last N inner steps (memory of N steps, not T; 0: off).")
+                   "last N inner steps (memory of N steps, not T; 0: off; the recipe: 5).")
 @click.option("--real-batch", type=click.IntRange(min=1), default=None,
               help="Real images the student is scored on per meta-iteration "
                    "[default: recipe, else 128].")

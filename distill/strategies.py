@@ -48,7 +48,7 @@ from .hypergrad import (
 from .inner import forward, load_params, rate_list, student_steps
 from .matching import matching_loss
 from .synthetic import dc_loops
-from .teacher import StepChoice, Teacher
+from .teacher import Batch, StepChoice, Teacher
 from .unrolled import unrolled_loss
 
 __all__ = ["ConfigError", "Teacher", "RealSampler", "NonFiniteError", "StrategyConfig", "Strategy",
@@ -101,7 +101,7 @@ class RealSampler:
         return self.images[idx], self.labels[idx]
 
 
-MIXED_AT = ("final", "trajectory")
+MIXED_AT = ("final", "trajectory", "exact")
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,12 @@ class StrategyConfig:
             implicit function theorem at the trained student, Neumann-series inverse
             Hessian) or ``trajectory`` (at the student state where the batch was trained
             on, first-order through the trajectory; no Hessian: see
-            :func:`distill.hypergrad.trajectory_hypergradient`).
+            :func:`distill.hypergrad.trajectory_hypergradient`) or ``exact`` (at that state
+            too, with the real-data gradient carried back exactly through every later step
+            by one Hessian-vector product per step from the kept student states: unrolled
+            backprop's gradient, recomputed one step at a time, so memory stays flat in T;
+            reverse-mode with stored states, Maclaurin, Duvenaud & Adams, ICML 2015, and
+            gradient checkpointing at every step, Griewank 1992).
         step_size_grad: ``implicit`` also learns the student's learned step sizes (per-step
             lr, momentum) by the first-order trajectory hypergradient (see
             :func:`distill.hypergrad.step_size_hypergradient`); the implicit gradient itself
@@ -191,9 +196,12 @@ class StrategyConfig:
     def __post_init__(self) -> None:
         if self.unroll_tail < 0:
             raise ConfigError(f"unroll_tail must be >= 0 (0: off), got {self.unroll_tail}")
-        if self.unroll_tail and self.mixed_at != "trajectory":
-            raise ConfigError("unroll_tail needs mixed_at='trajectory' (the steps before the "
-                              "tail take the trajectory gradient)")
+        if self.unroll_tail and self.mixed_at == "final":
+            raise ConfigError("unroll_tail needs mixed_at='trajectory' or 'exact' (the steps "
+                              "before the tail take the trajectory gradient)")
+        if self.mixed_sample is not None and self.mixed_at == "exact":
+            raise ConfigError("mixed_sample does not combine with mixed_at='exact' (its "
+                              "backward pass goes through every step)")
         if self.mixed_sample is not None and self.mixed_sample < 1:
             raise ConfigError(f"mixed_sample must be >= 1 (None: every batch), got "
                               f"{self.mixed_sample}")
@@ -444,12 +452,6 @@ def _mean_part(teacher: Teacher, net: nn.Module, choice: StepChoice, t: int,
     return loss
 
 
-def _step_batch(teacher: Teacher, choice: StepChoice, generator: torch.Generator
-                ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-    """A callable rebuilding one inner step's batch with its graph to the teacher."""
-    return lambda: teacher.step_batch(choice, generator)
-
-
 class Unrolled(Strategy):
     """DD: the real-data loss after T differentiable student steps on the teacher's data."""
 
@@ -485,7 +487,9 @@ class Implicit(Strategy):
     Options (see :class:`StrategyConfig`): ``mixed_sample`` estimates the mixed term from a
     sample of the T batches (unbiased; fewer double-backward passes per meta-step);
     ``mixed_at="trajectory"`` replaces the implicit gradient by the first-order gradient
-    through the trajectory, each batch at the student state it trained (no Hessian).
+    through the trajectory, each batch at the student state it trained (no Hessian);
+    ``mixed_at="exact"`` carries the gradient back through every step exactly instead
+    (unrolled backprop's gradient at flat memory: one step's graph at a time).
     """
 
     name = "implicit"
@@ -500,7 +504,7 @@ class Implicit(Strategy):
         lrs = [lr] * len(order) if not torch.is_tensor(lr) else \
             (lr.detach().expand(len(order)) if lr.dim() == 0 else lr.detach()).tolist()
         momentum = float(momentum.detach()) if torch.is_tensor(momentum) else momentum
-        if cfg.unroll_tail:
+        if cfg.unroll_tail or cfg.mixed_at == "exact":
             return self._tail_step(teacher, optimizer, real, net, order, lrs, momentum,
                                    generator)
         keep = cfg.mixed_at == "trajectory" or cfg.step_size_grad
@@ -513,7 +517,12 @@ class Implicit(Strategy):
         params0 = [p.detach() for p in net.parameters()]
         if keep:
             remember(-1, params0)
-        state = student_steps(net, params0, teacher.inner_batches(generator, order, graph=False),
+        # the trajectory rebuilds each batch where it was trained: the same noise both times
+        batch = _replayable(teacher, order, generator) if cfg.mixed_at == "trajectory" \
+            else None
+        head = teacher.inner_batches(generator, order, graph=False) if batch is None else \
+            (_no_graph(batch(t)) for t in range(len(order)))
+        state = student_steps(net, params0, head,
                               lrs, momentum, cfg.inner_weight_decay,
                               after_step=remember if keep else None)
         load_params(net, state.params)
@@ -524,7 +533,7 @@ class Implicit(Strategy):
             picks = torch.randperm(t_count, generator=generator)[:cfg.mixed_sample].tolist()
         hparams = [p for p in teacher.parameters() if p.requires_grad]
         v: list[torch.Tensor] | None = None  # dL_V/dw at the trained student, when needed
-        if cfg.mixed_at == "trajectory":
+        if batch is not None:  # the trajectory gradient
             xr, yr = real.batch(cfg.real_batch, generator)
             outer = classification_loss(net(xr), yr)
             v = list(torch.autograd.grad(outer, params, retain_graph=True))
@@ -532,7 +541,7 @@ class Implicit(Strategy):
             scale = t_count / len(picks)
             grads = trajectory_hypergradient(
                 net, [snapshots[t] for t in picks],
-                [_step_batch(teacher, order[t], generator) for t in picks],
+                [batch(t) for t in picks],
                 [scale * coeffs[t] for t in picks], v, hparams, classification_loss)
         else:
             k = int(torch.randint(t_count, (1,), generator=generator))
@@ -567,15 +576,26 @@ class Implicit(Strategy):
                    real: RealSampler, net: nn.Module, order: list[StepChoice],
                    lrs: list[float], momentum: float, generator: torch.Generator
                    ) -> dict[str, float]:
-        """``unroll_tail``: the first T − k steps plain (snapshots kept), the last k with
-        their graph; the exact gradient through the tail reaches the teacher (its batches,
-        lr and momentum) and, as ``v`` (the parameters) and ``u`` (the momentum buffer) at
-        the tail's start, drives the first-order trajectory gradient of the head steps."""
+        """``unroll_tail`` / ``mixed_at="exact"``: the first T − k steps plain (states kept),
+        the last k with their graph; the exact gradient through the tail reaches the teacher
+        (its batches, lr and momentum) and, as ``v`` (the parameters) and ``u`` (the
+        momentum buffer) at the tail's start, drives the head: the first-order trajectory
+        gradient (``trajectory``) or the exact step-by-step backward pass (``exact``)."""
         cfg = self.config
         t_count = len(order)
         h = t_count - min(cfg.unroll_tail, t_count)
+        exact = cfg.mixed_at == "exact"
+        batch = _replayable(teacher, order, generator)
+        xr, yr = real.batch(cfg.real_batch, generator)
+        # intermediate losses (``exact`` only): the student scored after these steps
+        every = cfg.intermediate_every if exact else 0
+        scored = {t for t in range(t_count - 1) if every and (t + 1) % every == 0}
+        weight = cfg.intermediate_weight / len(scored) if scored else 0.0
         trainable = [p.requires_grad for p in net.parameters()]
+        if exact and not all(trainable):
+            raise ConfigError("mixed_at='exact' needs a student whose parameters all train")
         snapshots: list[list[torch.Tensor]] = []
+        states: list[tuple[list[torch.Tensor], list[torch.Tensor | None]]] = []
 
         def remember(t: int, ps: list[torch.Tensor]) -> None:
             snapshots.append([q.detach().clone() for q, keep_q in zip(ps, trainable) if keep_q])
@@ -584,9 +604,16 @@ class Implicit(Strategy):
         remember(-1, params0)
         head_params = params0
         head_bufs: list[torch.Tensor | None] = [None] * len(params0)
-        if h:
-            head = student_steps(net, params0,
-                                 teacher.inner_batches(generator, order[:h], graph=False),
+        if exact:  # step by step, keeping each step's parameters and momentum buffers
+            for t in range(h):
+                states.append((head_params, head_bufs))
+                with torch.no_grad():
+                    xb = batch(t)()
+                st = student_steps(net, head_params, [xb], lrs[t:t + 1], momentum,
+                                   cfg.inner_weight_decay, buffers=head_bufs)
+                head_params, head_bufs = st.params, list(st.buffers)
+        elif h:
+            head = student_steps(net, params0, (_no_graph(batch(t)) for t in range(h)),
                                  lrs[:h], momentum, cfg.inner_weight_decay,
                                  after_step=remember)
             head_params, head_bufs = head.params, list(head.buffers)
@@ -594,12 +621,15 @@ class Implicit(Strategy):
         tail_lr = lr[h:] if torch.is_tensor(lr) and lr.dim() == 1 else lr
         w = [p.detach().requires_grad_() for p in head_params]
         bufs = [None if b is None else b.detach().requires_grad_() for b in head_bufs]
-        tail = student_steps(net, w, (teacher.step_batch(order[t], generator)
-                                      for t in range(h, t_count)),
+        def score(t: int, ps: list[torch.Tensor]) -> torch.Tensor | None:
+            return classification_loss(forward(net, ps, xr), yr) if h + t in scored else None
+
+        tail = student_steps(net, w, (batch(t)() for t in range(h, t_count)),
                              tail_lr, mom, cfg.inner_weight_decay, differentiable=True,
-                             buffers=bufs)
-        xr, yr = real.batch(cfg.real_batch, generator)
+                             buffers=bufs, after_step=score if scored else None)
         outer = classification_loss(forward(net, tail.params, xr), yr)
+        if tail.losses:
+            outer = outer + weight * torch.stack(tail.losses).sum()
         hparams = [p for p in teacher.parameters() if p.requires_grad]
         buf_leaves: list[torch.Tensor] = [b for b in bufs if b is not None]
         raw = torch.autograd.grad(outer, [*hparams, *w, *buf_leaves], allow_unused=True)
@@ -608,7 +638,14 @@ class Implicit(Strategy):
         grads = full[:len(hparams)]
         v = [g for g, keep_q in zip(full[len(hparams):len(hparams) + len(w)], trainable)
              if keep_q]
-        if h:
+        if exact and h:
+            scores = {t: weight for t in scored if t < h}
+            head_grads, head_loss = self._exact_head(
+                teacher, net, states, head_params, batch, v, full[len(hparams) + len(w):],
+                hparams, scores, (xr, yr))
+            grads = [a + b for a, b in zip(grads, head_grads)]
+            outer = outer.detach() + head_loss
+        elif h:
             picks = list(range(h))
             if cfg.mixed_sample is not None and cfg.mixed_sample < h:
                 picks = torch.randperm(h, generator=generator)[:cfg.mixed_sample].tolist()
@@ -619,8 +656,7 @@ class Implicit(Strategy):
                 u = [g for g, keep_q in zip(full[len(hparams) + len(w):], trainable) if keep_q]
                 extra = ([-scale * momentum ** (h - 1 - t) for t in picks], u)
             head_grads = trajectory_hypergradient(
-                net, [snapshots[t] for t in picks],
-                [_step_batch(teacher, order[t], generator) for t in picks],
+                net, [snapshots[t] for t in picks], [batch(t) for t in picks],
                 [scale * coeffs[t] for t in picks], v, hparams, classification_loss,
                 extra=extra)
             grads = [a + b for a, b in zip(grads, head_grads)]
@@ -634,6 +670,78 @@ class Implicit(Strategy):
                                                      teacher.momentum_tensor(), hparams)
                 grads = [g + s for g, s in zip(grads, step_grads)]
         return {"loss": self._update(outer, teacher, optimizer, grads)}
+
+    def _exact_head(self, teacher: Teacher, net: nn.Module,
+                    states: list[tuple[list[torch.Tensor], list[torch.Tensor | None]]],
+                    end: list[torch.Tensor], batch: Callable[[int], Callable[[], Batch]],
+                    v: list[torch.Tensor], u: list[torch.Tensor], hparams: Sequence[torch.Tensor],
+                    scores: dict[int, float], real: Batch
+                    ) -> tuple[list[torch.Tensor], float]:
+        """The backward pass through the head steps, last first: each step is rebuilt from its
+        kept parameters and momentum buffer with its graph (batch, learned lr and momentum),
+        and the gradient with respect to its outputs (``v`` for the parameters, ``u`` for the
+        non-empty momentum buffers) is pulled back through it to the teacher and to the
+        step's inputs (a Hessian-vector product), which the step before receives. Step t in
+        ``scores`` adds ``scores[t]`` x the gradient of the real-batch loss after it (an
+        intermediate loss) to what its output parameters receive (``end``: after the head).
+        Returns the teacher's gradient and the weighted intermediate losses' value."""
+        cfg = self.config
+        total = [torch.zeros_like(p) for p in hparams]
+        scored = 0.0
+        grad_w, grad_b = list(v), list(u)
+        for t in reversed(range(len(states))):
+            params, bufs = states[t]
+            if t in scores:
+                after = [p.detach().requires_grad_()
+                         for p in (states[t + 1][0] if t + 1 < len(states) else end)]
+                loss = classification_loss(forward(net, after, real[0]), real[1])
+                g = torch.autograd.grad(loss, after)
+                scored += scores[t] * float(loss.detach())
+                grad_w = [a + scores[t] * b for a, b in zip(grad_w, g)]
+            lr, mom = self._rates(teacher)
+            lr_t = lr[t:t + 1] if torch.is_tensor(lr) and lr.dim() == 1 else lr
+            w = [p.detach().requires_grad_() for p in params]
+            b_in = [None if b is None else b.detach().requires_grad_() for b in bufs]
+            st = student_steps(net, w, [batch(t)()], lr_t, mom, cfg.inner_weight_decay,
+                               differentiable=True, buffers=b_in)
+            outs = [*st.params, *[b for b in st.buffers if b is not None]]
+            if len(outs) != len(grad_w) + len(grad_b):
+                raise RuntimeError("momentum buffers appeared or vanished between steps")
+            b_leaves = [b for b in b_in if b is not None]
+            raw = torch.autograd.grad(outs, [*hparams, *w, *b_leaves], [*grad_w, *grad_b],
+                                      allow_unused=True)
+            got = [torch.zeros_like(x) if g is None else g
+                   for x, g in zip([*hparams, *w, *b_leaves], raw)]
+            total = [a + g for a, g in zip(total, got[:len(hparams)])]
+            grad_w = got[len(hparams):len(hparams) + len(w)]
+            grad_b = got[len(hparams) + len(w):]
+        return total, scored
+
+
+def _replayable(teacher: Teacher, order: list[StepChoice], generator: torch.Generator
+                ) -> Callable[[int], Callable[[], Batch]]:
+    """``batch(t)()`` builds step t's batch, the same one every time it is called (a step
+    recomputed in a backward pass must see the batch it trained on). Fresh-noise steps
+    (curriculum ``none``) get a seed each, drawn once from ``generator``; steps on learned
+    noise draw nothing."""
+    seeds = [None if c is not None else
+             int(torch.randint(2 ** 62, (1,), generator=generator)) for c in order]
+
+    def batch(t: int) -> Callable[[], Batch]:
+        def build() -> Batch:
+            seed = seeds[t]
+            if seed is None:
+                return teacher.step_batch(order[t], generator)
+            g = torch.Generator()
+            g.manual_seed(seed)
+            return teacher.step_batch(order[t], g)
+        return build
+    return batch
+
+
+def _no_graph(build: Callable[[], Batch]) -> Batch:
+    with torch.no_grad():
+        return build()
 
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Matching, Distribution, Unrolled,

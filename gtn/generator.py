@@ -189,7 +189,8 @@ class GeneratorTeacher(Teacher):
         dev = self.log_lr.device
         nd = self.generator.config.noise_dim
         if choice is None:
-            z = torch.randn(self.batch_size, nd, generator=generator).to(dev)
+            z = torch.randn(self.batch_size, nd, generator=generator).to(
+                dev, self.log_lr.dtype)
             labels: torch.Tensor = self.batch_labels
         elif isinstance(choice, int):
             assert self.noise is not None  # a learned curriculum

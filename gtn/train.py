@@ -91,14 +91,17 @@ class GTNConfig:
         mixed_sample, mixed_at: ``implicit``: estimate the mixed term from this many of the
             T batches (unbiased; ``None``: all), and where to evaluate it (``final``: the
             implicit function theorem; ``trajectory``: first-order, each batch at the student
-            state it trained).
+            state it trained; ``exact``: at that state with the gradient carried back exactly
+            through the later steps, one rebuilt step at a time: unrolled backprop's gradient
+            at memory flat in T).
         step_size_grad: ``implicit`` learns the per-step lr and momentum too, by the
             first-order trajectory hypergradient (the implicit gradient does not reach them).
         unroll_tail: ``implicit`` with ``mixed_at="trajectory"``: backpropagate exactly
             through the last this many inner steps (memory of k steps, not T), first-order
             trajectory gradient before them (0: off).
         grad_clip: clip the generator's meta-gradient to this L2 norm (``None``: off).
-        intermediate_every, intermediate_weight: ``unrolled`` also scores the student on
+        intermediate_every, intermediate_weight: ``unrolled`` (and ``implicit`` with
+            ``mixed_at="exact"``) also scores the student on
             the real batch after every ``intermediate_every``-th inner step and adds
             ``intermediate_weight`` x their mean to the meta-loss (the official code's
             intermediate losses; 0: off).
@@ -155,6 +158,11 @@ class GTNConfig:
         if self.meta_iterations < 1:
             raise GeneratorError(f"meta_iterations must be >= 1, got {self.meta_iterations}")
         parse_model_spec(self.student)
+        if self.intermediate_every and not (
+                self.method == "unrolled" or
+                (self.method == "implicit" and self.mixed_at == "exact")):
+            raise GeneratorError("intermediate losses (--intermediate-every) need --method "
+                                 "unrolled, or implicit with --mixed-at exact")
         if self.intermediate_every and self.checkpoint_steps is not None:
             raise GeneratorError("intermediate losses do not combine with gradient "
                                  "checkpointing (--checkpoint-steps); choose one")

@@ -26,6 +26,8 @@ TINY = ["--inner-steps", 2, "--batch-size", 20, "--student", "convnet:width=4,de
     (["train", "--dataset", "mnist", "--unroll-tail", "2"], "--method implicit"),
     (["train", "--dataset", "mnist", "--method", "implicit", "--mixed-at", "final",
       "--unroll-tail", "2"], "--mixed-at trajectory"),
+    (["train", "--dataset", "mnist", "--method", "implicit", "--mixed-at", "exact",
+      "--mixed-sample", "2"], "mixed_sample does not combine"),
     (["train", "--dataset", "mnist", "--match-curriculum"], "--method matching"),
     (["train", "--dataset", "mnist", "--method", "implicit", "--match-fresh"],
      "--method matching"),

@@ -411,6 +411,89 @@ def test_a_shorter_tail_errs_at_second_order_and_less_the_longer_it_is():
     assert 0.05 < err(1e-3, 2) / by_tail[1] < 0.2
 
 
+@pytest.mark.parametrize("tail", [0, 2])
+@pytest.mark.parametrize("every", [0, 1, 2])
+def test_the_exact_head_is_unrolled_backprop_at_any_tail(tail, every):
+    # the head's backward pass rebuilds one step at a time from the kept states; with it the
+    # meta-gradient is unrolled backprop's (generator, learned noise, lr and momentum), with
+    # intermediate losses after every step or every second one, in the head or the tail
+    kw = dict(intermediate_every=every, intermediate_weight=0.7)
+    exact = _teacher_grads("unrolled", **kw)
+    head = _teacher_grads("implicit", mixed_at="exact", unroll_tail=tail, **kw)
+    torch.testing.assert_close(head, exact, rtol=1e-9, atol=1e-12)
+    if every:  # the intermediate losses change the gradient
+        assert float((exact - _teacher_grads("unrolled")).norm()) > 1e-3 * float(exact.norm())
+
+
+def test_the_exact_head_is_unrolled_backprop_with_fresh_noise_and_weight_decay():
+    # curriculum none: each step's noise is drawn once and replayed in the backward pass;
+    # a learned lr per step and weight decay pass through the rebuilt steps too
+    from distill.models import build_model
+    from distill.rng import generator
+    from distill.strategies import RealSampler, make_strategy
+    from gtn.train import make_teacher
+
+    data = make_tiny_set(per_class=6)
+    data = type(data)(data.images.to(D), data.labels, data.info)
+
+    def grads(**options):
+        cfg = GTNConfig(inner_steps=3, batch_size=10, real_batch=12, curriculum="none",
+                        student="convnet:width=4,depth=1,norm=none",
+                        generator=replace(GTNConfig().generator, noise_dim=4, width_fc=8,
+                                          width_conv=4), **options)
+        teacher = make_teacher(data.info, cfg, seed=0).to(D)
+        sc = replace(cfg.meta_config().strategy_config, inner_weight_decay=0.01)
+        params = [p for p in teacher.parameters() if p.requires_grad]
+        make_strategy(cfg.method, sc).step(
+            teacher, torch.optim.SGD(params, lr=0.0), RealSampler(data),
+            lambda g: build_model(cfg.student, data.info.channels, data.info.num_classes,
+                                  data.info.im_size, generator=g).to(D), generator(0, "t"))
+        return torch.cat([p.grad.reshape(-1) for p in params])
+
+    # the two draw their real batch at different points of the stream: compare the exact head
+    # with a tail of all T (unrolled backprop, tested above) on the same draws instead
+    head = grads(method="implicit", mixed_at="exact")
+    tail = grads(method="implicit", mixed_at="trajectory", unroll_tail=3)
+    torch.testing.assert_close(head, tail, rtol=1e-9, atol=1e-12)
+    assert float(head.abs().sum()) > 0
+
+
+def test_the_trajectory_head_sees_the_noise_it_trained_on():
+    # curriculum none with a tail of T - 1: the one head step is exact (its Jacobian is never
+    # needed), so the result is unrolled backprop's only if the rebuilt batch is the same
+    from distill.models import build_model
+    from distill.rng import generator
+    from distill.strategies import RealSampler, make_strategy
+    from gtn.train import make_teacher
+
+    data = make_tiny_set(per_class=6)
+    data = type(data)(data.images.to(D), data.labels, data.info)
+
+    def grads(**options):
+        cfg = GTNConfig(method="implicit", inner_steps=3, batch_size=10, real_batch=12,
+                        curriculum="none", student="convnet:width=4,depth=1,norm=none",
+                        generator=replace(GTNConfig().generator, noise_dim=4, width_fc=8,
+                                          width_conv=4), **options)
+        teacher = make_teacher(data.info, cfg, seed=0).to(D)
+        params = [p for p in teacher.generator.parameters() if p.requires_grad]
+        make_strategy("implicit", cfg.meta_config().strategy_config).step(
+            teacher, torch.optim.SGD(params, lr=0.0), RealSampler(data),
+            lambda g: build_model(cfg.student, data.info.channels, data.info.num_classes,
+                                  data.info.im_size, generator=g).to(D), generator(0, "t"))
+        return torch.cat([p.grad.reshape(-1) for p in params])
+
+    torch.testing.assert_close(grads(mixed_at="trajectory", unroll_tail=2),
+                               grads(mixed_at="trajectory", unroll_tail=3),
+                               rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [dict(method="implicit", mixed_at="trajectory"),
+                                     dict(method="matching")])
+def test_intermediate_losses_only_where_the_gradient_reaches_them(options):
+    with pytest.raises(GeneratorError, match="--mixed-at exact"):
+        GTNConfig(intermediate_every=1, **options)
+
+
 def test_unroll_tail_needs_the_trajectory_head():
     with pytest.raises(ConfigError, match="trajectory"):
         StrategyConfig(unroll_tail=2)
