@@ -1000,11 +1000,9 @@ RECIPES_HELP = ("Recipes (measured on MNIST; see the README's GTN recipe section
 @click.option("--mixed-sample", type=click.IntRange(min=1), default=None,
               help="implicit: the mixed term from this many of the T batches (unbiased "
                    "estimate; default all).")
-@click.option("--mixed-at", type=click.Choice(["final", "trajectory", "exact"]), default=None,
-              help="implicit: the implicit function theorem at the trained student, "
-                   "first-order along the trajectory, or exact along it (unrolled backprop's "
-                   "gradient, one step rebuilt at a time: memory flat in T) "
-                   "[default: recipe, else final].")
+@click.option("--mixed-at", type=click.Choice(["final", "trajectory"]), default=None,
+              help="implicit: the implicit function theorem at the trained student, or "
+                   "first-order along the trajectory [default: recipe, else final].")
 @click.option("--step-size-grad/--no-step-size-grad", default=None,
               help="implicit: learn the per-step lr and momentum by the first-order "
                    "trajectory hypergradient [default: recipe, else off].")
@@ -1036,6 +1034,10 @@ RECIPES_HELP = ("Recipes (measured on MNIST; see the README's GTN recipe section
               help="Generator: weight normalisation on its layers.")
 @click.option("--checkpoint-steps", type=click.IntRange(min=1), default=None,
               help="unrolled: gradient checkpointing, segments of this many steps.")
+@click.option("--recompute", is_flag=True,
+              help="unrolled: keep only each inner step's student state and rebuild the steps "
+                   "one at a time in the backward pass: the same meta-gradient (intermediate "
+                   "losses included), memory of one step, flat in T.")
 @click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True,
               help="implicit: terms K of the Neumann series for the inverse Hessian.")
 @click.option("--neumann-alpha", type=float, default=0.02, show_default=True,
@@ -1057,8 +1059,8 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
               grad_clip,
               intermediate_every, intermediate_weight, mixed_sample, mixed_at, step_size_grad,
               unroll_tail, real_batch, inner_lr, inner_momentum, match_curriculum, validation,
-              noise_dim, width_fc, width_conv, weight_norm, checkpoint_steps, neumann_terms,
-              neumann_alpha,
+              noise_dim, width_fc, width_conv, weight_norm, checkpoint_steps, recompute,
+              neumann_terms, neumann_alpha,
               checkpoint_every, eval_every, students, resume, data_root, download, out, seed,
               device, force) -> None:
     """Meta-train a generator teacher on DATASET; writes OUT/generator.pt, grid.png,
@@ -1103,7 +1105,7 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
         unroll_tail=unroll_tail, validation=validation, **given,
         generator=GeneratorConfig(noise_dim=noise_dim, width_fc=width_fc, width_conv=width_conv,
                                   weight_norm=weight_norm),
-        checkpoint_steps=checkpoint_steps, neumann_terms=neumann_terms,
+        checkpoint_steps=checkpoint_steps, recompute=recompute, neumann_terms=neumann_terms,
         neumann_alpha=neumann_alpha, checkpoint_every=checkpoint_every, eval_every=eval_every)
     config.check(get_info(dataset))
     dev = resolve_device(device)

@@ -58,6 +58,10 @@ VARIANTS = {
     "implicit recipe + tail 2 (head: 4 batches)": dict(
         method="implicit", mixed_at="trajectory", step_size_grad=True, unroll_tail=2,
         mixed_sample=4),
+    # unrolled backprop's gradient at flat memory: the steps rebuilt one at a time
+    "unrolled recomputed": dict(method="unrolled", recompute=True),
+    "unrolled recipe recomputed": dict(method="unrolled", intermediate_every=1,
+                                       recompute=True),
 }
 
 

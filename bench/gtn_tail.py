@@ -12,8 +12,8 @@ generator states taken from the long benchmark's checkpoints and at initialisati
     python bench/gtn_tail.py --report           # md + png from the json
 
 The meta-gradient is the one the recipe's Adam step would receive (the recipe does not clip).
-``--exact-head`` adds ``mixed_at="exact"`` (the gradient carried back through every head step
-by a Hessian-vector product; tested equal to unrolled backprop) as a row that should read 1.
+``--recomputed`` adds unrolled backprop with ``recompute`` (the steps rebuilt one at a time;
+tested equal to storing them) as a row that should read 1.
 """
 
 from __future__ import annotations
@@ -102,9 +102,10 @@ def run(args: argparse.Namespace) -> dict:
             s_exact = time.process_time() - t0
             flat_exact = torch.cat([g.reshape(-1) for g in exact])
             variants = [(f"tail {k}", replace(base, unroll_tail=k)) for k in tails if k < t]
-            if args.exact_head:
-                variants.append(("exact head", replace(base, unroll_tail=0,
-                                                       mixed_at="exact")))
+            if args.recomputed:
+                variants.append(("unrolled, recomputed", replace(
+                    base, method="unrolled", unroll_tail=0, mixed_at="final",
+                    step_size_grad=False, recompute=True)))
             for name, cfg in variants:
                 t0 = time.process_time()
                 grads, loss = meta_gradient(teacher, cfg, real, make_student, args.seed, draw)
@@ -183,7 +184,7 @@ def main() -> None:
                          "ckpt (e.g. mnist-t32--unrolled)")
     ap.add_argument("--draws", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--exact-head", action="store_true")
+    ap.add_argument("--recomputed", action="store_true")
     ap.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--tag", default=None)

@@ -101,7 +101,7 @@ class RealSampler:
         return self.images[idx], self.labels[idx]
 
 
-MIXED_AT = ("final", "trajectory", "exact")
+MIXED_AT = ("final", "trajectory")
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,14 @@ class StrategyConfig:
             of steps T and their batches are the teacher's (its ``steps`` and ``order``).
         truncate, checkpoint_steps: memory/time trade-offs of ``unrolled`` (truncated
             backprop; gradient checkpointing in segments of this many steps).
+        recompute: ``unrolled`` keeps only each step's student parameters and momentum
+            buffer (no graph) and, in the backward pass, rebuilds one step at a time with its
+            graph (its batch from the teacher, its learned lr and momentum) and pulls the
+            gradient back through it: the same gradient as storing every step, memory of one
+            step (flat in T) for one extra plain student step per inner step. Reverse-mode
+            with stored states (Maclaurin, Duvenaud & Adams, ICML 2015, store the trajectory
+            by reversing it instead) and checkpointing at every step (Griewank, 1992); unlike
+            ``checkpoint_steps`` the teacher's batches are rebuilt too, not kept.
         neumann_terms, neumann_alpha: K and α of ``implicit``.
         compile: compute the real-data side (gradients for ``matching``, embeddings for
             ``distribution``) with ``torch.compile``'d students: fused kernels, same result
@@ -138,12 +146,7 @@ class StrategyConfig:
             implicit function theorem at the trained student, Neumann-series inverse
             Hessian) or ``trajectory`` (at the student state where the batch was trained
             on, first-order through the trajectory; no Hessian: see
-            :func:`distill.hypergrad.trajectory_hypergradient`) or ``exact`` (at that state
-            too, with the real-data gradient carried back exactly through every later step
-            by one Hessian-vector product per step from the kept student states: unrolled
-            backprop's gradient, recomputed one step at a time, so memory stays flat in T;
-            reverse-mode with stored states, Maclaurin, Duvenaud & Adams, ICML 2015, and
-            gradient checkpointing at every step, Griewank 1992).
+            :func:`distill.hypergrad.trajectory_hypergradient`).
         step_size_grad: ``implicit`` also learns the student's learned step sizes (per-step
             lr, momentum) by the first-order trajectory hypergradient (see
             :func:`distill.hypergrad.step_size_hypergradient`); the implicit gradient itself
@@ -180,6 +183,7 @@ class StrategyConfig:
     inner_weight_decay: float = 0.0
     truncate: int | None = None
     checkpoint_steps: int | None = None
+    recompute: bool = False
     neumann_terms: int = 5
     neumann_alpha: float = 0.01
     compile: bool = False
@@ -196,12 +200,12 @@ class StrategyConfig:
     def __post_init__(self) -> None:
         if self.unroll_tail < 0:
             raise ConfigError(f"unroll_tail must be >= 0 (0: off), got {self.unroll_tail}")
-        if self.unroll_tail and self.mixed_at == "final":
-            raise ConfigError("unroll_tail needs mixed_at='trajectory' or 'exact' (the steps "
-                              "before the tail take the trajectory gradient)")
-        if self.mixed_sample is not None and self.mixed_at == "exact":
-            raise ConfigError("mixed_sample does not combine with mixed_at='exact' (its "
-                              "backward pass goes through every step)")
+        if self.unroll_tail and self.mixed_at != "trajectory":
+            raise ConfigError("unroll_tail needs mixed_at='trajectory' (the steps before the "
+                              "tail take the trajectory gradient)")
+        if self.recompute and (self.truncate is not None or self.checkpoint_steps is not None):
+            raise ConfigError("recompute rebuilds every step already: it does not combine "
+                              "with truncate or checkpoint_steps")
         if self.mixed_sample is not None and self.mixed_sample < 1:
             raise ConfigError(f"mixed_sample must be >= 1 (None: every batch), got "
                               f"{self.mixed_sample}")
@@ -452,148 +456,33 @@ def _mean_part(teacher: Teacher, net: nn.Module, choice: StepChoice, t: int,
     return loss
 
 
-class Unrolled(Strategy):
-    """DD: the real-data loss after T differentiable student steps on the teacher's data."""
-
-    name = "unrolled"
-
-    def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
-             make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
-        cfg = self.config
-        net = make_student(generator)
-        net.train()
-        batches = list(teacher.inner_batches(generator))
-        xr, yr = real.batch(cfg.real_batch, generator)
-        lr, momentum = self._rates(teacher)
-        loss = unrolled_loss(net, batches, xr, yr, lr, momentum=momentum,
-                             weight_decay=cfg.inner_weight_decay,
-                             truncate=cfg.truncate, checkpoint_every=cfg.checkpoint_steps,
-                             score_every=cfg.intermediate_every,
-                             score_weight=cfg.intermediate_weight)
-        return {"loss": self._update(loss, teacher, optimizer)}
-
-
-class Implicit(Strategy):
-    """IFT: train T plain steps (no graph), then the implicit hypergradient at the result.
-
-    The Hessian is taken on one of the T training batches, chosen at random (a stochastic
-    estimate of the Hessian of the mean inner loss). For a teacher with a curriculum (a GTN)
-    the mixed derivative is that of the mean loss over all T batches, built batch by batch
-    (memory of one batch), so every learned noise batch gets a gradient; for a synthetic set
-    it is taken on the same batch as the Hessian. The learning rate and momentum are used but
-    not learned by the implicit gradient (it does not reach them); ``step_size_grad`` learns
-    them by the first-order trajectory hypergradient.
-
-    Options (see :class:`StrategyConfig`): ``mixed_sample`` estimates the mixed term from a
-    sample of the T batches (unbiased; fewer double-backward passes per meta-step);
-    ``mixed_at="trajectory"`` replaces the implicit gradient by the first-order gradient
-    through the trajectory, each batch at the student state it trained (no Hessian);
-    ``mixed_at="exact"`` carries the gradient back through every step exactly instead
-    (unrolled backprop's gradient at flat memory: one step's graph at a time).
-    """
-
-    name = "implicit"
-
-    def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
-             make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
-        cfg = self.config
-        net = make_student(generator)
-        net.train()
-        order = teacher.order(generator)
-        lr, momentum = self._rates(teacher)
-        lrs = [lr] * len(order) if not torch.is_tensor(lr) else \
-            (lr.detach().expand(len(order)) if lr.dim() == 0 else lr.detach()).tolist()
-        momentum = float(momentum.detach()) if torch.is_tensor(momentum) else momentum
-        if cfg.unroll_tail or cfg.mixed_at == "exact":
-            return self._tail_step(teacher, optimizer, real, net, order, lrs, momentum,
-                                   generator)
-        keep = cfg.mixed_at == "trajectory" or cfg.step_size_grad
-        trainable = [p.requires_grad for p in net.parameters()]
-        snapshots: list[list[torch.Tensor]] = []
-
-        def remember(t: int, ps: list[torch.Tensor]) -> None:
-            snapshots.append([q.detach().clone() for q, keep_q in zip(ps, trainable) if keep_q])
-
-        params0 = [p.detach() for p in net.parameters()]
-        if keep:
-            remember(-1, params0)
-        # the trajectory rebuilds each batch where it was trained: the same noise both times
-        batch = _replayable(teacher, order, generator) if cfg.mixed_at == "trajectory" \
-            else None
-        head = teacher.inner_batches(generator, order, graph=False) if batch is None else \
-            (_no_graph(batch(t)) for t in range(len(order)))
-        state = student_steps(net, params0, head,
-                              lrs, momentum, cfg.inner_weight_decay,
-                              after_step=remember if keep else None)
-        load_params(net, state.params)
-        params = [p for p in net.parameters() if p.requires_grad]
-        t_count = len(order)
-        picks = list(range(t_count))
-        if cfg.mixed_sample is not None and cfg.mixed_sample < t_count:
-            picks = torch.randperm(t_count, generator=generator)[:cfg.mixed_sample].tolist()
-        hparams = [p for p in teacher.parameters() if p.requires_grad]
-        v: list[torch.Tensor] | None = None  # dL_V/dw at the trained student, when needed
-        if batch is not None:  # the trajectory gradient
-            xr, yr = real.batch(cfg.real_batch, generator)
-            outer = classification_loss(net(xr), yr)
-            v = list(torch.autograd.grad(outer, params, retain_graph=True))
-            coeffs = trajectory_coefficients(lrs, momentum)
-            scale = t_count / len(picks)
-            grads = trajectory_hypergradient(
-                net, [snapshots[t] for t in picks],
-                [batch(t) for t in picks],
-                [scale * coeffs[t] for t in picks], v, hparams, classification_loss)
-        else:
-            k = int(torch.randint(t_count, (1,), generator=generator))
-            x, y = teacher.step_batch(order[k], generator)
-            inner = classification_loss(net(x), y)
-            if cfg.inner_weight_decay:
-                inner = inner + cfg.inner_weight_decay / 2 * sum((p ** 2).sum() for p in params)
-            xr, yr = real.batch(cfg.real_batch, generator)
-            outer = classification_loss(net(xr), yr)
-            mixed = None
-            if teacher.has_curriculum:  # the student minimised the mean loss over all T
-                # batches, so each of them (its learned noise) gets its mixed term.
-                mixed = sampled_parts([_mean_part(teacher, net, c, t_count, generator)
-                                       for c in order], picks)
-            grads = implicit_hypergradient(inner, outer, params, hparams, cfg.neumann_terms,
-                                           cfg.neumann_alpha, mixed_losses=mixed)
-        if cfg.step_size_grad:
-            # the update directions, from consecutive snapshots: w_t - w_{t+1} = lr_t · buf_t
-            record = StepRecord(momentum)
-            for t in range(t_count):
-                record.add([(a - b) / lrs[t] for a, b in zip(snapshots[t], snapshots[t + 1])])
-            if v is None:  # the trajectory branch computed it already
-                raw = torch.autograd.grad(outer, params, retain_graph=True, allow_unused=True)
-                v = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
-            step_grads = step_size_hypergradient(record, v, lr, teacher.momentum_tensor(),
-                                                 hparams)
-            grads = [g + s for g, s in zip(grads, step_grads)]
-        return {"loss": self._update(outer, teacher, optimizer, grads)}
-
+class _Stepwise(Strategy):
+    """The meta-gradient through T student steps taken one graph at a time: the steps run
+    without a graph (their states kept), an exactly differentiated tail of them, and the
+    steps before it either first-order (implicit) or rebuilt one by one (unrolled)."""
 
     def _tail_step(self, teacher: Teacher, optimizer: torch.optim.Optimizer,
                    real: RealSampler, net: nn.Module, order: list[StepChoice],
-                   lrs: list[float], momentum: float, generator: torch.Generator
-                   ) -> dict[str, float]:
-        """``unroll_tail`` / ``mixed_at="exact"``: the first T − k steps plain (states kept),
+                   lrs: list[float], momentum: float, generator: torch.Generator, tail: int,
+                   exact: bool) -> dict[str, float]:
+        """The first T − ``tail`` steps plain (states kept),
         the last k with their graph; the exact gradient through the tail reaches the teacher
         (its batches, lr and momentum) and, as ``v`` (the parameters) and ``u`` (the
         momentum buffer) at the tail's start, drives the head: the first-order trajectory
-        gradient (``trajectory``) or the exact step-by-step backward pass (``exact``)."""
+        gradient (implicit's ``unroll_tail``) or, ``exact``, the step-by-step backward pass
+        (unrolled's ``recompute``)."""
         cfg = self.config
         t_count = len(order)
-        h = t_count - min(cfg.unroll_tail, t_count)
-        exact = cfg.mixed_at == "exact"
+        h = t_count - min(tail, t_count)
         batch = _replayable(teacher, order, generator)
         xr, yr = real.batch(cfg.real_batch, generator)
-        # intermediate losses (``exact`` only): the student scored after these steps
+        # intermediate losses (``exact``: unrolled's): the student scored after these steps
         every = cfg.intermediate_every if exact else 0
         scored = {t for t in range(t_count - 1) if every and (t + 1) % every == 0}
         weight = cfg.intermediate_weight / len(scored) if scored else 0.0
         trainable = [p.requires_grad for p in net.parameters()]
         if exact and not all(trainable):
-            raise ConfigError("mixed_at='exact' needs a student whose parameters all train")
+            raise ConfigError("recompute needs a student whose parameters all train")
         snapshots: list[list[torch.Tensor]] = []
         states: list[tuple[list[torch.Tensor], list[torch.Tensor | None]]] = []
 
@@ -621,15 +510,16 @@ class Implicit(Strategy):
         tail_lr = lr[h:] if torch.is_tensor(lr) and lr.dim() == 1 else lr
         w = [p.detach().requires_grad_() for p in head_params]
         bufs = [None if b is None else b.detach().requires_grad_() for b in head_bufs]
+
         def score(t: int, ps: list[torch.Tensor]) -> torch.Tensor | None:
             return classification_loss(forward(net, ps, xr), yr) if h + t in scored else None
 
-        tail = student_steps(net, w, (batch(t)() for t in range(h, t_count)),
+        last = student_steps(net, w, (batch(t)() for t in range(h, t_count)),
                              tail_lr, mom, cfg.inner_weight_decay, differentiable=True,
                              buffers=bufs, after_step=score if scored else None)
-        outer = classification_loss(forward(net, tail.params, xr), yr)
-        if tail.losses:
-            outer = outer + weight * torch.stack(tail.losses).sum()
+        outer = classification_loss(forward(net, last.params, xr), yr)
+        if last.losses:
+            outer = outer + weight * torch.stack(last.losses).sum()
         hparams = [p for p in teacher.parameters() if p.requires_grad]
         buf_leaves: list[torch.Tensor] = [b for b in bufs if b is not None]
         raw = torch.autograd.grad(outer, [*hparams, *w, *buf_leaves], allow_unused=True)
@@ -716,6 +606,137 @@ class Implicit(Strategy):
             grad_w = got[len(hparams):len(hparams) + len(w)]
             grad_b = got[len(hparams) + len(w):]
         return total, scored
+
+
+
+class Unrolled(_Stepwise):
+    """DD: the real-data loss after T differentiable student steps on the teacher's data
+    (``recompute``: the same gradient, one step's graph at a time)."""
+
+    name = "unrolled"
+
+    def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
+             make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
+        cfg = self.config
+        net = make_student(generator)
+        net.train()
+        if cfg.recompute:
+            order = teacher.order(generator)
+            lrs, mu = _plain_rates(*self._rates(teacher), len(order))
+            return self._tail_step(teacher, optimizer, real, net, order, lrs, mu, generator,
+                                   tail=0, exact=True)
+        batches = list(teacher.inner_batches(generator))
+        xr, yr = real.batch(cfg.real_batch, generator)
+        lr, momentum = self._rates(teacher)
+        loss = unrolled_loss(net, batches, xr, yr, lr, momentum=momentum,
+                             weight_decay=cfg.inner_weight_decay,
+                             truncate=cfg.truncate, checkpoint_every=cfg.checkpoint_steps,
+                             score_every=cfg.intermediate_every,
+                             score_weight=cfg.intermediate_weight)
+        return {"loss": self._update(loss, teacher, optimizer)}
+
+
+class Implicit(_Stepwise):
+    """IFT: train T plain steps (no graph), then the implicit hypergradient at the result.
+
+    The Hessian is taken on one of the T training batches, chosen at random (a stochastic
+    estimate of the Hessian of the mean inner loss). For a teacher with a curriculum (a GTN)
+    the mixed derivative is that of the mean loss over all T batches, built batch by batch
+    (memory of one batch), so every learned noise batch gets a gradient; for a synthetic set
+    it is taken on the same batch as the Hessian. The learning rate and momentum are used but
+    not learned by the implicit gradient (it does not reach them); ``step_size_grad`` learns
+    them by the first-order trajectory hypergradient.
+
+    Options (see :class:`StrategyConfig`): ``mixed_sample`` estimates the mixed term from a
+    sample of the T batches (unbiased; fewer double-backward passes per meta-step);
+    ``mixed_at="trajectory"`` replaces the implicit gradient by the first-order gradient
+    through the trajectory, each batch at the student state it trained (no Hessian).
+    """
+
+    name = "implicit"
+
+    def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
+             make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
+        cfg = self.config
+        net = make_student(generator)
+        net.train()
+        order = teacher.order(generator)
+        lr, rate_momentum = self._rates(teacher)
+        lrs, momentum = _plain_rates(lr, rate_momentum, len(order))
+        if cfg.unroll_tail:
+            return self._tail_step(teacher, optimizer, real, net, order, lrs, momentum,
+                                   generator, tail=cfg.unroll_tail, exact=False)
+        keep = cfg.mixed_at == "trajectory" or cfg.step_size_grad
+        trainable = [p.requires_grad for p in net.parameters()]
+        snapshots: list[list[torch.Tensor]] = []
+
+        def remember(t: int, ps: list[torch.Tensor]) -> None:
+            snapshots.append([q.detach().clone() for q, keep_q in zip(ps, trainable) if keep_q])
+
+        params0 = [p.detach() for p in net.parameters()]
+        if keep:
+            remember(-1, params0)
+        # the trajectory rebuilds each batch where it was trained: the same noise both times
+        batch = _replayable(teacher, order, generator) if cfg.mixed_at == "trajectory" \
+            else None
+        head = teacher.inner_batches(generator, order, graph=False) if batch is None else \
+            (_no_graph(batch(t)) for t in range(len(order)))
+        state = student_steps(net, params0, head,
+                              lrs, momentum, cfg.inner_weight_decay,
+                              after_step=remember if keep else None)
+        load_params(net, state.params)
+        params = [p for p in net.parameters() if p.requires_grad]
+        t_count = len(order)
+        picks = list(range(t_count))
+        if cfg.mixed_sample is not None and cfg.mixed_sample < t_count:
+            picks = torch.randperm(t_count, generator=generator)[:cfg.mixed_sample].tolist()
+        hparams = [p for p in teacher.parameters() if p.requires_grad]
+        v: list[torch.Tensor] | None = None  # dL_V/dw at the trained student, when needed
+        if batch is not None:  # the trajectory gradient
+            xr, yr = real.batch(cfg.real_batch, generator)
+            outer = classification_loss(net(xr), yr)
+            v = list(torch.autograd.grad(outer, params, retain_graph=True))
+            coeffs = trajectory_coefficients(lrs, momentum)
+            scale = t_count / len(picks)
+            grads = trajectory_hypergradient(
+                net, [snapshots[t] for t in picks],
+                [batch(t) for t in picks],
+                [scale * coeffs[t] for t in picks], v, hparams, classification_loss)
+        else:
+            k = int(torch.randint(t_count, (1,), generator=generator))
+            x, y = teacher.step_batch(order[k], generator)
+            inner = classification_loss(net(x), y)
+            if cfg.inner_weight_decay:
+                inner = inner + cfg.inner_weight_decay / 2 * sum((p ** 2).sum() for p in params)
+            xr, yr = real.batch(cfg.real_batch, generator)
+            outer = classification_loss(net(xr), yr)
+            mixed = None
+            if teacher.has_curriculum:  # the student minimised the mean loss over all T
+                # batches, so each of them (its learned noise) gets its mixed term.
+                mixed = sampled_parts([_mean_part(teacher, net, c, t_count, generator)
+                                       for c in order], picks)
+            grads = implicit_hypergradient(inner, outer, params, hparams, cfg.neumann_terms,
+                                           cfg.neumann_alpha, mixed_losses=mixed)
+        if cfg.step_size_grad:
+            # the update directions, from consecutive snapshots: w_t - w_{t+1} = lr_t · buf_t
+            record = StepRecord(momentum)
+            for t in range(t_count):
+                record.add([(a - b) / lrs[t] for a, b in zip(snapshots[t], snapshots[t + 1])])
+            if v is None:  # the trajectory branch computed it already
+                raw = torch.autograd.grad(outer, params, retain_graph=True, allow_unused=True)
+                v = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
+            step_grads = step_size_hypergradient(record, v, lr, teacher.momentum_tensor(),
+                                                 hparams)
+            grads = [g + s for g, s in zip(grads, step_grads)]
+        return {"loss": self._update(outer, teacher, optimizer, grads)}
+
+
+def _plain_rates(lr: float | torch.Tensor, momentum: float | torch.Tensor, steps: int
+                 ) -> tuple[list[float], float]:
+    """The student's per-step learning rates and momentum as plain numbers."""
+    lrs = [float(lr)] * steps if not torch.is_tensor(lr) else \
+        (lr.detach().expand(steps) if lr.dim() == 0 else lr.detach()).tolist()
+    return lrs, float(momentum.detach()) if torch.is_tensor(momentum) else float(momentum)
 
 
 def _replayable(teacher: Teacher, order: list[StepChoice], generator: torch.Generator

@@ -91,17 +91,14 @@ class GTNConfig:
         mixed_sample, mixed_at: ``implicit``: estimate the mixed term from this many of the
             T batches (unbiased; ``None``: all), and where to evaluate it (``final``: the
             implicit function theorem; ``trajectory``: first-order, each batch at the student
-            state it trained; ``exact``: at that state with the gradient carried back exactly
-            through the later steps, one rebuilt step at a time: unrolled backprop's gradient
-            at memory flat in T).
+            state it trained).
         step_size_grad: ``implicit`` learns the per-step lr and momentum too, by the
             first-order trajectory hypergradient (the implicit gradient does not reach them).
         unroll_tail: ``implicit`` with ``mixed_at="trajectory"``: backpropagate exactly
             through the last this many inner steps (memory of k steps, not T), first-order
             trajectory gradient before them (0: off).
         grad_clip: clip the generator's meta-gradient to this L2 norm (``None``: off).
-        intermediate_every, intermediate_weight: ``unrolled`` (and ``implicit`` with
-            ``mixed_at="exact"``) also scores the student on
+        intermediate_every, intermediate_weight: ``unrolled`` also scores the student on
             the real batch after every ``intermediate_every``-th inner step and adds
             ``intermediate_weight`` x their mean to the meta-loss (the official code's
             intermediate losses; 0: off).
@@ -114,6 +111,9 @@ class GTNConfig:
             student at lr 0.01, as DC trains; the learned curriculum is then never trained).
         validation: training images held out for validation (never the test set).
         checkpoint_steps: gradient checkpointing of ``unrolled`` in segments of this size.
+        recompute: ``unrolled`` keeps each inner step's student state only and rebuilds the
+            steps one at a time in the backward pass: the same gradient (intermediate losses
+            included) at the memory of one step, flat in T (``StrategyConfig.recompute``).
         neumann_terms, neumann_alpha: the IFT series.
     """
 
@@ -143,6 +143,7 @@ class GTNConfig:
     match_curriculum: bool = False
     validation: int = 10000
     checkpoint_steps: int | None = None
+    recompute: bool = False
     neumann_terms: int = 5
     neumann_alpha: float = 0.01
     checkpoint_every: int = 10
@@ -158,11 +159,15 @@ class GTNConfig:
         if self.meta_iterations < 1:
             raise GeneratorError(f"meta_iterations must be >= 1, got {self.meta_iterations}")
         parse_model_spec(self.student)
-        if self.intermediate_every and not (
-                self.method == "unrolled" or
-                (self.method == "implicit" and self.mixed_at == "exact")):
-            raise GeneratorError("intermediate losses (--intermediate-every) need --method "
-                                 "unrolled, or implicit with --mixed-at exact")
+        if self.intermediate_every and self.method != "unrolled":
+            raise GeneratorError("intermediate losses (--intermediate-every) are unrolled's: "
+                                 "they need --method unrolled")
+        if self.recompute and self.method != "unrolled":
+            raise GeneratorError("--recompute rebuilds unrolled backprop's steps: it needs "
+                                 "--method unrolled")
+        if self.recompute and self.checkpoint_steps is not None:
+            raise GeneratorError("--recompute rebuilds every step already: it does not "
+                                 "combine with gradient checkpointing (--checkpoint-steps)")
         if self.intermediate_every and self.checkpoint_steps is not None:
             raise GeneratorError("intermediate losses do not combine with gradient "
                                  "checkpointing (--checkpoint-steps); choose one")
@@ -196,7 +201,8 @@ class GTNConfig:
                 unroll_tail=self.unroll_tail, intermediate_every=self.intermediate_every,
                 intermediate_weight=self.intermediate_weight,
                 match_curriculum=self.match_curriculum,
-                checkpoint_steps=self.checkpoint_steps, neumann_terms=self.neumann_terms,
+                checkpoint_steps=self.checkpoint_steps, recompute=self.recompute,
+                neumann_terms=self.neumann_terms,
                 neumann_alpha=self.neumann_alpha))
 
 

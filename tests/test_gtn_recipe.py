@@ -411,23 +411,22 @@ def test_a_shorter_tail_errs_at_second_order_and_less_the_longer_it_is():
     assert 0.05 < err(1e-3, 2) / by_tail[1] < 0.2
 
 
-@pytest.mark.parametrize("tail", [0, 2])
 @pytest.mark.parametrize("every", [0, 1, 2])
-def test_the_exact_head_is_unrolled_backprop_at_any_tail(tail, every):
-    # the head's backward pass rebuilds one step at a time from the kept states; with it the
-    # meta-gradient is unrolled backprop's (generator, learned noise, lr and momentum), with
-    # intermediate losses after every step or every second one, in the head or the tail
+def test_recomputed_unrolled_is_unrolled_backprop(every):
+    # the backward pass rebuilds one step at a time from the kept states; the meta-gradient
+    # (generator, learned noise, lr and momentum) is the stored unroll's, with intermediate
+    # losses after every step or every second one
     kw = dict(intermediate_every=every, intermediate_weight=0.7)
-    exact = _teacher_grads("unrolled", **kw)
-    head = _teacher_grads("implicit", mixed_at="exact", unroll_tail=tail, **kw)
-    torch.testing.assert_close(head, exact, rtol=1e-9, atol=1e-12)
+    stored = _teacher_grads("unrolled", **kw)
+    rebuilt = _teacher_grads("unrolled", recompute=True, **kw)
+    torch.testing.assert_close(rebuilt, stored, rtol=1e-9, atol=1e-12)
     if every:  # the intermediate losses change the gradient
-        assert float((exact - _teacher_grads("unrolled")).norm()) > 1e-3 * float(exact.norm())
+        assert float((stored - _teacher_grads("unrolled")).norm()) > 1e-3 * float(stored.norm())
 
 
-def test_the_exact_head_is_unrolled_backprop_with_fresh_noise_and_weight_decay():
+def test_recomputed_unrolled_with_fresh_noise_and_weight_decay():
     # curriculum none: each step's noise is drawn once and replayed in the backward pass;
-    # a learned lr per step and weight decay pass through the rebuilt steps too
+    # weight decay passes through the rebuilt steps too
     from distill.models import build_model
     from distill.rng import generator
     from distill.strategies import RealSampler, make_strategy
@@ -450,12 +449,12 @@ def test_the_exact_head_is_unrolled_backprop_with_fresh_noise_and_weight_decay()
                                   data.info.im_size, generator=g).to(D), generator(0, "t"))
         return torch.cat([p.grad.reshape(-1) for p in params])
 
-    # the two draw their real batch at different points of the stream: compare the exact head
-    # with a tail of all T (unrolled backprop, tested above) on the same draws instead
-    head = grads(method="implicit", mixed_at="exact")
+    # the stored unroll draws its noise inline, so its stream differs: compare with an exact
+    # tail of all T steps (unrolled backprop, tested above), which replays the same draws
+    rebuilt = grads(method="unrolled", recompute=True)
     tail = grads(method="implicit", mixed_at="trajectory", unroll_tail=3)
-    torch.testing.assert_close(head, tail, rtol=1e-9, atol=1e-12)
-    assert float(head.abs().sum()) > 0
+    torch.testing.assert_close(rebuilt, tail, rtol=1e-9, atol=1e-12)
+    assert float(rebuilt.abs().sum()) > 0
 
 
 def test_the_trajectory_head_sees_the_noise_it_trained_on():
@@ -487,11 +486,16 @@ def test_the_trajectory_head_sees_the_noise_it_trained_on():
                                rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("options", [dict(method="implicit", mixed_at="trajectory"),
-                                     dict(method="matching")])
-def test_intermediate_losses_only_where_the_gradient_reaches_them(options):
-    with pytest.raises(GeneratorError, match="--mixed-at exact"):
-        GTNConfig(intermediate_every=1, **options)
+@pytest.mark.parametrize("options,needle", [
+    (dict(method="implicit", intermediate_every=1), "--method unrolled"),
+    (dict(method="matching", intermediate_every=1), "--method unrolled"),
+    (dict(method="implicit", recompute=True), "--method unrolled"),
+    (dict(method="unrolled", recompute=True, checkpoint_steps=2), "does not combine")])
+def test_unrolled_only_options_are_refused_elsewhere(options, needle):
+    with pytest.raises(GeneratorError, match=needle):
+        GTNConfig(**options)
+    with pytest.raises(ConfigError, match="does not combine"):
+        StrategyConfig(recompute=True, truncate=2)
 
 
 def test_unroll_tail_needs_the_trajectory_head():
