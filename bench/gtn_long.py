@@ -66,6 +66,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "implicit-tail2-s4": (dict(_TRAJ, unroll_tail=2, mixed_sample=4),
                           "implicit + exact tail of 2 steps, head term from 4 batches"),
     "implicit-tail5": (dict(_TRAJ, unroll_tail=5), "implicit + exact tail of 5 steps (recipe)"),
+    "implicit-tail10": (dict(_TRAJ, unroll_tail=10), "implicit + exact tail of 10 steps"),
     "implicit-ift": (dict(_ADAM, real_batch=512),
                      "implicit function theorem (Neumann), fixed step sizes"),
     "matching": (dict(_ADAM), "gradient matching: DC's rounds on fresh noise (earlier recipe)"),

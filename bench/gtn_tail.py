@@ -8,7 +8,7 @@ whole teacher and for its parts (generator weights, learned noise and labels, st
 generator states taken from the long benchmark's checkpoints and at initialisation.
 
     OMP_NUM_THREADS=1 python bench/gtn_tail.py --setting mnist-t32 --tails 0,2,5,10,16,24 \
-        --states init,mnist-t32--unrolled --draws 3
+        --states init,mnist-t32--implicit-tail5,mnist-t32--unrolled --draws 3 --resume
     python bench/gtn_tail.py --report           # md + png from the json
 
 The meta-gradient is the one the recipe's Adam step would receive (the recipe does not clip).
@@ -86,7 +86,14 @@ def run(args: argparse.Namespace) -> dict:
     real = RealSampler(fit)
     make_student = _student_factory(fit.info, base, torch.device("cpu"))
     tails = [int(k) for k in args.tails.split(",")]
-    rows = []
+    path = args.out / f"{args.tag}.json"
+    rows = json.loads(path.read_text())["rows"] if args.resume and path.exists() else []
+    done = {(r["state"], r["draw"], r["variant"]) for r in rows}
+
+    def record() -> dict:
+        return {"setting": SETTINGS[args.setting][3], "inner_steps": t, "seed": args.seed,
+                "config": repr(base), "rows": rows}
+
     for state in args.states.split(","):
         teacher = make_teacher(fit.info, base, args.seed)
         at = 0
@@ -96,37 +103,43 @@ def run(args: argparse.Namespace) -> dict:
             at = int(ck["iteration"])
         parts = _parts(teacher)
         for draw in range(args.draws):
-            t0 = time.process_time()
-            exact, loss_exact = meta_gradient(teacher, replace(base, unroll_tail=t), real,
-                                              make_student, args.seed, draw)
-            s_exact = time.process_time() - t0
-            flat_exact = torch.cat([g.reshape(-1) for g in exact])
             variants = [(f"tail {k}", replace(base, unroll_tail=k)) for k in tails if k < t]
             if args.recomputed:
                 variants.append(("unrolled, recomputed", replace(
                     base, method="unrolled", unroll_tail=0, mixed_at="final",
                     step_size_grad=False, recompute=True)))
+            variants = [(n, c) for n, c in variants if (state, draw, n) not in done]
+            if not variants:
+                continue
+            t0 = time.process_time()
+            exact, loss_exact = meta_gradient(teacher, replace(base, unroll_tail=t), real,
+                                              make_student, args.seed, draw)
+            s_exact = time.process_time() - t0
+            flat_exact = torch.cat([g.reshape(-1) for g in exact])
             for name, cfg in variants:
                 t0 = time.process_time()
                 grads, loss = meta_gradient(teacher, cfg, real, make_student, args.seed, draw)
                 s = time.process_time() - t0
-                if abs(loss - loss_exact) > 1e-4 * max(1.0, abs(loss_exact)):
+                # the same draws give the same student up to float rounding, which 32 steps
+                # at trained step sizes amplify to ~1e-4; other draws differ by far more
+                if abs(loss - loss_exact) > 1e-2 * max(1.0, abs(loss_exact)):
                     raise SystemExit(f"{name}: outer loss {loss} != exact {loss_exact}: the "
                                      f"two meta-steps did not see the same draws")
                 flat = torch.cat([g.reshape(-1) for g in grads])
                 row = {"state": state, "iteration": at, "draw": draw, "variant": name,
                        "tail": cfg.unroll_tail, "cos": _cos(flat, flat_exact),
                        "norm_ratio": float(flat.norm() / flat_exact.norm()),
-                       "cpu_s": s, "cpu_s_exact": s_exact}
+                       "cpu_s": s, "cpu_s_exact": s_exact, "loss": loss,
+                       "loss_exact": loss_exact}
                 for part, idx in parts.items():
                     if idx:
                         a = torch.cat([grads[i].reshape(-1) for i in idx])
                         b = torch.cat([exact[i].reshape(-1) for i in idx])
                         row[f"cos {part}"] = _cos(a, b)
                 rows.append(row)
+                atomic_write_json(path, record())
                 print(json.dumps(row), flush=True)
-    return {"setting": SETTINGS[args.setting][3], "inner_steps": t, "seed": args.seed,
-            "config": repr(base), "rows": rows}
+    return record()
 
 
 def report(out: Path, tag: str) -> None:
@@ -189,11 +202,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--tag", default=None)
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in the JSON (it is written after each row)")
     args = ap.parse_args()
-    tag = args.tag or f"gtn-tail-{args.setting}"
+    args.tag = args.tag or f"gtn-tail-{args.setting}"
     if not args.report:
-        atomic_write_json(args.out / f"{tag}.json", run(args))
-    report(args.out, tag)
+        atomic_write_json(args.out / f"{args.tag}.json", run(args))
+    report(args.out, args.tag)
 
 
 if __name__ == "__main__":
