@@ -1173,9 +1173,11 @@ def gtn_sample(generator_path, per_class, dataset, out, seed, device, force) -> 
 
 @gtn.command("compare")
 @click.option("--dataset", required=True, type=TableChoice(_datasets), help="Data set.")
-@click.option("--methods", default="unrolled,implicit,matching", show_default=True,
+@click.option("--methods", default="unrolled,unrolled-recompute,implicit,matching",
+              show_default=True,
               help="Comma-separated meta-gradients of the generator, from unrolled, "
-                   "implicit, matching.")
+                   "unrolled-recompute (unrolled's gradient with its steps rebuilt in the "
+                   "backward pass: flat memory), implicit, matching.")
 @click.option("--inner-steps", default="8,16,32,64", show_default=True,
               help="Comma-separated T values.")
 @click.option("--budget", type=TableChoice(_gtn_budgets), default="smoke", show_default=True,
@@ -1205,10 +1207,12 @@ def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, recipe, 
 
     out_dir = claim_out(out, force, resume)
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in names if m not in _gtn_methods()]
+    from gtn.compare import COMPARE_METHODS
+
+    bad = [m for m in names if m not in COMPARE_METHODS]
     if bad or not names:
         raise click.BadParameter(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from "
-                                 f"{', '.join(_gtn_methods())}", param_hint="--methods")
+                                 f"{', '.join(COMPARE_METHODS)}", param_hint="--methods")
     steps = _int_list(inner_steps, "--inner-steps")
     dev = resolve_device(device)
     train_set = load_dataset(dataset, "train", root=data_root, download=download).to(dev)

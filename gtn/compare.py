@@ -20,10 +20,17 @@ from distill.progress import Progress
 from distill.store import atomic_write_json, atomic_write_text, save_figure
 
 from .generator import GeneratorConfig, GeneratorError, GeneratorTeacher
-from .train import GTNConfig, few_step_accuracy, fixed_set_accuracy, recipe_config, train_gtn
+from .train import (
+    GTN_METHODS,
+    GTNConfig,
+    few_step_accuracy,
+    fixed_set_accuracy,
+    recipe_config,
+    train_gtn,
+)
 
-__all__ = ["Budget", "BUDGETS", "cell_config", "restore_teacher", "run_comparison",
-           "comparison_table", "plot"]
+__all__ = ["Budget", "BUDGETS", "COMPARE_METHODS", "cell_config", "restore_teacher",
+           "run_comparison", "comparison_table", "plot"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,13 @@ BUDGETS = {
 }
 
 
+#: What ``gtn compare`` can put in a row: the three meta-gradients, and unrolled backprop
+#: recomputed (the same gradient as ``unrolled``, memory of one step).
+COMPARE_METHODS = {**GTN_METHODS,
+                   "unrolled-recompute": "unrolled backprop with every step rebuilt in the "
+                                         "backward pass (the same gradient; flat memory)"}
+
+
 def cell_key(method: str, steps: int) -> str:
     return f"{method}/T={steps}"
 
@@ -69,7 +83,9 @@ def cell_config(budget: Budget, method: str, steps: int, curriculum: str = "full
     """The GTN run behind one (method, T) cell of the comparison: the method's training
     recipe (:data:`~gtn.train.RECIPES`; ``recipe=False``: the bare defaults) at the
     budget's sizes (its real batch included)."""
-    return recipe_config(method, recipe, inner_steps=steps, batch_size=budget.batch_size,
+    extra = {"recompute": True} if method == "unrolled-recompute" else {}
+    return recipe_config(method.removesuffix("-recompute"), recipe, **extra,
+                         inner_steps=steps, batch_size=budget.batch_size,
                          curriculum=curriculum, generator=budget.generator,
                          student=budget.student, meta_iterations=budget.meta_iterations,
                          real_batch=budget.real_batch, validation=budget.validation,
@@ -160,7 +176,7 @@ def run_comparison(train_set: ImageSet, test_set: ImageSet, methods: list[str], 
                 "wall_seconds": time.perf_counter() - t0}
             atomic_write_json(json_path, state)
             mem = meta.memory.get("cuda_peak_bytes") or meta.memory["saved_peak_bytes"]
-            log(f"{method:<9} T={t:<3} {mem / 2**20:8.1f} MiB  "
+            log(f"{method:<18} T={t:<3} {mem / 2**20:8.1f} MiB  "
                 f"{meta.seconds_per_iteration:6.2f} s/step  few-step {few_mean:5.1f} %  "
                 f"fixed set {fixed.mean:5.1f} %")
     atomic_write_text(out / "gtn-compare.md", comparison_table(state))
@@ -199,7 +215,8 @@ def comparison_table(state: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-STYLES = {"unrolled": ("o", "-"), "implicit": ("s", "--"), "matching": ("^", ":")}
+STYLES = {"unrolled": ("o", "-"), "implicit": ("s", "--"), "matching": ("^", ":"),
+          "unrolled-recompute": ("v", "-.")}
 
 
 def plot(state: dict, path: Path) -> bool:

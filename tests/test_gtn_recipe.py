@@ -503,3 +503,24 @@ def test_unroll_tail_needs_the_trajectory_head():
         StrategyConfig(unroll_tail=2)
     with pytest.raises(ConfigError, match="unroll_tail"):
         StrategyConfig(unroll_tail=-1, mixed_at="trajectory")
+
+
+def test_compare_puts_recomputed_unrolled_beside_unrolled(tmp_path):
+    # the same meta-gradient (so the same generator and accuracy up to rounding) at the
+    # memory of one step
+    from gtn.compare import Budget, cell_config, run_comparison
+
+    budget = Budget("tiny", 2, replace(GTNConfig().generator, noise_dim=4, width_fc=8,
+                                       width_conv=4), "convnet:width=4,depth=1",
+                    batch_size=20, real_batch=20, students=1, fixed_epochs=1, test_limit=None,
+                    validation=20)
+    assert cell_config(budget, "unrolled-recompute", 4).recompute
+    assert cell_config(budget, "unrolled-recompute", 4).method == "unrolled"
+    assert not cell_config(budget, "unrolled", 4).recompute
+    data = make_tiny_set(per_class=8)
+    cells = run_comparison(data, data, ["unrolled", "unrolled-recompute"], [4], budget,
+                           tmp_path)["cells"]
+    stored, rebuilt = cells["unrolled/T=4"], cells["unrolled-recompute/T=4"]
+    assert rebuilt["memory"]["saved_peak_bytes"] < stored["memory"]["saved_peak_bytes"] / 2
+    assert rebuilt["final_meta_loss"] == pytest.approx(stored["final_meta_loss"], rel=1e-4)
+    assert rebuilt["few_step"] == stored["few_step"]
