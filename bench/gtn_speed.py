@@ -76,6 +76,9 @@ def main() -> None:
                     help="comma-separated subset of the variants ('unrolled' always runs: "
                          "the ratios are to it)")
     ap.add_argument("--tag", default="gtn-speed", help="output file name stem")
+    ap.add_argument("--generator", choices=["small", "paper"], default="small",
+                    help="small: noise 64, FC 256, 32 channels; paper: Such et al.'s "
+                         "(noise 128, FC 1024, 128 channels)")
     args = ap.parse_args()
     chosen = ["unrolled", *[v for v in (args.variants or "").split(",") if v and
                             v != "unrolled"]] if args.variants else list(VARIANTS)
@@ -85,7 +88,8 @@ def main() -> None:
     data = load_dataset("mnist", "train", root=args.data_root)
     real = RealSampler(data)
     base = GTNConfig(batch_size=args.batch_size, student="convnet:width=16,depth=2,first_pad=1",
-                     generator=GeneratorConfig(noise_dim=64, width_fc=256, width_conv=32),
+                     generator=GeneratorConfig() if args.generator == "paper" else
+                     GeneratorConfig(noise_dim=64, width_fc=256, width_conv=32),
                      real_batch=512, meta_lr=5e-3)
     rows = []
     for steps in [int(s) for s in args.steps.split(",")]:
@@ -121,7 +125,9 @@ def main() -> None:
     out = Path(args.out)
     meta = {"threads": torch.get_num_threads(), "batch": args.batch_size,
             "repeats": args.repeats, "student": base.student,
-            "generator": "noise 64, FC 256, 32 channels", "real_batch": base.real_batch}
+            "generator": "noise 128, FC 1024, 128 channels (the paper's)"
+            if args.generator == "paper" else "noise 64, FC 256, 32 channels",
+            "real_batch": base.real_batch}
     atomic_write_json(out / f"{args.tag}.json", {"setting": meta, "rows": rows})
     lines = ["# Seconds and memory per GTN meta-step (MNIST, side by side in one process)", "",
              f"CPU seconds of the process per meta-step (median of {args.repeats}, after a "

@@ -90,6 +90,23 @@ def test_gtn_train_no_recipe_takes_the_bare_defaults(tmp_path, data_root):
         (bare.meta_lr, bare.intermediate_every, "cosine")
 
 
+@pytest.mark.realdata
+def test_gtn_train_recompute_keeps_less_and_scores_the_same(tmp_path, data_root):
+    # the unrolled recipe stored and recomputed: the same meta-gradient, so the same students
+    # up to rounding, with less saved for backward
+    res = {}
+    for name, extra in (("stored", []), ("rebuilt", ["--recompute"])):
+        out = tmp_path / name
+        r = run("-q", "gtn", "train", "--dataset", "mnist", "--method", "unrolled", *TINY,
+                *extra, "--data-root", data_root, "--out", out)
+        assert r.exit_code == 0, r.output
+        res[name] = json.loads((out / "results.json").read_text())
+    assert json.loads((tmp_path / "rebuilt" / "config.json").read_text())["gtn"]["recompute"]
+    assert res["rebuilt"]["memory"]["saved_peak_bytes"] < \
+        res["stored"]["memory"]["saved_peak_bytes"]
+    assert res["rebuilt"]["accuracies"] == pytest.approx(res["stored"]["accuracies"], abs=0.5)
+
+
 def test_the_recipes_in_gtn_train_help_are_the_library_table():
     from cli import RECIPES_HELP
     from gtn import RECIPES
