@@ -130,7 +130,10 @@ class StrategyConfig:
             step (flat in T) for one extra plain student step per inner step. Reverse-mode
             with stored states (Maclaurin, Duvenaud & Adams, ICML 2015, store the trajectory
             by reversing it instead) and checkpointing at every step (Griewank, 1992); unlike
-            ``checkpoint_steps`` the teacher's batches are rebuilt too, not kept.
+            ``checkpoint_steps`` the teacher's batches are rebuilt too, not kept. Random
+            batches (fresh noise, random subsets) come from one seed per step drawn from the
+            meta-step's generator, so they are other draws than the stored unroll's; on the
+            same batches the gradient is the same (a learned curriculum draws nothing).
         neumann_terms, neumann_alpha: K and α of ``implicit``.
         compile: compute the real-data side (gradients for ``matching``, embeddings for
             ``distribution``) with ``torch.compile``'d students: fused kernels, same result
