@@ -50,6 +50,8 @@ VARIANTS = {
                                      step_size_grad=True, unroll_tail=2),
     "implicit recipe + tail 5": dict(method="implicit", mixed_at="trajectory",
                                      step_size_grad=True, unroll_tail=5),
+    "implicit recipe + tail 10": dict(method="implicit", mixed_at="trajectory",
+                                      step_size_grad=True, unroll_tail=10),
     "implicit recipe + tail 5 (head: 4 batches)": dict(
         method="implicit", mixed_at="trajectory", step_size_grad=True, unroll_tail=5,
         mixed_sample=4),
