@@ -1009,7 +1009,8 @@ RECIPES_HELP = ("Recipes (measured on MNIST; see the README's GTN recipe section
 @click.option("--unroll-tail", type=click.IntRange(min=0), default=0, show_default=True,
               help="implicit with --mixed-at trajectory: backpropagate exactly through the "
                    "last N inner steps (memory of N steps, not T; 0: off; the recipe: 5, "
-                   "enough at T = 10; at T = 32 use 10).")
+                   "enough at T = 10; at T = 32 even 10 falls behind: there use unrolled "
+                   "--recompute, the exact gradient at flat memory).")
 @click.option("--real-batch", type=click.IntRange(min=1), default=None,
               help="Real images the student is scored on per meta-iteration "
                    "[default: recipe, else 128].")
