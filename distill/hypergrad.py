@@ -19,11 +19,21 @@ from typing import cast
 
 import torch
 
-__all__ = ["neumann_inverse_hvp", "implicit_hypergradient", "StepRecord",
+__all__ = ["grad_or_zero", "neumann_inverse_hvp", "implicit_hypergradient", "StepRecord",
            "step_size_hypergradient", "trajectory_coefficients", "trajectory_hypergradient",
            "sampled_parts"]
 
 Tensors = Sequence[torch.Tensor]
+
+
+def grad_or_zero(outputs: torch.Tensor | Tensors, inputs: Tensors,
+                 grad_outputs: Tensors | None = None, retain_graph: bool | None = None
+                 ) -> list[torch.Tensor]:
+    """``torch.autograd.grad`` with zeros (not ``None``) for inputs the outputs do not reach."""
+    inputs = list(inputs)
+    raw = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
+                              allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, raw)]
 
 
 def _dot(a: Tensors, b: Tensors) -> torch.Tensor:
@@ -76,8 +86,7 @@ def implicit_hypergradient(inner_loss: torch.Tensor, outer_loss: torch.Tensor,
         One gradient per hyper-parameter (zeros where it does not influence the losses).
     """
     params, hparams = list(params), list(hparams)
-    raw = torch.autograd.grad(outer_loss, params, retain_graph=True, allow_unused=True)
-    v = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
+    v = grad_or_zero(outer_loss, params, retain_graph=True)
     direct = torch.autograd.grad(outer_loss, hparams, retain_graph=True, allow_unused=True)
     inner_grads = torch.autograd.grad(inner_loss, params, create_graph=True)
     p = neumann_inverse_hvp(inner_grads, params, v, terms, alpha)
@@ -171,8 +180,7 @@ def step_size_hypergradient(record: StepRecord, outer_grad: Tensors,
     hparams = list(hparams)
     if not surrogate.requires_grad:
         return [torch.zeros_like(h) for h in hparams]
-    grads = torch.autograd.grad(surrogate, hparams, allow_unused=True)
-    return [torch.zeros_like(h) if g is None else g for h, g in zip(hparams, grads)]
+    return grad_or_zero(surrogate, hparams)
 
 
 def trajectory_coefficients(lrs: Sequence[float], momentum: float) -> list[float]:

@@ -39,6 +39,7 @@ from .distribution import distribution_loss
 from .engine import TrainConfig, classification_loss, train
 from .hypergrad import (
     StepRecord,
+    grad_or_zero,
     implicit_hypergradient,
     sampled_parts,
     step_size_hypergradient,
@@ -468,8 +469,8 @@ class _Stepwise(Strategy):
                    real: RealSampler, net: nn.Module, order: list[StepChoice],
                    lrs: list[float], momentum: float, generator: torch.Generator, tail: int,
                    exact: bool) -> dict[str, float]:
-        """The first T − ``tail`` steps plain (states kept),
-        the last k with their graph; the exact gradient through the tail reaches the teacher
+        """The first T − ``tail`` steps plain (states kept), the last ``tail`` with their
+        graph; the exact gradient through the tail reaches the teacher
         (its batches, lr and momentum) and, as ``v`` (the parameters) and ``u`` (the
         momentum buffer) at the tail's start, drives the head: the first-order trajectory
         gradient (implicit's ``unroll_tail``) or, ``exact``, the step-by-step backward pass
@@ -493,7 +494,8 @@ class _Stepwise(Strategy):
             snapshots.append([q.detach().clone() for q, keep_q in zip(ps, trainable) if keep_q])
 
         params0 = [p.detach() for p in net.parameters()]
-        remember(-1, params0)
+        if not exact:  # the first-order head reads consecutive snapshots
+            remember(-1, params0)
         head_params = params0
         head_bufs: list[torch.Tensor | None] = [None] * len(params0)
         if exact:  # step by step, keeping each step's parameters and momentum buffers
@@ -525,9 +527,7 @@ class _Stepwise(Strategy):
             outer = outer + weight * torch.stack(last.losses).sum()
         hparams = [p for p in teacher.parameters() if p.requires_grad]
         buf_leaves: list[torch.Tensor] = [b for b in bufs if b is not None]
-        raw = torch.autograd.grad(outer, [*hparams, *w, *buf_leaves], allow_unused=True)
-        full = [torch.zeros_like(x) if g is None else g
-                for x, g in zip([*hparams, *w, *buf_leaves], raw)]
+        full = grad_or_zero(outer, [*hparams, *w, *buf_leaves])
         grads = full[:len(hparams)]
         v = [g for g, keep_q in zip(full[len(hparams):len(hparams) + len(w)], trainable)
              if keep_q]
@@ -601,10 +601,7 @@ class _Stepwise(Strategy):
             if len(outs) != len(grad_w) + len(grad_b):
                 raise RuntimeError("momentum buffers appeared or vanished between steps")
             b_leaves = [b for b in b_in if b is not None]
-            raw = torch.autograd.grad(outs, [*hparams, *w, *b_leaves], [*grad_w, *grad_b],
-                                      allow_unused=True)
-            got = [torch.zeros_like(x) if g is None else g
-                   for x, g in zip([*hparams, *w, *b_leaves], raw)]
+            got = grad_or_zero(outs, [*hparams, *w, *b_leaves], [*grad_w, *grad_b])
             total = [a + g for a, g in zip(total, got[:len(hparams)])]
             grad_w = got[len(hparams):len(hparams) + len(w)]
             grad_b = got[len(hparams) + len(w):]
@@ -726,8 +723,7 @@ class Implicit(_Stepwise):
             for t in range(t_count):
                 record.add([(a - b) / lrs[t] for a, b in zip(snapshots[t], snapshots[t + 1])])
             if v is None:  # the trajectory branch computed it already
-                raw = torch.autograd.grad(outer, params, retain_graph=True, allow_unused=True)
-                v = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
+                v = grad_or_zero(outer, params, retain_graph=True)
             step_grads = step_size_hypergradient(record, v, lr, teacher.momentum_tensor(),
                                                  hparams)
             grads = [g + s for g, s in zip(grads, step_grads)]
