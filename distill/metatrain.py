@@ -26,7 +26,7 @@ import io
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +34,14 @@ import torch
 from .memory import SavedTensorMeter, peak_rss_bytes
 from .progress import Progress, task
 from .rng import generator as make_generator
-from .store import StoreError, atomic_write_bytes, read_tagged, to_jsonable
+from .store import (
+    StoreError,
+    atomic_write_bytes,
+    fingerprint_of,
+    fingerprint_repr,
+    read_tagged,
+    to_jsonable,
+)
 from .strategies import (
     ConfigError,
     NonFiniteError,
@@ -145,14 +152,21 @@ def _make_optimizer(config: MetaConfig, params: Sequence[torch.Tensor]
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
 
 
-def _fingerprint(config: MetaConfig, seed: int, extra: dict | None) -> dict:
-    return to_jsonable({"config": asdict(config), "seed": seed, "extra": extra or {}})
+def _fingerprint(config: MetaConfig, seed: int, extra: dict | None,
+                 legacy: bool = False) -> dict:
+    """What a checkpoint must match: the configuration, the seed and ``extra`` (a dataclass
+    there counts by its ``repr``). Options marked :data:`~distill.store.ADDED_LATER` are left
+    out at their default; ``legacy`` renders every field, the form checkpoints had before."""
+    as_dict, as_repr = (asdict, repr) if legacy else (fingerprint_of, fingerprint_repr)
+    extra = {k: as_repr(v) if is_dataclass(v) and not isinstance(v, type) else v
+             for k, v in (extra or {}).items()}
+    return to_jsonable({"config": as_dict(config), "seed": seed, "extra": extra})
 
 
-def _load_checkpoint(path: Path, fingerprint: dict) -> dict:
+def _load_checkpoint(path: Path, fingerprints: Sequence[dict]) -> dict:
     state = read_tagged(path, CHECKPOINT_FORMAT, "gtnkit meta-training checkpoint",
                         CheckpointError, missing="nothing to resume: {path} does not exist")
-    if state.get("fingerprint") != fingerprint:
+    if state.get("fingerprint") not in fingerprints:
         raise CheckpointError(f"{path} was written by a run with other options or seed; "
                               f"rerun with the same options, or without --resume")
     return state
@@ -182,7 +196,8 @@ def meta_train(
         resume: continue from ``checkpoint`` (it must exist and match the configuration).
         evaluate: called as ``evaluate(iteration)`` every ``config.eval_every`` iterations;
             returns a dict stored in the history. It must use its own seeds.
-        fingerprint_extra: anything else the checkpoint must match (data set, model, ...).
+        fingerprint_extra: anything else the checkpoint must match (data set, model, ...;
+            a dataclass there counts by its ``repr``).
 
     Raises:
         NonFiniteError: a non-finite meta-loss or gradient (the teacher update is skipped,
@@ -202,7 +217,8 @@ def meta_train(
     if resume:
         if path is None:
             raise CheckpointError("resume needs a checkpoint path")
-        state = _load_checkpoint(path, fingerprint)
+        state = _load_checkpoint(path, [fingerprint, _fingerprint(
+            config, seed, fingerprint_extra, legacy=True)])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,9 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "to_jsonable",
+    "ADDED_LATER",
+    "fingerprint_of",
+    "fingerprint_repr",
     "save_set",
     "load_set",
     "check_run_dir",
@@ -102,6 +105,39 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return to_jsonable(obj.tolist())
     return obj
+
+
+#: ``field(default=..., metadata=ADDED_LATER)`` marks an option added after checkpoints were
+#: already written: at its default (the behaviour from before it existed) a fingerprint leaves it
+#: out, so those checkpoints still resume; any other value is part of the fingerprint as usual.
+ADDED_LATER = {"fingerprint": "omit-at-default"}
+
+
+def _kept(obj: Any) -> list[tuple[str, Any]]:
+    return [(f.name, getattr(obj, f.name)) for f in fields(obj)
+            if not (f.metadata.get("fingerprint") == ADDED_LATER["fingerprint"]
+                    and getattr(obj, f.name) == f.default)]
+
+
+def fingerprint_of(obj: Any) -> Any:
+    """``dataclasses.asdict`` for checkpoint fingerprints: fields marked :data:`ADDED_LATER`
+    are left out while at their default."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {name: fingerprint_of(value) for name, value in _kept(obj)}
+    if isinstance(obj, dict):
+        return {k: fingerprint_of(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(fingerprint_of(v) for v in obj)
+    return obj
+
+
+def fingerprint_repr(obj: Any) -> str:
+    """The dataclass ``repr`` of ``obj`` with :data:`ADDED_LATER` fields at their default left
+    out (nested dataclasses alike)."""
+    if not (is_dataclass(obj) and not isinstance(obj, type)):
+        return repr(obj)
+    inner = ", ".join(f"{name}={fingerprint_repr(value)}" for name, value in _kept(obj))
+    return f"{type(obj).__name__}({inner})"
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ from .hypergrad import (
 )
 from .inner import forward, load_params, rate_list, student_steps
 from .matching import matching_loss
+from .store import ADDED_LATER
 from .synthetic import dc_loops
 from .teacher import Batch, StepChoice, Teacher
 from .unrolled import unrolled_loss
@@ -187,7 +188,7 @@ class StrategyConfig:
     inner_weight_decay: float = 0.0
     truncate: int | None = None
     checkpoint_steps: int | None = None
-    recompute: bool = False
+    recompute: bool = field(default=False, metadata=ADDED_LATER)
     neumann_terms: int = 5
     neumann_alpha: float = 0.01
     compile: bool = False

@@ -36,6 +36,7 @@ from distill.metatrain import MetaConfig, MetaResult, meta_train
 from distill.models import build_model, parse_model_spec
 from distill.progress import Progress
 from distill.rng import generator as make_generator
+from distill.store import ADDED_LATER
 from distill.strategies import RealSampler, StrategyConfig
 from distill.teacher import Batch
 
@@ -143,7 +144,7 @@ class GTNConfig:
     match_curriculum: bool = False
     validation: int = 10000
     checkpoint_steps: int | None = None
-    recompute: bool = False
+    recompute: bool = field(default=False, metadata=ADDED_LATER)
     neumann_terms: int = 5
     neumann_alpha: float = 0.01
     checkpoint_every: int = 10
@@ -274,7 +275,7 @@ def train_gtn(train_set: ImageSet, config: GTNConfig, seed: int = 0,
     if evaluate is None and config.eval_every:
         evaluate = validation_evaluator(val, config, seed, device)
     teacher = make_teacher(train_set.info, config, seed).to(device)
-    extra = {"dataset": train_set.info.name, "gtn": repr(config)}
+    extra = {"dataset": train_set.info.name, "gtn": config}
     result = meta_train(teacher, RealSampler(fit, device),
                         _student_factory(train_set.info, config, device), config.meta_config(),
                         seed, checkpoint=checkpoint, resume=resume, progress=progress,

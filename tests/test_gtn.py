@@ -5,6 +5,8 @@ few meta-steps improve the student, and bad input is one typed line."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -247,6 +249,43 @@ def test_gtn_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, meth
     other, _, _ = train_gtn(data, cfg, seed=3)
     assert not torch.equal(other.lr_tensor(), full.lr_tensor()) or not all(
         torch.equal(a, b) for a, b in zip(other.parameters(), full.parameters()))
+
+
+def test_checkpoints_from_before_an_added_option_still_resume(tmp_path):
+    """``recompute`` came after checkpoints existed: a checkpoint whose fingerprint lacks it
+    (as the code before it wrote) or holds it at its default resumes; another value does not."""
+    from dataclasses import asdict
+
+    from distill.metatrain import CheckpointError
+    from distill.store import to_jsonable
+
+    data = make_tiny_set(per_class=12)
+    cfg = GTNConfig(method="unrolled", inner_steps=3, batch_size=20, curriculum="full",
+                    generator=GeneratorConfig(4, 8, 4), student="convnet:width=4,depth=1",
+                    meta_iterations=4, meta_lr=1e-2, real_batch=8, validation=6,
+                    checkpoint_every=2, eval_every=1)
+    full, r_full, _ = train_gtn(data, cfg, seed=2, evaluate=lambda t, i: {})
+    with pytest.raises(Kill):
+        train_gtn(data, cfg, seed=2, checkpoint=tmp_path / "a.pt", evaluate=killer(3))
+    state = torch.load(tmp_path / "a.pt", weights_only=False)
+    meta = asdict(cfg.meta_config())
+    before = dict(meta, strategy_config={k: v for k, v in meta["strategy_config"].items()
+                                         if k != "recompute"})
+    assert "recompute=False, " in repr(cfg)
+    old_forms = {"without the field": (before, repr(cfg).replace("recompute=False, ", "")),
+                 "with it at its default": (meta, repr(cfg))}
+    for what, (config, gtn_repr) in old_forms.items():
+        state["fingerprint"] = to_jsonable({"config": config, "seed": 2, "extra": {
+            "dataset": data.info.name, "gtn": gtn_repr}})
+        torch.save(state, tmp_path / "b.pt")
+        resumed, r_res, _ = train_gtn(data, cfg, seed=2, checkpoint=tmp_path / "b.pt",
+                                      resume=True, evaluate=lambda t, i: {})
+        assert r_res.resumed_from == 2 and r_res.losses == r_full.losses, what
+        assert all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters()))
+    torch.save(state, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="other options"):
+        train_gtn(data, replace(cfg, recompute=True), seed=2, checkpoint=tmp_path / "c.pt",
+                  resume=True)
 
 
 def test_checkpointed_unrolled_gtn_gives_the_same_teacher_gradient():

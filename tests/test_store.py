@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass, field
 
 import pytest
 import torch
 
 from distill.store import (
+    ADDED_LATER,
     SavedSet,
     StoreError,
     atomic_write_bytes,
     atomic_write_json,
     check_run_dir,
+    fingerprint_of,
+    fingerprint_repr,
     load_set,
     save_set,
 )
@@ -96,3 +100,26 @@ def test_atomic_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
     assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask  # what open() would have made
     assert (tmp_path / "plain").write_text("x") and \
         stat.S_IMODE((tmp_path / "plain").stat().st_mode) == stat.S_IMODE(p.stat().st_mode)
+
+
+@dataclass
+class _Inner:
+    a: int = 1
+    new: str = field(default="off", metadata=ADDED_LATER)
+
+
+@dataclass
+class _Outer:
+    x: float = 0.5
+    inner: _Inner = field(default_factory=_Inner)
+    flag: bool = field(default=False, metadata=ADDED_LATER)
+
+
+def test_fingerprints_leave_out_options_added_later_only_at_their_default():
+    # at the default: what the dataclass wrote before the field existed
+    assert fingerprint_repr(_Outer()) == "_Outer(x=0.5, inner=_Inner(a=1))"
+    assert fingerprint_of(_Outer()) == {"x": 0.5, "inner": {"a": 1}}
+    # set: exactly the dataclass's own repr and asdict
+    on = _Outer(flag=True, inner=_Inner(new="on"))
+    assert fingerprint_repr(on) == repr(on) and fingerprint_of(on) == asdict(on)
+    assert fingerprint_repr(3.0) == "3.0" and fingerprint_of([_Inner()]) == [{"a": 1}]
