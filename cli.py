@@ -59,14 +59,27 @@ class GtnkitGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Exception) as exc:
+            if not interrupted(exc):
+                if isinstance(exc, OSError) and exc.errno != errno.EPIPE:  # EPIPE: click's
+                    raise click.ClickException(os_error_line(exc)) from None
+                raise
             click.echo("Interrupted: stopped (files already written are complete; a "
                        "checkpointed run continues with --resume).", err=True)
             raise click.exceptions.Exit(130) from None
-        except OSError as exc:
-            if exc.errno == errno.EPIPE:  # a closed pipe: click's own handling
-                raise
-            raise click.ClickException(os_error_line(exc)) from None
+
+
+def interrupted(exc: BaseException | None) -> bool:
+    """Whether Ctrl-C is behind ``exc``: a KeyboardInterrupt itself, or one that another
+    exception wraps (Python turns one raised inside ``__set_name__``, as during a lazy import,
+    into a RuntimeError caused by it) or was raised while handling."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return False
 
 
 def claim_out(out: str, force: bool, resume: bool = False) -> Path:

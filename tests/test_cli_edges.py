@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 import torch
 
@@ -452,3 +453,34 @@ def test_unwritable_cache_folder_is_refused_before_any_work(tmp_path, name, opti
     r = run(*command(name, tmp_path, tmp_path / "out"), option, blocker / "cache")
     assert_one_line_error(r, option, str(blocker / "cache"), "is a file")
     assert sorted(os.listdir(tmp_path)) == ["file.txt"]
+
+
+def test_an_interrupt_wrapped_in_another_exception_still_exits_130():
+    """Ctrl-C during a lazy import inside a class body reaches the CLI as a RuntimeError
+    caused by the KeyboardInterrupt (seen with torch._dynamo's first import): still 130 and
+    one line; an error that Ctrl-C is not behind still propagates."""
+    from click.testing import CliRunner
+
+    from cli import GtnkitGroup, interrupted
+
+    def wrapped():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as ki:
+            raise RuntimeError("Error calling __set_name__") from ki
+
+    root, sub = GtnkitGroup("root"), GtnkitGroup("sub")
+    root.add_command(sub)
+    for name, fn in {"wrapped": wrapped, "plain": lambda: 1 / 0}.items():
+        root.add_command(click.Command(name, callback=fn))
+        sub.add_command(click.Command(name, callback=fn))
+    for args in (["wrapped"], ["sub", "wrapped"]):  # a nested group does not say it twice
+        r = CliRunner().invoke(root, args)
+        assert r.exit_code == 130 and r.output.count("Interrupted") == 1, r.output
+    r = CliRunner().invoke(root, ["sub", "plain"])
+    assert r.exit_code == 1 and isinstance(r.exception, ZeroDivisionError)
+    try:
+        wrapped()
+    except RuntimeError as exc:
+        assert interrupted(exc)
+    assert not interrupted(RuntimeError("other")) and not interrupted(None)
