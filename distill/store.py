@@ -114,9 +114,10 @@ ADDED_LATER = {"fingerprint": "omit-at-default"}
 
 
 def _kept(obj: Any) -> list[tuple[str, Any]]:
-    return [(f.name, getattr(obj, f.name)) for f in fields(obj)
+    pairs = ((f, getattr(obj, f.name)) for f in fields(obj))
+    return [(f.name, value) for f, value in pairs
             if not (f.metadata.get("fingerprint") == ADDED_LATER["fingerprint"]
-                    and getattr(obj, f.name) == f.default)]
+                    and value == f.default)]
 
 
 def fingerprint_of(obj: Any) -> Any:
