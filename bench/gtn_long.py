@@ -67,6 +67,9 @@ VARIANTS: dict[str, tuple[dict, str]] = {
                           "implicit + exact tail of 2 steps, head term from 4 batches"),
     "implicit-tail5": (dict(_TRAJ, unroll_tail=5), "implicit + exact tail of 5 steps (recipe)"),
     "implicit-tail10": (dict(_TRAJ, unroll_tail=10), "implicit + exact tail of 10 steps"),
+    "implicit-tail10-clip": (dict(_TRAJ, unroll_tail=10, grad_clip=0.5),
+                             "implicit + exact tail of 10 steps, meta-gradient clipped to norm "
+                             "0.5 (its norms at iterations 700-705: 0.18-1.1)"),
     "implicit-ift": (dict(_ADAM, real_batch=512),
                      "implicit function theorem (Neumann), fixed step sizes"),
     "matching": (dict(_ADAM), "gradient matching: DC's rounds on fresh noise (earlier recipe)"),
