@@ -69,7 +69,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "implicit-tail10": (dict(_TRAJ, unroll_tail=10), "implicit + exact tail of 10 steps"),
     "implicit-tail10-clip": (dict(_TRAJ, unroll_tail=10, grad_clip=0.5),
                              "implicit + exact tail of 10 steps, meta-gradient clipped to norm "
-                             "0.5 (its norms at iterations 700-705: 0.18-1.1)"),
+                             "0.5 (unclipped, its norms at iterations 701-706 were 0.18-1.1)"),
     "implicit-ift": (dict(_ADAM, real_batch=512),
                      "implicit function theorem (Neumann), fixed step sizes"),
     "matching": (dict(_ADAM), "gradient matching: DC's rounds on fresh noise (earlier recipe)"),
