@@ -276,12 +276,13 @@ def report(out: Path) -> str:
     used = [s for s in SETTINGS if any(c.startswith(s + "/") for c in order)]
     if not used:
         return text
-    fig, axes = plt.subplots(len(used), 2, figsize=(12, 4 * len(used)), squeeze=False)
+    fig, axes = plt.subplots(len(used), 2, figsize=(12, 4 * len(used)), squeeze=False,
+                             layout="constrained")
     for row, setting in zip(axes, used):
         for c in (c for c in order if c.startswith(setting + "/")):
             ev = cells[c]["evals"]
             variant = c.split("/")[1]
-            style = STYLE.get(variant, "--")
+            style = STYLE.get(variant.split("-")[0], "--")
             acc = [_mean(e["test"]) for e in ev]
             row[0].plot([e["iteration"] for e in ev], acc, style, marker=".", label=variant)
             row[1].plot([e["train_s"] for e in ev], acc, style, marker=".", label=variant)
