@@ -99,11 +99,16 @@ def cells_of(spec: str) -> list[str]:
     return out
 
 
+def method_of(variant: str) -> str:
+    """The GTN method a variant trains with: its name's first word."""
+    return "unrolled" if variant.startswith("unrolled") else \
+        "implicit" if variant.startswith("implicit") else "matching"
+
+
 def cell_config(cell: str, iterations: int | None = None) -> GTNConfig:
     setting, variant = cell.split("/")
     _, its, kw, _ = SETTINGS[setting]
-    method = "unrolled" if variant.startswith("unrolled") else \
-        "implicit" if variant.startswith("implicit") else "matching"
+    method = method_of(variant)
     its = iterations or its
     return GTNConfig(method=method, curriculum="full", meta_iterations=its,
                      eval_every=min(100, its), checkpoint_every=min(100, its), **kw,
@@ -282,7 +287,7 @@ def report(out: Path) -> str:
         for c in (c for c in order if c.startswith(setting + "/")):
             ev = cells[c]["evals"]
             variant = c.split("/")[1]
-            style = STYLE.get(variant.split("-")[0], "--")
+            style = STYLE.get(method_of(variant), "--")
             acc = [_mean(e["test"]) for e in ev]
             row[0].plot([e["iteration"] for e in ev], acc, style, marker=".", label=variant)
             row[1].plot([e["train_s"] for e in ev], acc, style, marker=".", label=variant)
