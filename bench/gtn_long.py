@@ -70,6 +70,9 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "implicit-tail10-clip": (dict(_TRAJ, unroll_tail=10, grad_clip=0.5),
                              "implicit + exact tail of 10 steps, meta-gradient clipped to norm "
                              "0.5 (unclipped, its norms at iterations 701-706 were 0.18-1.1)"),
+    "implicit-tail5-clip": (dict(_TRAJ, unroll_tail=5, grad_clip=0.5),
+                            "implicit + exact tail of 5 steps, meta-gradient clipped to norm 0.5 "
+                            "(the T = 32 clip, checked where it should cost nothing)"),
     "implicit-ift": (dict(_ADAM, real_batch=512),
                      "implicit function theorem (Neumann), fixed step sizes"),
     "matching": (dict(_ADAM), "gradient matching: DC's rounds on fresh noise (earlier recipe)"),
