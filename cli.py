@@ -967,7 +967,8 @@ def _int_list(value: str, name: str) -> list[int]:
 RECIPES_HELP = ("Recipes (measured on MNIST; see the README's GTN recipe section): "
                 "unrolled: meta_lr=0.005, meta_schedule=cosine, real_batch=512, "
                 "intermediate_every=1; implicit: meta_lr=0.005, meta_schedule=cosine, "
-                "real_batch=512, mixed_at=trajectory, step_size_grad=True, unroll_tail=5; "
+                "real_batch=512, mixed_at=trajectory, step_size_grad=True, unroll_tail=5, "
+                "grad_clip=0.5; "
                 "matching: meta_lr=0.005, meta_schedule=cosine, match_curriculum=True, "
                 "inner_lr=0.05, inner_momentum=0.8.")
 
@@ -1003,8 +1004,9 @@ RECIPES_HELP = ("Recipes (measured on MNIST; see the README's GTN recipe section
                    "[default: recipe, else constant].")
 @click.option("--meta-lr-floor", type=click.FloatRange(0.0, 1.0), default=0.1,
               show_default=True, help="cosine: the last meta-lr as a fraction of --meta-lr.")
-@click.option("--grad-clip", type=click.FloatRange(min=0.0, min_open=True), default=None,
-              help="Clip the generator's meta-gradient to this L2 norm.")
+@click.option("--grad-clip", type=click.FloatRange(min=0.0), default=None,
+              help="Clip the generator's meta-gradient to this L2 norm (0: off) "
+                   "[default: recipe, else off].")
 @click.option("--intermediate-every", type=click.IntRange(min=0), default=None,
               help="unrolled: also score the student on the real batch after every N-th "
                    "inner step (0: off) [default: recipe, else 0].")
@@ -1019,11 +1021,12 @@ RECIPES_HELP = ("Recipes (measured on MNIST; see the README's GTN recipe section
 @click.option("--step-size-grad/--no-step-size-grad", default=None,
               help="implicit: learn the per-step lr and momentum by the first-order "
                    "trajectory hypergradient [default: recipe, else off].")
-@click.option("--unroll-tail", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--unroll-tail", type=click.IntRange(min=0), default=None,
               help="implicit with --mixed-at trajectory: backpropagate exactly through the "
-                   "last N inner steps (memory of N steps, not T; 0: off; the recipe: 5, "
-                   "enough at T = 10; at T = 32 even 10 falls behind: there use unrolled "
-                   "--recompute, the exact gradient at flat memory).")
+                   "last N inner steps (memory of N steps, not T; 0: off) [default: recipe "
+                   "(5: enough at T = 10; at T = 32 take 10, and it still trails unrolled: "
+                   "there unrolled --recompute gives the exact gradient at flat memory), "
+                   "else 0].")
 @click.option("--real-batch", type=click.IntRange(min=1), default=None,
               help="Real images the student is scored on per meta-iteration "
                    "[default: recipe, else 128].")
@@ -1102,7 +1105,12 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
                                    step_size_grad=step_size_grad, mixed_at=mixed_at,
                                    real_batch=real_batch, inner_lr=inner_lr,
                                    inner_momentum=inner_momentum,
-                                   match_curriculum=match_curriculum).items() if v is not None}
+                                   match_curriculum=match_curriculum,
+                                   unroll_tail=unroll_tail).items() if v is not None}
+    if method == "implicit" and mixed_at == "final" and unroll_tail is None:
+        given["unroll_tail"] = 0  # the implicit function theorem has no tail
+    if grad_clip is not None:  # 0 turns off a recipe's clip
+        given["grad_clip"] = grad_clip or None
     if match_curriculum is not None and method != "matching":
         raise click.BadParameter("only --method matching matches (along the curriculum or on "
                                  "fresh noise)", param_hint="--match-curriculum/--match-fresh")
@@ -1115,9 +1123,9 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
     config = recipe_config(
         method, recipe, inner_steps=steps[0], batch_size=batch_size, curriculum=curriculum,
         learn_labels=learn_labels, student=student, width_choices=widths,
-        meta_iterations=meta_iterations, meta_lr_floor=meta_lr_floor, grad_clip=grad_clip,
+        meta_iterations=meta_iterations, meta_lr_floor=meta_lr_floor,
         intermediate_weight=intermediate_weight, mixed_sample=mixed_sample,
-        unroll_tail=unroll_tail, validation=validation, **given,
+        validation=validation, **given,
         generator=GeneratorConfig(noise_dim=noise_dim, width_fc=width_fc, width_conv=width_conv,
                                   weight_norm=weight_norm),
         checkpoint_steps=checkpoint_steps, recompute=recompute, neumann_terms=neumann_terms,

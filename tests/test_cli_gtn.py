@@ -35,6 +35,9 @@ TINY = ["--inner-steps", 2, "--batch-size", 20, "--student", "convnet:width=4,de
     (["train", "--dataset", "mnist", "--match-curriculum"], "--method matching"),
     (["train", "--dataset", "mnist", "--method", "implicit", "--match-fresh"],
      "--method matching"),
+    (["train", "--dataset", "mnist", "--grad-clip", "-0.5"], "--grad-clip"),
+    (["train", "--dataset", "mnist", "--method", "implicit", "--unroll-tail", "-1"],
+     "--unroll-tail"),
     (["train", "--dataset", "mnist", "--inner-lr", "0"], "--inner-lr"),
     (["train", "--dataset", "mnist", "--inner-momentum", "1"], "--inner-momentum"),
     (["compare", "--dataset", "mnist", "--methods", "unrolled,magic"], "magic"),
@@ -60,7 +63,8 @@ def test_gtn_train_sample_evaluate(tmp_path, data_root):
     gtn = json.loads((out / "config.json").read_text())["gtn"]
     # the implicit recipe by default, and an explicit option over it
     assert (gtn["mixed_at"], gtn["step_size_grad"], gtn["meta_lr"], gtn["meta_schedule"],
-            gtn["real_batch"]) == ("trajectory", True, 5e-3, "cosine", 20)
+            gtn["real_batch"], gtn["grad_clip"], gtn["unroll_tail"]) == \
+        ("trajectory", True, 5e-3, "cosine", 20, 0.5, 5)
 
     s = tmp_path / "s"
     r = run("gtn", "sample", out / "generator.pt", "--per-class", 3, "--out", s)
@@ -88,6 +92,24 @@ def test_gtn_train_no_recipe_takes_the_bare_defaults(tmp_path, data_root):
     bare = GTNConfig()
     assert (gtn["meta_lr"], gtn["intermediate_every"], gtn["meta_schedule"]) == \
         (bare.meta_lr, bare.intermediate_every, "cosine")
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("args,expected", [
+    (["--grad-clip", 0], dict(grad_clip=None, unroll_tail=5)),  # 0 turns the recipe's clip off
+    (["--grad-clip", 2.5], dict(grad_clip=2.5, unroll_tail=5)),
+    (["--unroll-tail", 0], dict(grad_clip=0.5, unroll_tail=0, mixed_at="trajectory")),
+    # the implicit function theorem as published: no tail, the rest of the recipe kept
+    (["--mixed-at", "final"], dict(grad_clip=0.5, unroll_tail=0, mixed_at="final")),
+])
+def test_gtn_train_options_override_the_implicit_recipe(tmp_path, data_root, args, expected):
+    out = tmp_path / "g"
+    r = run("-q", "gtn", "train", "--dataset", "mnist", "--method", "implicit", *TINY,
+            "--meta-iterations", 1, *args, "--data-root", data_root, "--out", out)
+    assert r.exit_code == 0, r.output
+    gtn = json.loads((out / "config.json").read_text())["gtn"]
+    assert {k: gtn[k] for k in expected} == expected
+    assert gtn["step_size_grad"] and gtn["meta_schedule"] == "cosine"
 
 
 @pytest.mark.realdata
