@@ -55,7 +55,7 @@ SETTINGS: dict[str, tuple[str, int, dict, str]] = {
                     "CIFAR-10, T = 10, batch 32, generator 64 / 256 / 32"),
 }
 # variant -> (GTNConfig keywords, what); frozen here so that a cell's meaning does not move
-# with the library's recipes (gtn.train.RECIPES: unrolled and implicit-tail5 are them)
+# with the library's recipes (gtn.train.RECIPES: unrolled and implicit-tail5-clip are them)
 _ADAM = dict(meta_lr=5e-3, meta_schedule="cosine")
 _TRAJ = dict(_ADAM, real_batch=512, mixed_at="trajectory", step_size_grad=True)
 VARIANTS: dict[str, tuple[dict, str]] = {
@@ -65,14 +65,15 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "implicit-tail2": (dict(_TRAJ, unroll_tail=2), "implicit + exact tail of 2 steps"),
     "implicit-tail2-s4": (dict(_TRAJ, unroll_tail=2, mixed_sample=4),
                           "implicit + exact tail of 2 steps, head term from 4 batches"),
-    "implicit-tail5": (dict(_TRAJ, unroll_tail=5), "implicit + exact tail of 5 steps (recipe)"),
+    "implicit-tail5": (dict(_TRAJ, unroll_tail=5),
+                       "implicit + exact tail of 5 steps (recipe until the clip joined it)"),
     "implicit-tail10": (dict(_TRAJ, unroll_tail=10), "implicit + exact tail of 10 steps"),
     "implicit-tail10-clip": (dict(_TRAJ, unroll_tail=10, grad_clip=0.5),
                              "implicit + exact tail of 10 steps, meta-gradient clipped to norm "
                              "0.5 (unclipped, its norms at iterations 701-706 were 0.18-1.1)"),
     "implicit-tail5-clip": (dict(_TRAJ, unroll_tail=5, grad_clip=0.5),
                             "implicit + exact tail of 5 steps, meta-gradient clipped to norm 0.5 "
-                            "(the T = 32 clip, checked where it should cost nothing)"),
+                            "(recipe)"),
     "implicit-ift": (dict(_ADAM, real_batch=512),
                      "implicit function theorem (Neumann), fixed step sizes"),
     "matching": (dict(_ADAM), "gradient matching: DC's rounds on fresh noise (earlier recipe)"),
