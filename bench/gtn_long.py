@@ -74,6 +74,9 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "implicit-tail5-clip": (dict(_TRAJ, unroll_tail=5, grad_clip=0.5),
                             "implicit + exact tail of 5 steps, meta-gradient clipped to norm 0.5 "
                             "(recipe)"),
+    "implicit-tail16-clip": (dict(_TRAJ, unroll_tail=16, grad_clip=0.5),
+                             "implicit + exact tail of 16 steps, meta-gradient clipped to norm "
+                             "0.5 (is the clipped tail of 10's gap the head's bias?)"),
     "implicit-ift": (dict(_ADAM, real_batch=512),
                      "implicit function theorem (Neumann), fixed step sizes"),
     "matching": (dict(_ADAM), "gradient matching: DC's rounds on fresh noise (earlier recipe)"),
