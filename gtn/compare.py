@@ -89,7 +89,7 @@ def cell_config(budget: Budget, method: str, steps: int, curriculum: str = "full
                          curriculum=curriculum, generator=budget.generator,
                          student=budget.student, meta_iterations=budget.meta_iterations,
                          real_batch=budget.real_batch, validation=budget.validation,
-                         inner_momentum=0.5, neumann_alpha=0.02)
+                         neumann_alpha=0.02)
 
 
 def cell_checkpoint(out: Path, method: str, steps: int) -> Path:

@@ -505,6 +505,24 @@ def test_unroll_tail_needs_the_trajectory_head():
         StrategyConfig(unroll_tail=-1, mixed_at="trajectory")
 
 
+@pytest.mark.parametrize("method", ["unrolled", "implicit", "matching"])
+def test_compare_cells_train_with_the_whole_recipe(method):
+    # every option of the method's recipe reaches the comparison's cell, except the real
+    # batch, which the budget sets; --no-recipe gives the bare defaults
+    from dataclasses import asdict
+
+    from gtn import RECIPES
+    from gtn.compare import BUDGETS, cell_config
+
+    budget = BUDGETS["short"]
+    cell = asdict(cell_config(budget, method, 8))
+    expected = {**RECIPES[method], "real_batch": budget.real_batch}
+    assert {k: cell[k] for k in expected} == expected
+    bare = asdict(cell_config(budget, method, 8, recipe=False))
+    assert (bare["inner_lr"], bare["inner_momentum"], bare["grad_clip"], bare["unroll_tail"]) \
+        == (0.02, 0.5, None, 0)
+
+
 def test_compare_puts_recomputed_unrolled_beside_unrolled(tmp_path):
     # the same meta-gradient (so the same generator and accuracy up to rounding) at the
     # memory of one step
