@@ -1105,12 +1105,10 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
                                    step_size_grad=step_size_grad, mixed_at=mixed_at,
                                    real_batch=real_batch, inner_lr=inner_lr,
                                    inner_momentum=inner_momentum,
-                                   match_curriculum=match_curriculum,
+                                   match_curriculum=match_curriculum, grad_clip=grad_clip,
                                    unroll_tail=unroll_tail).items() if v is not None}
-    if method == "implicit" and mixed_at == "final" and unroll_tail is None:
-        given["unroll_tail"] = 0  # the implicit function theorem has no tail
-    if grad_clip is not None:  # 0 turns off a recipe's clip
-        given["grad_clip"] = grad_clip or None
+    if given.get("grad_clip") == 0:
+        given["grad_clip"] = None  # 0 turns off a recipe's clip
     if match_curriculum is not None and method != "matching":
         raise click.BadParameter("only --method matching matches (along the curriculum or on "
                                  "fresh noise)", param_hint="--match-curriculum/--match-fresh")

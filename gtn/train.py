@@ -212,11 +212,16 @@ class GTNConfig:
 
 def recipe_config(method: str, recipe: bool = True, **options: object) -> GTNConfig:
     """A :class:`GTNConfig` for ``method`` with the method's training recipe
-    (:data:`RECIPES`) under ``options`` (``recipe=False``: the bare dataclass defaults)."""
+    (:data:`RECIPES`) under ``options`` (``recipe=False``: the bare dataclass defaults).
+    ``mixed_at`` other than ``trajectory`` drops the recipe's exact tail, which needs it."""
     if method not in RECIPES:
         raise GeneratorError(f"unknown GTN method {method!r}; choose from "
                              f"{', '.join(RECIPES)}")
-    return GTNConfig(method=method, **{**(RECIPES[method] if recipe else {}), **options})
+    base = dict(RECIPES[method]) if recipe else {}
+    if options.get("mixed_at", base.get("mixed_at")) != "trajectory" and \
+            "unroll_tail" not in options:
+        base.pop("unroll_tail", None)  # a tail needs the trajectory head; the IFT has none
+    return GTNConfig(method=method, **{**base, **options})
 
 
 def split_validation(train_set: ImageSet, n: int) -> tuple[ImageSet, ImageSet]:
