@@ -7,7 +7,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.gtnkit-installed
 DEMO   ?= runs/demo
 
-.PHONY: install lint test test-fast demo demo-coreset bench-smoke clean
+.PHONY: install lint test test-kernels test-fast test-gpu demo demo-coreset bench-smoke clean
 
 install: $(STAMP)
 
@@ -25,11 +25,22 @@ lint: install
 
 # The whole suite; real-data tests run when GTNKIT_DATA points at the data (CI sets it).
 # pytest exits 5 when it collects nothing: that is a failure of this target too.
+# Then the determinism tests (two runs made in the test, compared bit for bit) again under a
+# second CPU kernel configuration: the portable kernels, with 1 and with 2 threads.
 test: install
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-kernels
+
+test-kernels: install
+	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m determinism -p no:cacheprovider
+	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m determinism -p no:cacheprovider
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not realdata"
+
+# The CUDA tests (marked cuda): each is skipped, saying why, where no CUDA device is present.
+test-gpu: install
+	$(BIN)/python -m pytest -q -m cuda -rs
 
 # The main job: train a GTN on MNIST by unrolled backprop, implicit differentiation and gradient
 # matching for T = 8, 16, 32, 64 and compare peak memory and student accuracy (smoke budget).

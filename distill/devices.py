@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
-__all__ = ["CPU_REAL_CHUNK", "DeviceError", "real_chunk_for", "resolve_device",
-           "silence_cuda_home_warning"]
+__all__ = ["CPU_REAL_CHUNK", "DeviceError", "deterministic_cuda", "real_chunk_for",
+           "resolve_device", "silence_cuda_home_warning"]
 
 
 class _DropCudaHomeWarning(logging.Filter):
@@ -47,7 +48,20 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type == "cuda":
+        deterministic_cuda()
     return device
+
+
+def deterministic_cuda() -> None:
+    """Same seed, same result on CUDA too: cuDNN's deterministic kernels without autotuning
+    (the autotuner may pick another convolution algorithm, and some backward algorithms add
+    with atomics in a varying order), and cuBLAS's fixed workspace (its documented condition
+    for reproducible results). Called where a CUDA device is chosen, before any CUDA work.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 #: Images per piece of the real side (a gradient-matching gradient, a DM embedding mean) on

@@ -73,6 +73,7 @@ def test_per_sample_params_need_the_right_batch():
         aug.apply(torch.zeros(3, 1, 5, 5), p)
 
 
+@pytest.mark.determinism
 def test_same_seed_same_output_and_no_global_rng(x):
     state = torch.random.get_rng_state()
     aug = DiffAugment(AugmentConfig(mode="all", per_sample=True))

@@ -136,6 +136,7 @@ def test_datasets_lists_what_is_there(data_root):
     assert "missing" in lines["fashion_mnist"]
 
 
+@pytest.mark.determinism
 @pytest.mark.realdata
 def test_evaluate_resumes_after_a_kill(tmp_path, data_root, monkeypatch):
     import distill.engine as engine

@@ -43,6 +43,7 @@ def test_bad_distill_input(tmp_path, args, needle):
     assert not out.exists()
 
 
+@pytest.mark.determinism
 @pytest.mark.realdata
 def test_distill_on_mnist_resume_and_compare(tmp_path, data_root, monkeypatch):
     out, r = distill(tmp_path, data_root, "dc", "--method", "dc", "--checkpoint-every", 2)

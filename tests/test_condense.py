@@ -25,6 +25,7 @@ def tiny():
     return make_tiny_set(per_class=8)
 
 
+@pytest.mark.determinism
 @pytest.mark.parametrize("method", ["dc", "dsa", "dm", "dd", "ift"])
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, method):
     data = tiny()
@@ -44,6 +45,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, method):
     assert not torch.equal(full.images, other.images)  # the seed matters
 
 
+@pytest.mark.determinism
 def test_learned_lr_and_labels_resume_too(tmp_path):
     data = tiny()
     cfg = condense_config("dd", iterations=4, checkpoint_every=2, eval_every=1, **SMALL)

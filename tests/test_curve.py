@@ -48,6 +48,7 @@ def test_every_cell_once_with_its_budget(straight):
     assert by[(WHOLE, 1.0, 0)]["steps"] == 2 * 5 and by[("random", 0.25, 0)]["steps"] == 2 * 2
 
 
+@pytest.mark.determinism
 def test_killed_curve_resumes_per_cell_to_the_same_numbers(sets, straight, tmp_path):
     train, test = sets
     path = tmp_path / "curve.json"

@@ -70,6 +70,7 @@ def test_class_indices_match_a_loop(tmp_path, small_counts):
     assert ds.class_counts().sum() == len(ds)
 
 
+@pytest.mark.determinism
 def test_balanced_subset_is_reproducible(tmp_path, small_counts):
     fake_mnist_root(tmp_path, folder="MNIST")
     ds = load_dataset("mnist", root=tmp_path)

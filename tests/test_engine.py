@@ -132,6 +132,7 @@ def test_dc_protocol_defaults():
     assert EvalProtocol.dc(augment=True).train.epochs == 1000
 
 
+@pytest.mark.determinism
 def test_evaluate_set_learns_and_is_reproducible(tiny_set):
     protocol = EvalProtocol(model="convnet:width=8,depth=2", n_students=2,
                             train=TrainConfig(epochs=15, batch_size=32, lr=0.05))
@@ -143,6 +144,7 @@ def test_evaluate_set_learns_and_is_reproducible(tiny_set):
     assert r1.mean == pytest.approx(float(np.mean(r1.accuracies)))
 
 
+@pytest.mark.determinism
 def test_resumed_evaluation_equals_uninterrupted(tiny_set):
     protocol = EvalProtocol(model="convnet:width=8,depth=2", n_students=3,
                             train=TrainConfig(epochs=3, batch_size=32))

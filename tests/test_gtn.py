@@ -231,6 +231,7 @@ RECIPES = {"plain": {},
                                            ("matching", "plain"), ("matching", "curriculum"),
                                            ("unrolled", "recipe"),
                                            ("implicit", "implicit-variants")])
+@pytest.mark.determinism
 def test_gtn_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, method, recipe):
     data = make_tiny_set(per_class=12)
     cfg = GTNConfig(method=method, inner_steps=3, batch_size=20, curriculum="full",
@@ -251,6 +252,7 @@ def test_gtn_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, meth
         torch.equal(a, b) for a, b in zip(other.parameters(), full.parameters()))
 
 
+@pytest.mark.determinism
 def test_checkpoints_from_before_an_added_option_still_resume(tmp_path):
     """``recompute`` came after checkpoints existed: a checkpoint whose fingerprint lacks it
     (as the code before it wrote) or holds it at its default resumes; another value does not."""

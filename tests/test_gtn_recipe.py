@@ -35,6 +35,7 @@ def test_cosine_schedule_closed_form():
     assert all(scheduled_lr(lr, i, n) == lr for i in range(n))  # constant
 
 
+@pytest.mark.determinism
 def test_schedule_is_applied_and_a_resumed_run_follows_it(tmp_path):
     data = make_tiny_set(per_class=8)
     cfg = replace(condense_config("dd", iterations=5, checkpoint_every=2, eval_every=1,

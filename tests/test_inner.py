@@ -47,6 +47,7 @@ def test_matches_a_hand_written_loop_with_per_step_lr_momentum_and_weight_decay(
     assert len(state.step_losses) == 4 and not state.step_losses[0].requires_grad
 
 
+@pytest.mark.determinism
 def test_without_graph_it_is_torch_optim_sgd_bit_for_bit():
     model, batches = setup()
     ref = copy.deepcopy(model)
@@ -64,6 +65,7 @@ def test_without_graph_it_is_torch_optim_sgd_bit_for_bit():
         assert torch.equal(a, b)
 
 
+@pytest.mark.determinism
 @pytest.mark.parametrize("learned", [False, True])
 def test_differentiable_steps_are_highers_bit_for_bit(learned):
     model, batches = setup(1)

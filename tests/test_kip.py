@@ -126,6 +126,7 @@ def test_kip_lowers_its_loss_and_its_krr_error_on_a_tiny_problem():
                         1e-6) == 100.0
 
 
+@pytest.mark.determinism
 @pytest.mark.parametrize("learn_labels", [False, True, "free"])
 def test_kip_resumes_after_a_kill_to_the_same_result(tmp_path, learn_labels):
     data = make_tiny_set(per_class=8)

@@ -101,6 +101,7 @@ def test_dc_convnet_sees_digits_as_32_pixels():
         build_model("convnet:first_pad=-1", 1, 10, (28, 28))
 
 
+@pytest.mark.determinism
 def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():
     state = torch.random.get_rng_state()
     a = build_model("convnet:width=8", 1, 10, (28, 28), generator=torch.Generator().manual_seed(1))

@@ -224,6 +224,7 @@ class CountingTrain:
         return self.real(*args, **kwargs)
 
 
+@pytest.mark.determinism
 def test_truth_cache_is_reused_and_survives_a_kill(tmp_path, setup, monkeypatch):
     _, fit, val, cands = setup
     truth = nas.truth_set(fit, BUDGET)
@@ -288,6 +289,7 @@ def test_run_search_report(setup, tmp_path):
     assert "| real-steps |" in nas.report_markdown(report)
 
 
+@pytest.mark.determinism
 @pytest.mark.slow
 def test_workers_give_the_numbers_of_one_worker(setup, tmp_path):
     _, fit, val, cands = setup

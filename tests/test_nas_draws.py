@@ -138,6 +138,7 @@ SPACE = nas.SearchSpace(families=("mlp",), mlp_widths=(32,))  # 6 MLPs: draws of
 CHEAP = replace(BUDGET, resamples=20)
 
 
+@pytest.mark.determinism
 def test_draws_are_reproducible_and_share_their_students(tmp_path, monkeypatch):
     data = make_tiny_set(per_class=20)
     proxies = [(nas.parse_proxy(t), None) for t in ("real-subset", "real-steps")]

@@ -57,6 +57,7 @@ def test_contract(data, provider, method, ipc):
     assert sel.method == method and sel.ipc == ipc
 
 
+@pytest.mark.determinism
 def test_same_seed_same_selection_from_scratch(data):
     a = select(data, "kcenter", 2, seed=1, signal_config=FAST)
     b = select(data, "kcenter", 2, seed=1, signal_config=FAST)

@@ -104,6 +104,7 @@ class KillingProgress:
         yield T()
 
 
+@pytest.mark.determinism
 def test_killed_signal_training_resumes_to_the_same_signals(data, tmp_path):
     reference = signals(SignalProvider(data, CFG, seed=0, cache_root=tmp_path / "ref"))
     steps_per_epoch = -(-len(data) // CFG.train.batch_size)
