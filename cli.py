@@ -1,21 +1,18 @@
 """``gtnkit``: the command line over the gtnkit library.
 
-The root group only assembles: each package owns its commands (``distill.commands``,
-``selection.commands``, ``gtn.commands``, ``gtn.nas.commands``; their shared click plumbing is
-:mod:`distill.commandline`). Here live ``-v/-q`` and what holds for every command: an OS error is
-one line naming the path, Ctrl-C exits with 130. The packages import torch, so they are loaded
-when a command runs, never for ``gtnkit --help``.
+The root only assembles: each package owns its commands (``distill.commands``,
+``selection.commands``, ``gtn.commands``, ``gtn.nas.commands``; their click plumbing is
+:mod:`distill.commandline`). Here live ``-v/-q``, OS errors as one line and Ctrl-C as exit 130.
+The packages import torch: they are loaded when a command runs, never for ``gtnkit --help``.
 """
 
 from __future__ import annotations
 
 import ast
 import errno
-import importlib
 import importlib.util
 import logging
 import sys
-from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,15 +21,11 @@ import click
 
 #: Every command of the root and where it is defined ("module:attribute").
 COMMANDS = {
-    "compare": "distill.commands:compare",
-    "curve": "selection.commands:curve",
-    "datasets": "distill.commands:datasets_cmd",
-    "distill": "distill.commands:distill_cmd",
-    "evaluate": "distill.commands:evaluate",
-    "gtn": "gtn.commands:gtn",
-    "nas": "gtn.nas.commands:nas",
-    "select": "selection.commands:select",
+    "datasets": "distill.commands:datasets_cmd", "distill": "distill.commands:distill_cmd",
+    "evaluate": "distill.commands:evaluate", "compare": "distill.commands:compare",
     "show": "distill.commands:show",
+    "select": "selection.commands:select", "curve": "selection.commands:curve",
+    "gtn": "gtn.commands:gtn", "nas": "gtn.nas.commands:nas",
 }
 
 
@@ -40,9 +33,7 @@ def os_error_line(exc: OSError) -> str:
     """One line for an OS error: what went wrong and on which path."""
     reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
     path = exc.filename2 if exc.filename2 is not None else exc.filename
-    if path is None:
-        return f"file system error: {reason}"
-    return f"file system error on {path}: {reason}"
+    return f"file system error{'' if path is None else f' on {path}'}: {reason}"
 
 
 def interrupted(exc: BaseException | None) -> bool:
@@ -62,14 +53,14 @@ def _summary(target: str) -> str | None:
     """A command's help text read from its module's source, without importing the package."""
     module, attr = target.split(":")
     top, *rest = module.split(".")
-    spec = importlib.util.find_spec(top)
-    if spec is None or not spec.submodule_search_locations:
+    spec = importlib.util.find_spec(top)  # finds the package without running its __init__
+    paths = [Path(p, *rest).with_suffix(".py") for p in spec.submodule_search_locations or ()
+             ] if spec else []
+    if not paths or not paths[0].is_file():
         return None
-    path = Path(next(iter(spec.submodule_search_locations)), *rest).with_suffix(".py")
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
-        if isinstance(node, ast.FunctionDef) and node.name == attr:
-            return ast.get_docstring(node)
-    return None
+    tree = ast.parse(paths[0].read_text(encoding="utf-8"))
+    return next((ast.get_docstring(node) for node in tree.body
+                 if isinstance(node, ast.FunctionDef) and node.name == attr), None)
 
 
 class GtnkitGroup(click.Group):
@@ -79,9 +70,9 @@ class GtnkitGroup(click.Group):
     line naming the path, and Ctrl-C (SIGINT) exits with 130, the shell's code for it, after
     every open output folder is released (atomic writes leave no partial file)."""
 
-    def __init__(self, *args: Any, lazy: Mapping[str, str] | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.lazy = dict(lazy or {})
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.lazy, self.listing = dict(lazy or {}), False
 
     def load(self) -> None:
         for name, target in self.lazy.items():
@@ -94,25 +85,18 @@ class GtnkitGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.lazy and cmd_name not in self.commands:
+            text = _summary(self.lazy[cmd_name]) if self.listing else None
+            if text is not None:  # `gtnkit --help` lists it from its source: no import
+                return click.Command(cmd_name, help=text)
             self.load()
         return super().get_command(ctx, cmd_name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        names = self.list_commands(ctx)
-        limit = formatter.width - 6 - max(map(len, names), default=0)
-        rows = []
-        for name in names:
-            text = None if name in self.commands else _summary(self.lazy[name])
-            if text is None:  # loaded already, or its source not found: ask the command
-                cmd = self.get_command(ctx, name)
-                if cmd is None or cmd.hidden:
-                    continue
-                rows.append((name, cmd.get_short_help_str(limit)))
-            else:
-                rows.append((name, click.Command(name, help=text).get_short_help_str(limit)))
-        if rows:
-            with formatter.section("Commands"):
-                formatter.write_dl(rows)
+        self.listing = True
+        try:
+            super().format_commands(ctx, formatter)
+        finally:
+            self.listing = False
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

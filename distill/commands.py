@@ -282,11 +282,15 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
     refuse_out_of_scope(ctx, method, _option_scopes())
     if method in KIP_METHODS:
         return run_kip(
-            ctx, method, dataset, ipc, init, iterations, image_lr, learn_labels,
-            checkpoint_every, eval_every, students, eval_model, model, eval_epochs, test_limit,
-            signal_epochs, pool_per_class, resume, data_root, download, out, seed, device,
-            force, kernel, kernel_depth, kernel_family, reg, target_batch, ls_targets, support,
-            uniform_targets)
+            ctx, method=method, dataset=dataset, ipc=ipc, init=init, iterations=iterations,
+            image_lr=image_lr, learn_labels=learn_labels, checkpoint_every=checkpoint_every,
+            eval_every=eval_every, students=students, eval_model=eval_model, model=model,
+            eval_epochs=eval_epochs, test_limit=test_limit, signal_epochs=signal_epochs,
+            pool_per_class=pool_per_class, resume=resume, data_root=data_root,
+            download=download, out=out, seed=seed, device=device, force=force, kernel=kernel,
+            kernel_depth=kernel_depth, kernel_family=kernel_family, reg=reg,
+            target_batch=target_batch, ls_targets=ls_targets, support=support,
+            uniform_targets=uniform_targets)
     out_dir = claim_out(out, force, resume)
     parse_model_spec(model)
     parse_model_spec(eval_model or model)

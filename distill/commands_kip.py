@@ -118,7 +118,7 @@ def describe(results: dict, students: int) -> str:
     return "; ".join(parts)
 
 
-def run_kip(ctx: click.Context, method: str, dataset: str, ipc: int, init: str,
+def run_kip(ctx: click.Context, *, method: str, dataset: str, ipc: int, init: str,
             iterations: int, image_lr: float | None, learn_labels: bool, checkpoint_every: int,
             eval_every: int, students: int, eval_model: str | None, model: str,
             eval_epochs: int | None, test_limit: int | None, signal_epochs: int,
