@@ -9,7 +9,10 @@ holds what that takes and nothing else: the library's typed errors as one-line u
 :class:`TableHelpOption`), the shared options (:func:`data_options`, :func:`run_options`) and
 the refusal of options the chosen method does not read (:func:`refuse_out_of_scope`).
 
-The library never imports this module, and it reads no library state but the tables.
+Two small registries let the packages above distill plug in without distill importing them:
+their typed errors (:func:`register_usage_errors`) and the coreset rules that seed
+``distill --init`` (:func:`register_coreset_init`); ``cli.py`` loads every package's commands
+before any command runs, so both are complete by then. The library never imports this module.
 """
 
 from __future__ import annotations
