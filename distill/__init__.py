@@ -17,6 +17,7 @@ from .engine import (
                      predict,
                      train,
 )
+from .labelsolve import solve_labels
 from .metatrain import CheckpointError, MetaConfig, MetaResult, meta_train
 from .methods import METHODS, Method
 from .models import ModelError, available_models, build_model, parse_model_spec
@@ -36,5 +37,5 @@ __all__ = [
     "SavedSet", "StoreError", "load_set", "save_set",
     "CheckpointError", "MetaConfig", "MetaResult", "condense", "condense_config", "meta_train",
     "ConfigError", "NonFiniteError", "RealSampler", "StrategyConfig", "make_strategy",
-    "SyntheticSet", "Teacher", "METHODS", "Method",
+    "SyntheticSet", "Teacher", "METHODS", "Method", "solve_labels",
 ]

@@ -130,8 +130,8 @@ def test_gtn_train_recompute_keeps_less_and_scores_the_same(tmp_path, data_root)
 
 
 def test_the_recipes_in_gtn_train_help_are_the_library_table():
-    from cli import RECIPES_HELP
     from gtn import RECIPES
+    from gtn.commands import RECIPES_HELP
 
     text = RECIPES_HELP.split("section): ", 1)[1]
     for method, options in RECIPES.items():
