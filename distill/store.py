@@ -27,6 +27,7 @@ import torch
 
 __all__ = [
     "StoreError",
+    "count_non_finite",
     "SavedSet",
     "PartialResults",
     "atomic_write_bytes",
@@ -34,6 +35,7 @@ __all__ = [
     "atomic_write_text",
     "to_jsonable",
     "ADDED_LATER",
+    "NOT_IN_RESULT",
     "fingerprint_of",
     "fingerprint_repr",
     "save_set",
@@ -113,11 +115,17 @@ def to_jsonable(obj: Any) -> Any:
 ADDED_LATER = {"fingerprint": "omit-at-default"}
 
 
+#: ``field(default=..., metadata=NOT_IN_RESULT)`` marks an option that changes how a run is
+#: carried out, never what it computes (e.g. the memory guard): no fingerprint holds it.
+NOT_IN_RESULT = {"fingerprint": "omit"}
+
+
 def _kept(obj: Any) -> list[tuple[str, Any]]:
     pairs = ((f, getattr(obj, f.name)) for f in fields(obj))
     return [(f.name, value) for f, value in pairs
-            if not (f.metadata.get("fingerprint") == ADDED_LATER["fingerprint"]
-                    and value == f.default)]
+            if f.metadata.get("fingerprint") != NOT_IN_RESULT["fingerprint"]
+            and not (f.metadata.get("fingerprint") == ADDED_LATER["fingerprint"]
+                     and value == f.default)]
 
 
 def fingerprint_of(obj: Any) -> Any:
@@ -200,7 +208,26 @@ def read_tagged(path: str | os.PathLike, tag: str, what: str,
         raise error(f"{path} is not a readable {what} ({type(exc).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != tag:
         raise error(f"{path} is not a {what} file (missing format tag {tag!r})")
+    bad, total = count_non_finite(obj)
+    if bad:
+        raise error(f"{path} holds {bad} non-finite value(s) (NaN or inf) among {total}; "
+                    f"refusing to use this {what}")
     return obj
+
+
+def count_non_finite(obj: Any) -> tuple[int, int]:
+    """``(bad, total)``: NaN/inf entries and all entries of the floating-point tensors in
+    ``obj`` (a tensor, or dicts / lists / tuples of them, nested)."""
+    if isinstance(obj, torch.Tensor):
+        if not (obj.is_floating_point() or obj.is_complex()):
+            return 0, 0
+        return int((~torch.isfinite(obj)).sum()), obj.numel()
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        counts = [count_non_finite(v) for v in obj]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return 0, 0
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
@@ -221,9 +248,18 @@ def load_set(path: str | os.PathLike) -> SavedSet:
         raise StoreError(f"{path} has set format version {obj.get('version')}; "
                          f"this gtnkit reads version {SET_VERSION}")
     try:
-        return SavedSet(images=obj["images"], labels=obj["labels"], meta=dict(obj.get("meta", {})))
+        images, labels = obj["images"], obj["labels"]
     except KeyError as exc:
         raise StoreError(f"{path} lacks the {exc.args[0]!r} entry") from None
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        raise StoreError(f"{path}: images must be a floating-point tensor, got "
+                         f"{getattr(images, 'dtype', type(images).__name__)}")
+    if not isinstance(labels, torch.Tensor):
+        raise StoreError(f"{path}: labels must be a tensor, got {type(labels).__name__}")
+    if not labels.is_floating_point():
+        if labels.dim() != 1 or (labels.numel() and int(labels.min()) < 0):
+            raise StoreError(f"{path}: hard labels must be one class index >= 0 per image")
+    return SavedSet(images=images, labels=labels, meta=dict(obj.get("meta", {})))
 
 
 def check_run_dir(out: str | os.PathLike, force: bool = False) -> Path:

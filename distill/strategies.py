@@ -37,6 +37,7 @@ from .augment import AugmentConfig, DiffAugment
 from .data import ImageSet
 from .distribution import distribution_loss
 from .engine import TrainConfig, classification_loss, train
+from .errors import ConfigError, NonFiniteError
 from .hypergrad import (
     StepRecord,
     grad_or_zero,
@@ -59,14 +60,6 @@ __all__ = ["ConfigError", "Teacher", "RealSampler", "NonFiniteError", "StrategyC
 log = logging.getLogger("gtnkit")
 
 StudentFactory = Callable[[torch.Generator], nn.Module]
-
-class ConfigError(ValueError):
-    """An invalid strategy/loop option (one line)."""
-
-
-class NonFiniteError(ArithmeticError):
-    """A meta-loss or a teacher gradient became NaN/inf; the update was not applied."""
-
 
 class RealSampler:
     """Random real batches, per class or mixed, drawn from a passed generator."""
@@ -284,6 +277,11 @@ class Strategy:
              make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
         """One meta-iteration on a fresh student; updates the teacher through ``optimizer``."""
         raise NotImplementedError
+
+    def steps_held(self, steps: int) -> int:
+        """How many inner steps' graphs a meta-step of T = ``steps`` keeps alive at once (its
+        memory in units of one differentiable student step; the memory guard's estimate)."""
+        return 1
 
     def _update(self, loss: torch.Tensor, teacher: Teacher, optimizer: torch.optim.Optimizer,
                 grads: Sequence[torch.Tensor] | None = None) -> float:
@@ -616,6 +614,13 @@ class Unrolled(_Stepwise):
 
     name = "unrolled"
 
+    def steps_held(self, steps: int) -> int:
+        cfg = self.config
+        if cfg.recompute:
+            return 1
+        held = steps if cfg.truncate is None else min(steps, cfg.truncate)
+        return held if cfg.checkpoint_steps is None else min(held, cfg.checkpoint_steps)
+
     def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
              make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
         cfg = self.config
@@ -655,6 +660,9 @@ class Implicit(_Stepwise):
     """
 
     name = "implicit"
+
+    def steps_held(self, steps: int) -> int:
+        return max(1, min(steps, self.config.unroll_tail))
 
     def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
              make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:

@@ -36,7 +36,7 @@ from distill.metatrain import MetaConfig, MetaResult, meta_train
 from distill.models import build_model, parse_model_spec
 from distill.progress import Progress
 from distill.rng import generator as make_generator
-from distill.store import ADDED_LATER
+from distill.store import ADDED_LATER, NOT_IN_RESULT
 from distill.strategies import RealSampler, StrategyConfig
 from distill.teacher import Batch
 
@@ -115,6 +115,8 @@ class GTNConfig:
             student at lr 0.01, as DC trains; the learned curriculum is then never trained).
         validation: training images held out for validation (never the test set).
         checkpoint_steps: gradient checkpointing of ``unrolled`` in segments of this size.
+        memory_check: refuse, before any work, a run whose learned curriculum or meta-step
+            cannot fit in the memory free on the device (``MetaConfig.memory_check``).
         recompute: ``unrolled`` keeps each inner step's student state only and rebuilds the
             steps one at a time in the backward pass: the same gradient (intermediate losses
             included) at the memory of one step, flat in T (``StrategyConfig.recompute``).
@@ -153,6 +155,7 @@ class GTNConfig:
     checkpoint_every: int = 10
     eval_every: int = 0
     memory_iterations: int = 1
+    memory_check: bool = field(default=True, metadata=NOT_IN_RESULT)
 
     def __post_init__(self) -> None:
         if self.method not in GTN_METHODS:
@@ -196,7 +199,8 @@ class GTNConfig:
             strategy=self.method, iterations=self.meta_iterations,
             optimizer="adam", lr=self.meta_lr, momentum=0.0,
             checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
-            memory_iterations=self.memory_iterations, schedule=self.meta_schedule,
+            memory_iterations=self.memory_iterations, memory_check=self.memory_check,
+            schedule=self.meta_schedule,
             lr_floor=self.meta_lr_floor,
             strategy_config=StrategyConfig(
                 real_batch=self.real_batch, real_per_class=self.match_real_per_class,
@@ -267,6 +271,22 @@ def validation_evaluator(val: ImageSet, config: GTNConfig, seed: int,
     return evaluate
 
 
+def _check_curriculum_fits(info: DatasetInfo, config: GTNConfig,
+                           device: torch.device) -> None:
+    """A learned curriculum holds T x batch noise vectors (and label logits): with its
+    gradient and Adam's two moments, four copies. Refused before it is allocated when it
+    cannot fit (:func:`distill.memory.check_fits`)."""
+    from distill.memory import check_fits
+
+    per_image = (config.generator.noise_dim if config.curriculum != "none" else 0) + \
+        (info.num_classes if config.learn_labels else 0)
+    estimate = 4 * 4 * config.inner_steps * config.batch_size * per_image
+    check_fits(estimate, device,
+               f"the learned curriculum of T = {config.inner_steps} batches of "
+               f"{config.batch_size} (with its gradient and Adam's moments)",
+               "a smaller --inner-steps or --batch-size, or --curriculum none")
+
+
 def train_gtn(train_set: ImageSet, config: GTNConfig, seed: int = 0,
               device: torch.device | str = "cpu", checkpoint: str | Path | None = None,
               resume: bool = False, progress: Progress | None = None,
@@ -282,6 +302,8 @@ def train_gtn(train_set: ImageSet, config: GTNConfig, seed: int = 0,
     fit, val = split_validation(train_set, config.validation)
     if evaluate is None and config.eval_every:
         evaluate = validation_evaluator(val, config, seed, device)
+    if config.memory_check:
+        _check_curriculum_fits(train_set.info, config, device)
     teacher = make_teacher(train_set.info, config, seed).to(device)
     extra = {"dataset": train_set.info.name, "gtn": config}
     result = meta_train(teacher, RealSampler(fit, device),
