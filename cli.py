@@ -1,19 +1,17 @@
-"""``gtnkit``: the command line over the gtnkit library.
-
-The root only assembles: each package owns its commands (``distill.commands``,
-``selection.commands``, ``gtn.commands``, ``gtn.nas.commands``; their click plumbing is
-:mod:`distill.commandline`). Here live ``-v/-q``, OS errors as one line and Ctrl-C as exit 130.
-The packages import torch: they are loaded when a command runs, never for ``gtnkit --help``.
-"""
+"""``gtnkit``: the command line. The root only assembles: each package owns its commands
+(``distill.commands``, ``selection.commands``, ``gtn.commands``, ``gtn.nas.commands``; their
+click plumbing is :mod:`distill.commandline`). Here live ``-v/-q``, OS errors as one line and
+signals as exit 128 + N. Packages load when a command runs, never for ``gtnkit --help``."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import errno
 import importlib.util
 import logging
+import signal
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +34,25 @@ def os_error_line(exc: OSError) -> str:
     return f"file system error{'' if path is None else f' on {path}'}: {reason}"
 
 
-def interrupted(exc: BaseException | None) -> bool:
-    """Whether Ctrl-C is behind ``exc``: a KeyboardInterrupt itself, or one that another
-    exception wraps (Python turns one raised inside ``__set_name__``, as during a lazy import,
-    into a RuntimeError caused by it) or was raised while handling."""
+class Signalled(KeyboardInterrupt):
+    """SIGTERM (what a scheduler or `timeout` sends) or SIGHUP, handled like Ctrl-C."""
+
+    @classmethod
+    def raise_it(cls, signum: int, frame: Any) -> None:
+        raise cls(signum)
+
+
+def interrupted(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt behind ``exc``, if any: itself, or one another exception wraps (one
+    raised in ``__set_name__`` during a lazy import becomes a RuntimeError) or was raised while
+    handling."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, KeyboardInterrupt):
-            return True
+            return exc
         seen.add(id(exc))
         exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
-    return False
+    return None
 
 
 def _summary(target: str) -> str | None:
@@ -64,11 +70,11 @@ def _summary(target: str) -> str | None:
 
 
 class GtnkitGroup(click.Group):
-    """The root group: its commands are added from the packages the first time one is needed
-    (all at once: selection's rules seed ``distill --init``, every package adds its errors);
-    an OS error anywhere in a command (a full disk, a folder made read-only mid-run) is one
-    line naming the path, and Ctrl-C (SIGINT) exits with 130, the shell's code for it, after
-    every open output folder is released (atomic writes leave no partial file)."""
+    """The root group: commands are added from the packages the first time one is needed (all
+    at once: selection's rules seed ``distill --init``, every package adds its errors); an OS
+    error in a command is one line naming the path; Ctrl-C (SIGINT), SIGTERM and SIGHUP exit
+    with 128 + N after every open output folder is released (atomic writes leave no partial
+    file)."""
 
     def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -102,20 +108,15 @@ class GtnkitGroup(click.Group):
         try:
             return super().invoke(ctx)
         except (KeyboardInterrupt, Exception) as exc:
-            if not interrupted(exc):
+            stop = interrupted(exc)
+            if stop is None:
                 if isinstance(exc, OSError) and exc.errno != errno.EPIPE:  # EPIPE: click's
                     raise click.ClickException(os_error_line(exc)) from None
                 raise
-            click.echo("Interrupted: stopped (files already written are complete; a "
-                       "checkpointed run continues with --resume).", err=True)
-            raise click.exceptions.Exit(130) from None
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "unknown"
+            signum = stop.args[0] if isinstance(stop, Signalled) else signal.SIGINT
+            click.echo(f"Interrupted ({signal.Signals(signum).name}): stopped (files written are "
+                       f"complete; a checkpointed run continues with --resume).", err=True)
+            raise click.exceptions.Exit(128 + signum) from None  # the shell's convention
 
 
 @click.group(cls=GtnkitGroup, lazy=COMMANDS,
@@ -123,19 +124,21 @@ def _version(dist: str) -> str:
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.option("-q", "--quiet", count=True,
               help="Less output: no progress bars or status lines, warnings only.")
-@click.version_option(_version("gtnkit"), prog_name="gtnkit")
+@click.version_option(package_name="gtnkit", prog_name="gtnkit")
 @click.pass_context
 def main(ctx: click.Context, verbose: int, quiet: int) -> None:
     """gtnkit: make a tiny training set that trains a network almost as well as the full data.
 
-    Select a coreset (`select`), measure accuracy against the fraction of data kept
-    (`curve`), condense a set (`distill`), train and compare Generative
-    Teaching Networks (`gtn train|sample|compare`), score any saved set by training fresh
-    students (`evaluate`), compare runs (`compare`), rank architectures with a cheap proxy
-    (`nas`), look at a set (`show`), and list the data sets found offline (`datasets`).
+    Select a coreset (`select`), measure accuracy against the fraction of data kept (`curve`),
+    condense a set (`distill`), train and compare Generative Teaching Networks (`gtn
+    train|sample|compare`), score any saved set by training fresh students (`evaluate`),
+    compare runs (`compare`), rank architectures with a cheap proxy (`nas`), look at a set
+    (`show`), and list the data sets found offline (`datasets`).
     """
-    level = verbose - quiet
-    ctx.ensure_object(dict)["verbosity"] = level
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):  # only the main thread may set handlers
+            signal.signal(signum, Signalled.raise_it)
+    level = ctx.ensure_object(dict)["verbosity"] = verbose - quiet
     from distill.devices import silence_cuda_home_warning
 
     silence_cuda_home_warning()
@@ -143,6 +146,3 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
         level, logging.DEBUG if level > 0 else logging.ERROR), format="%(message)s",
         stream=sys.stderr)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -42,7 +42,7 @@ from .strategies import ConfigError, NonFiniteError
 __all__ = ["ClickProgress", "StatusTask", "TableChoice", "TableHelpOption", "check_writable",
            "claim_out", "coreset_inits", "data_options", "datasets", "handle_errors",
            "int_list", "progress", "refuse_out_of_scope", "register_coreset_init",
-           "register_usage_errors", "run_options", "write_run"]
+           "memory_check_option", "register_usage_errors", "run_options", "write_run"]
 
 
 # ------------------------------------------------------------------ errors at the edge
@@ -278,11 +278,32 @@ def data_options(fn: Callable) -> Callable:
     return fn
 
 
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--device`` is checked against what this build and machine run on, the same in every
+    command, before any work (``distill.devices.resolve_device``)."""
+    from .devices import resolve_device
+
+    try:
+        resolve_device(value)
+    except DeviceError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
+
+
+def memory_check_option(fn: Callable) -> Callable:
+    """``--memory-check/--no-memory-check``: the meta-training memory guard."""
+    return click.option("--memory-check/--no-memory-check", default=True, show_default=True,
+                        help="Refuse, before any work, a run whose estimated peak memory (a "
+                             "measured student step x the steps the meta-gradient holds, and "
+                             "a learned curriculum) exceeds the memory free on the device.")(fn)
+
+
 def run_options(fn: Callable) -> Callable:
     fn = click.option("--force", is_flag=True,
                       help="Overwrite an output folder that already holds a run.")(fn)
-    fn = click.option("--device", default="auto", show_default=True,
-                      help="auto (CUDA when present), cpu, cuda or cuda:N.")(fn)
+    fn = click.option("--device", default="auto", show_default=True, callback=_check_device,
+                      help="auto (CUDA when present), cpu, cuda or cuda:N (mps on an Apple "
+                           "GPU).")(fn)
     fn = click.option("--seed", type=int, default=0, show_default=True,
                       help="Seed for every random choice of the run.")(fn)
     fn = click.option("--out", type=click.Path(file_okay=True), required=True,

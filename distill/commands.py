@@ -26,6 +26,7 @@ from .commandline import (
     data_options,
     datasets,
     handle_errors,
+    memory_check_option,
     progress,
     refuse_out_of_scope,
     run_options,
@@ -257,6 +258,7 @@ def _option_scopes() -> dict[str, tuple[str, ...]]:
                    "Default: 16 on a CPU, whole on a GPU.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run in --out from its checkpoint.")
+@memory_check_option
 @kip_options
 @data_options
 @run_options
@@ -266,9 +268,9 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
                 outer_loop, inner_loop, distance, inner_steps, inner_lr, truncate,
                 checkpoint_steps, neumann_terms, neumann_alpha, learn_labels, learn_lr,
                 checkpoint_every, eval_every, students, eval_model, eval_epochs, test_limit,
-                signal_epochs, pool_per_class, fast, real_chunk, resume, data_root, download, out,
-                seed, device, force, kernel, kernel_depth, kernel_family, reg, target_batch,
-                uniform_targets, ls_targets, support) -> None:
+                signal_epochs, pool_per_class, fast, real_chunk, resume, memory_check, data_root,
+                download, out, seed, device, force, kernel, kernel_depth, kernel_family, reg,
+                target_batch, uniform_targets, ls_targets, support) -> None:
     """Condense DATASET into IPC learnable images per class (DC, DSA, DM, DD, IFT, KIP, LS).
 
     Writes OUT/set.pt, grid.png, config.json and results.json (final accuracy, loss history,
@@ -303,7 +305,8 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
         inner_lr=inner_lr, truncate=truncate,
         checkpoint_every=checkpoint_every, eval_every=eval_every,
         neumann_terms=neumann_terms, neumann_alpha=neumann_alpha,
-        checkpoint_steps=checkpoint_steps, compile=fast, real_chunk=real_chunk or None)
+        checkpoint_steps=checkpoint_steps, compile=fast, real_chunk=real_chunk or None,
+        memory_check=memory_check)
     data = load_dataset(dataset, "train", root=data_root, download=download)
     counts = data.class_counts()
     if ipc > int(counts.min()):

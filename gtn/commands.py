@@ -18,6 +18,7 @@ from distill.commandline import (
     datasets,
     handle_errors,
     int_list,
+    memory_check_option,
     progress,
     refuse_out_of_scope,
     register_usage_errors,
@@ -62,7 +63,7 @@ def _gtn_method_help() -> str:
 
 
 #: The recipe table (:data:`gtn.train.RECIPES`) in words, for ``gtn train --help``.
-RECIPES_HELP = ("Recipes (measured on MNIST; see the README's GTN recipe section): " + "; ".join(
+RECIPES_HELP = ("Recipes (measured on MNIST; see docs/results/gtn.md): " + "; ".join(
     f"{method}: " + ", ".join(f"{k}={v}" for k, v in options.items())
     for method, options in RECIPES.items()) + ".")
 
@@ -175,6 +176,7 @@ def _sample_generator(seed: int) -> torch.Generator:
 @click.option("--students", type=click.IntRange(min=1), default=3, show_default=True,
               help="Fresh students trained T steps on the generator's curriculum to score it.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@memory_check_option
 @data_options
 @run_options
 @click.pass_context
@@ -186,8 +188,8 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
               unroll_tail, real_batch, inner_lr, inner_momentum, match_curriculum, validation,
               noise_dim, width_fc, width_conv, weight_norm, checkpoint_steps, recompute,
               neumann_terms, neumann_alpha,
-              checkpoint_every, eval_every, students, resume, data_root, download, out, seed,
-              device, force) -> None:
+              checkpoint_every, eval_every, students, resume, memory_check, data_root, download,
+              out, seed, device, force) -> None:
     """Meta-train a generator teacher on DATASET; writes OUT/generator.pt, grid.png,
     config.json and results.json (few-step test accuracy, peak memory, s/meta-step)."""
     from distill.data import load_dataset
@@ -222,7 +224,8 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
         generator=GeneratorConfig(noise_dim=noise_dim, width_fc=width_fc, width_conv=width_conv,
                                   weight_norm=weight_norm),
         checkpoint_steps=checkpoint_steps, recompute=recompute, neumann_terms=neumann_terms,
-        neumann_alpha=neumann_alpha, checkpoint_every=checkpoint_every, eval_every=eval_every)
+        neumann_alpha=neumann_alpha, checkpoint_every=checkpoint_every, eval_every=eval_every,
+        memory_check=memory_check)
     config.check(get_info(dataset))
     dev = resolve_device(device)
     data = load_dataset(dataset, "train", root=data_root, download=download)

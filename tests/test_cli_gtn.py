@@ -133,7 +133,7 @@ def test_the_recipes_in_gtn_train_help_are_the_library_table():
     from gtn import RECIPES
     from gtn.commands import RECIPES_HELP
 
-    text = RECIPES_HELP.split("section): ", 1)[1]
+    text = RECIPES_HELP.split("gtn.md): ", 1)[1]
     for method, options in RECIPES.items():
         start = text.index(f"{method}: ")
         chunk = text[start + len(method) + 2:].split(";")[0].rstrip(".")
