@@ -67,8 +67,8 @@ def commands(name: str, iterations: int, reference: Path, root: str, out: Path) 
     model = "convnet:first_pad=1" if name == "gtnkit-fast-1152" else "convnet"
     return ([sys.executable, "-c", "from cli import main; main()", "distill", "--dataset",
              "mnist", "--method", "dc", "--ipc", "1", "--init", "noise", "--iterations",
-             str(iterations), "--model", model, "--students", "0", "--data-root", root, "--out", str(out),
-             "--force", mode], REPO)
+             str(iterations), "--model", model, "--students", "0", "--data-root", root,
+             "--out", str(out), "--force", mode], REPO)
 
 
 #: What each program is. ``gtnkit-fast-1152`` is gtnkit on its earlier MNIST ConvNet (first
