@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -42,7 +43,8 @@ from .strategies import ConfigError, NonFiniteError
 __all__ = ["ClickProgress", "StatusTask", "TableChoice", "TableHelpOption", "check_writable",
            "claim_out", "coreset_inits", "data_options", "datasets", "handle_errors",
            "int_list", "progress", "refuse_out_of_scope", "register_coreset_init",
-           "memory_check_option", "register_usage_errors", "run_options", "write_run"]
+           "NON_NEGATIVE", "POSITIVE", "finite", "memory_check_option",
+           "register_usage_errors", "run_options", "write_run"]
 
 
 # ------------------------------------------------------------------ errors at the edge
@@ -276,6 +278,31 @@ def data_options(fn: Callable) -> Callable:
                       help="Folder with the torchvision layouts (MNIST/raw, "
                            "cifar-10-batches-py, ...). Default: $GTNKIT_DATA.")(fn)
     return fn
+
+
+class _Finite(click.FloatRange):
+    """A float option that must be finite (click's float and FloatRange accept ``nan``, which
+    no bound refuses, and ``inf``), within optional bounds."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+def finite(min: float | None = None, max: float | None = None, min_open: bool = False,
+           max_open: bool = False) -> click.FloatRange:
+    """The type of every float option: finite, and within the bounds given."""
+    return _Finite(min, max, min_open=min_open, max_open=max_open)
+
+
+#: The ranges of the float options several commands share (one definition each).
+POSITIVE = finite(min=0.0, min_open=True)
+NON_NEGATIVE = finite(min=0.0)
 
 
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from .commandline import (
+    POSITIVE,
     TableChoice,
     TableHelpOption,
     claim_out,
@@ -92,7 +93,8 @@ def datasets_cmd(data_root: str | None) -> None:
 @click.option("--augment", is_flag=True,
               help="Train with all six DSA ops (flip included) instead of the protocol's "
                    "augmentation.")
-@click.option("--lr", type=float, default=None, help="Student lr (default: the protocol's, 0.01).")
+@click.option("--lr", type=POSITIVE, default=None,
+              help="Student lr (default: the protocol's, 0.01).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Default: the protocol's (256).")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None,
@@ -206,7 +208,7 @@ def _option_scopes() -> dict[str, tuple[str, ...]]:
               help="Student meta-trained against (zoo spec, e.g. convnet:width=32).")
 @click.option("--iterations", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Meta-iterations (updates of the synthetic images).")
-@click.option("--lr", "image_lr", type=float, default=None,
+@click.option("--lr", "image_lr", type=POSITIVE, default=None,
               help="Teacher (image) lr. Default: 0.1 dc/dsa, 1.0 dm (SGD, momentum 0.5); "
                    "0.01 dd/ift (Adam).")
 @click.option("--real-batch", type=click.IntRange(min=1), default=256, show_default=True,
@@ -219,7 +221,7 @@ def _option_scopes() -> dict[str, tuple[str, ...]]:
               default="layerwise", show_default=True, help="Gradient distance (dc/dsa).")
 @click.option("--inner-steps", type=click.IntRange(min=1), default=10, show_default=True,
               help="Student steps T of dd/ift.")
-@click.option("--inner-lr", type=float, default=0.01, show_default=True,
+@click.option("--inner-lr", type=POSITIVE, default=0.01, show_default=True,
               help="Student lr of dd/ift (initial value with --learn-lr).")
 @click.option("--truncate", type=click.IntRange(min=1), default=None,
               help="dd: differentiate only the last K student steps.")
@@ -227,7 +229,7 @@ def _option_scopes() -> dict[str, tuple[str, ...]]:
               help="dd: gradient checkpointing, segments of this many steps.")
 @click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True,
               help="ift: terms K of the Neumann series for the inverse Hessian.")
-@click.option("--neumann-alpha", type=float, default=0.01, show_default=True,
+@click.option("--neumann-alpha", type=POSITIVE, default=0.01, show_default=True,
               help="ift: step size alpha of the Neumann series.")
 @click.option("--learn-labels", is_flag=True,
               help="Also learn the labels: soft labels (probabilities), or for kip free "

@@ -11,11 +11,13 @@ import click
 import torch
 
 from distill.commandline import (
+    POSITIVE,
     TableChoice,
     TableHelpOption,
     claim_out,
     data_options,
     datasets,
+    finite,
     handle_errors,
     int_list,
     memory_check_option,
@@ -105,20 +107,20 @@ def _sample_generator(seed: int) -> torch.Generator:
 @click.option("--recipe/--no-recipe", default=True, show_default=True,
               help="Train with the method's measured recipe (below); options given explicitly "
                    "override it. --no-recipe: the bare defaults.")
-@click.option("--meta-lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
+@click.option("--meta-lr", type=finite(min=0.0, min_open=True), default=None,
               help="Adam lr of the generator [default: recipe, else 1e-3].")
 @click.option("--meta-schedule", type=click.Choice(["constant", "cosine"]), default=None,
               help="Meta-lr over the run (cosine: down to --meta-lr-floor) "
                    "[default: recipe, else constant].")
-@click.option("--meta-lr-floor", type=click.FloatRange(0.0, 1.0), default=0.1,
+@click.option("--meta-lr-floor", type=finite(0.0, 1.0), default=0.1,
               show_default=True, help="cosine: the last meta-lr as a fraction of --meta-lr.")
-@click.option("--grad-clip", type=click.FloatRange(min=0.0), default=None,
+@click.option("--grad-clip", type=finite(min=0.0), default=None,
               help="Clip the generator's meta-gradient to this L2 norm (0: off) "
                    "[default: recipe, else off].")
 @click.option("--intermediate-every", type=click.IntRange(min=0), default=None,
               help="unrolled: also score the student on the real batch after every N-th "
                    "inner step (0: off) [default: recipe, else 0].")
-@click.option("--intermediate-weight", type=click.FloatRange(min=0.0), default=1.0,
+@click.option("--intermediate-weight", type=finite(min=0.0), default=1.0,
               show_default=True, help="Weight of the mean intermediate loss in the meta-loss.")
 @click.option("--mixed-sample", type=click.IntRange(min=1), default=None,
               help="implicit: the mixed term from this many of the T batches (unbiased "
@@ -138,11 +140,11 @@ def _sample_generator(seed: int) -> torch.Generator:
 @click.option("--real-batch", type=click.IntRange(min=1), default=None,
               help="Real images the student is scored on per meta-iteration "
                    "[default: recipe, else 128].")
-@click.option("--inner-lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
+@click.option("--inner-lr", type=finite(min=0.0, min_open=True), default=None,
               help="The student's lr per step: where learned (unrolled; implicit with "
                    "--step-size-grad) its initial value, else fixed [default: recipe, else "
                    "0.02].")
-@click.option("--inner-momentum", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+@click.option("--inner-momentum", type=finite(0.0, 1.0, max_open=True), default=None,
               help="The student's momentum, likewise [default: recipe, else 0.5].")
 @click.option("--match-curriculum/--match-fresh", default=None,
               help="matching: match the T curriculum batches in order at the states a student "
@@ -166,7 +168,7 @@ def _sample_generator(seed: int) -> torch.Generator:
                    "losses included), memory of one step, flat in T.")
 @click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True,
               help="implicit: terms K of the Neumann series for the inverse Hessian.")
-@click.option("--neumann-alpha", type=float, default=0.02, show_default=True,
+@click.option("--neumann-alpha", type=POSITIVE, default=0.02, show_default=True,
               help="implicit: step size alpha of the Neumann series.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True,
               help="Write OUT/checkpoint.pt every N meta-iterations (what --resume continues "

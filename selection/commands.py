@@ -17,11 +17,13 @@ import click
 import torch
 
 from distill.commandline import (
+    POSITIVE,
     TableChoice,
     check_writable,
     claim_out,
     data_options,
     datasets,
+    finite,
     handle_errors,
     progress,
     register_coreset_init,
@@ -96,7 +98,8 @@ def parse_options(pairs: tuple[str, ...]) -> dict:
               help="Selection rule.")
 @click.option("--ipc", type=int, default=None,
               help="Images per class to select (or --fraction).")
-@click.option("--fraction", type=float, default=None,
+@click.option("--fraction", type=finite(),  # its range: selection.budget.check_fraction
+              default=None,
               help="Fraction of the training set to select, in (0, 1], class-balanced: "
                    "round(f*N) images shared in proportion to the class sizes "
                    "(largest-remainder rounding), e.g. 0.1.")
@@ -206,7 +209,7 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
               help="The student every cell trains (zoo spec).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Student epochs, the same for every fraction (fewer steps on less data).")
-@click.option("--lr", type=float, default=0.01, show_default=True,
+@click.option("--lr", type=POSITIVE, default=0.01, show_default=True,
               help="Student SGD learning rate (x0.1 at half of the epochs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Student minibatch size.")
