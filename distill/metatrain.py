@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -213,9 +214,54 @@ def _load_checkpoint(path: Path, fingerprints: Sequence[dict]) -> dict:
     state = read_tagged(path, CHECKPOINT_FORMAT, "gtnkit meta-training checkpoint",
                         CheckpointError, missing="nothing to resume: {path} does not exist")
     if state.get("fingerprint") not in fingerprints:
-        raise CheckpointError(f"{path} was written by a run with other options or seed; "
-                              f"rerun with the same options, or without --resume")
+        changed = _differences(state.get("fingerprint"), fingerprints[0])
+        what = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''})" \
+            if changed else ""
+        raise CheckpointError(f"{path} was written by a run with other options or seed"
+                              f"{what}; rerun with the same options, or without --resume")
     return state
+
+
+def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """The options (dotted paths) whose values differ between two fingerprints, each as
+    ``name: saved -> now``; a dataclass rendered by its repr counts as one value."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out: list[str] = []
+        for key in sorted(set(saved) | set(now), key=str):
+            if key in ("config", "extra"):
+                out += _differences(saved.get(key), now.get(key), prefix)
+            else:
+                out += _differences(saved.get(key), now.get(key), f"{prefix}{key}.")
+        return out
+    if saved == now:
+        return []
+    name = prefix.rstrip(".") or "the run"
+    if isinstance(saved, str) and isinstance(now, str) and "(" in saved and "(" in now:
+        # a dataclass repr: name its fields that differ
+        a, b = _repr_fields(saved), _repr_fields(now)
+        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if diff:
+            return [f"{name}.{k}: {a.get(k, '-')} -> {b.get(k, '-')}" for k in diff]
+    return [f"{name}: {saved!r} -> {now!r}"]
+
+
+def _repr_fields(text: str) -> dict[str, str]:
+    """``Cls(a=1, b=X(c=2))`` -> ``{"a": "1", "b": "X(c=2)"}`` (top-level fields only)."""
+    body = text[text.find("(") + 1:text.rfind(")")]
+    fields_, depth, current = {}, 0, ""
+    for ch in body + ",":
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            key, _, value = current.strip().partition("=")
+            if key:
+                fields_[key] = value
+            current = ""
+        else:
+            current += ch
+    return fields_
 
 
 def meta_train(

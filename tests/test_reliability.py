@@ -183,3 +183,31 @@ def test_the_memory_check_is_not_part_of_a_runs_fingerprint():
     from distill.store import fingerprint_of
 
     assert fingerprint_of(MetaConfig()) == fingerprint_of(MetaConfig(memory_check=False))
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("convnet:width=abc", "width of convnet wants an integer, got 'abc'"),
+    ("convnet:depth=2.5", "depth of convnet wants an integer"),
+    ("mlp:act=3", "act of mlp wants a word"),
+])
+def test_a_model_option_of_the_wrong_type_names_the_option_and_the_type(spec, needle):
+    from distill.models import ModelError, parse_model_spec
+
+    with pytest.raises(ModelError, match=needle):
+        parse_model_spec(spec)
+    parse_model_spec(spec.split(":")[0])  # the model itself is fine
+
+
+def test_resume_with_a_changed_option_names_it(tmp_path):
+    from distill.metatrain import CheckpointError
+
+    data = make_tiny_set(per_class=8)
+    cfg = GTNConfig(method="unrolled", inner_steps=2, batch_size=20, generator=TINY_GEN,
+                    student="convnet:width=4,depth=1", meta_iterations=2, real_batch=8,
+                    validation=6, checkpoint_every=1)
+    train_gtn(data, cfg, seed=0, checkpoint=tmp_path / "c.pt")
+    changed = GTNConfig(**{**cfg.__dict__, "batch_size": 30, "meta_iterations": 3})
+    with pytest.raises(CheckpointError, match=r"batch_size: 20 -> 30"):
+        train_gtn(data, changed, seed=0, checkpoint=tmp_path / "c.pt", resume=True)
+    with pytest.raises(CheckpointError, match=r"seed: 0 -> 1"):
+        train_gtn(data, cfg, seed=1, checkpoint=tmp_path / "c.pt", resume=True)
