@@ -39,12 +39,12 @@ from .condense import MetaConfig
 from .data import ImageSet
 from .kernels import Kernel, KernelConfig, kernel_matrix
 from .strategies import (
-    STRATEGIES,
     ConfigError,
     RealSampler,
     Strategy,
     StrategyConfig,
     StudentFactory,
+    register_strategy,
 )
 from .teacher import Teacher
 
@@ -237,6 +237,7 @@ class KipConfig(StrategyConfig):
                             b_var=self.b_var, family=self.family)
 
 
+@register_strategy("kip")
 class KipStrategy(Strategy):
     """KIP: one Adam/SGD step on the teacher per random real target batch (Algorithm 1).
 
@@ -245,7 +246,7 @@ class KipStrategy(Strategy):
     (the infinitely wide network's kernel stands in for it), so ``make_student`` is unused.
     """
 
-    name = "kip"
+    config_class = KipConfig
 
     def __init__(self, config: StrategyConfig) -> None:
         kip = config if isinstance(config, KipConfig) else KipConfig(
@@ -270,9 +271,6 @@ class KipStrategy(Strategy):
                         lambda a, b: kernel_matrix(a, b, self.kernel, depth), cfg.reg)
         return {"loss": self._update(loss, teacher, optimizer), "depth": depth}
 
-
-# Registration: the one line that makes ``kip`` a strategy of the meta-training loop.
-STRATEGIES[KipStrategy.name] = KipStrategy
 
 # KIP's optimiser (the paper's released code: Adam, lr 0.01 on normalised pixels).
 KIP_DEFAULTS: dict[str, Any] = dict(optimizer="adam", lr=0.01, momentum=0.0)
