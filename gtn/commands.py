@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import click
 import torch
 
@@ -35,15 +33,10 @@ from distill.rng import generator
 from distill.store import SavedSet, save_set
 
 from .compare import BUDGETS, COMPARE_METHODS, comparison_table, run_comparison
+from .config import GTNConfig
 from .generator import CURRICULA, GeneratorConfig, GeneratorError
-from .train import (
-    GTN_METHODS,
-    RECIPES,
-    few_step_accuracy,
-    recipe_config,
-    save_generator,
-    train_gtn,
-)
+from .methods import DEFAULT_METHOD, GTN_METHODS, RECIPES
+from .train import few_step_accuracy, recipe_config, save_generator, train_gtn
 
 __all__ = ["RECIPES_HELP", "gtn"]
 
@@ -61,7 +54,7 @@ def gtn() -> None:
 
 def _gtn_method_help() -> str:
     return "Meta-gradient of the generator: " + "; ".join(
-        f"{name}: {text}" for name, text in GTN_METHODS.items()) + "."
+        f"{name}: {m.help} ({m.reference})" for name, m in GTN_METHODS.items()) + "."
 
 
 #: The recipe table (:data:`gtn.train.RECIPES`) in words, for ``gtn train --help``.
@@ -69,13 +62,22 @@ RECIPES_HELP = ("Recipes (measured on MNIST; see docs/results/gtn.md): " + "; ".
     f"{method}: " + ", ".join(f"{k}={v}" for k, v in options.items())
     for method, options in RECIPES.items()) + ".")
 
-#: The methods that read each method-specific option of ``gtn train``; the others refuse it.
+def _using(strategy: str) -> tuple[str, ...]:
+    """The GTN methods whose meta-gradient strategy is ``strategy``."""
+    return tuple(name for name, m in GTN_METHODS.items() if m.strategy == strategy)
+
+
+#: The methods that read each method-specific option of ``gtn train`` (by their strategy, from
+#: the method table); the others refuse it.
 OPTION_SCOPES = {
-    "mixed_sample": ("implicit",), "mixed_at": ("implicit",), "step_size_grad": ("implicit",),
-    "unroll_tail": ("implicit",), "neumann_terms": ("implicit",),
-    "neumann_alpha": ("implicit",), "checkpoint_steps": ("unrolled",),
-    "match_curriculum": ("matching",),
+    **{k: _using("implicit") for k in ("mixed_sample", "mixed_at", "step_size_grad",
+                                       "unroll_tail", "neumann_terms", "neumann_alpha")},
+    "checkpoint_steps": _using("unrolled"), "match_curriculum": _using("matching"),
 }
+
+
+#: The bare defaults (GTNConfig's, GeneratorConfig's): what the options show and fall back to.
+_BARE, _GEN = GTNConfig(), GeneratorConfig()
 
 
 def _sample_generator(seed: int) -> torch.Generator:
@@ -84,35 +86,36 @@ def _sample_generator(seed: int) -> torch.Generator:
 
 @gtn.command("train", epilog=RECIPES_HELP)
 @click.option("--dataset", required=True, type=TableChoice(datasets), help="Data set.")
-@click.option("--method", type=TableChoice(lambda: GTN_METHODS), default="unrolled",
+@click.option("--method", type=TableChoice(lambda: GTN_METHODS), default=DEFAULT_METHOD,
               show_default=True, cls=TableHelpOption, help_from=_gtn_method_help)
-@click.option("--inner-steps", default="32", show_default=True,
+@click.option("--inner-steps", default=str(_BARE.inner_steps), show_default=True,
               help="T: student steps per meta-iteration (one value; `gtn compare` compares "
                    "several).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Generated images per student step.")
-@click.option("--curriculum", type=TableChoice(lambda: CURRICULA), default="full",
+@click.option("--batch-size", type=click.IntRange(min=1), default=_BARE.batch_size,
+              show_default=True, help="Generated images per student step.")
+@click.option("--curriculum", type=TableChoice(lambda: CURRICULA), default=_BARE.curriculum,
               show_default=True,
               help="Where the noise of inner step t comes from: none (fresh noise every step), "
                    "all-shuffled (one learned pool, shuffled across steps), shuffled-batch "
                    "(T learned batches, order shuffled), full (T learned batches in order; "
                    "the paper's best).")
 @click.option("--learn-labels", is_flag=True, help="Learn soft labels of the curriculum.")
-@click.option("--student", default="convnet:width=32", show_default=True,
+@click.option("--student", default=_BARE.student, show_default=True,
               help="Zoo spec of the student.")
 @click.option("--width-choices", default=None,
               help="Randomise the student's width per meta-iteration, e.g. 16,32,64.")
-@click.option("--meta-iterations", type=click.IntRange(min=1), default=200, show_default=True,
+@click.option("--meta-iterations", type=click.IntRange(min=1), default=_BARE.meta_iterations,
+              show_default=True,
               help="Updates of the generator (each trains a fresh student T steps).")
 @click.option("--recipe/--no-recipe", default=True, show_default=True,
               help="Train with the method's measured recipe (below); options given explicitly "
                    "override it. --no-recipe: the bare defaults.")
 @click.option("--meta-lr", type=finite(min=0.0, min_open=True), default=None,
-              help="Adam lr of the generator [default: recipe, else 1e-3].")
+              help=f"Adam lr of the generator [default: recipe, else {_BARE.meta_lr:g}].")
 @click.option("--meta-schedule", type=click.Choice(["constant", "cosine"]), default=None,
               help="Meta-lr over the run (cosine: down to --meta-lr-floor) "
-                   "[default: recipe, else constant].")
-@click.option("--meta-lr-floor", type=finite(0.0, 1.0), default=0.1,
+                   f"[default: recipe, else {_BARE.meta_schedule}].")
+@click.option("--meta-lr-floor", type=finite(0.0, 1.0), default=_BARE.meta_lr_floor,
               show_default=True, help="cosine: the last meta-lr as a fraction of --meta-lr.")
 @click.option("--grad-clip", type=finite(min=0.0), default=None,
               help="Clip the generator's meta-gradient to this L2 norm (0: off) "
@@ -120,7 +123,7 @@ def _sample_generator(seed: int) -> torch.Generator:
 @click.option("--intermediate-every", type=click.IntRange(min=0), default=None,
               help="unrolled: also score the student on the real batch after every N-th "
                    "inner step (0: off) [default: recipe, else 0].")
-@click.option("--intermediate-weight", type=finite(min=0.0), default=1.0,
+@click.option("--intermediate-weight", type=finite(min=0.0), default=_BARE.intermediate_weight,
               show_default=True, help="Weight of the mean intermediate loss in the meta-loss.")
 @click.option("--mixed-sample", type=click.IntRange(min=1), default=None,
               help="implicit: the mixed term from this many of the T batches (unbiased "
@@ -139,26 +142,31 @@ def _sample_generator(seed: int) -> torch.Generator:
                    "else 0].")
 @click.option("--real-batch", type=click.IntRange(min=1), default=None,
               help="Real images the student is scored on per meta-iteration "
-                   "[default: recipe, else 128].")
+                   f"[default: recipe, else {_BARE.real_batch}].")
 @click.option("--inner-lr", type=finite(min=0.0, min_open=True), default=None,
               help="The student's lr per step: where learned (unrolled; implicit with "
                    "--step-size-grad) its initial value, else fixed [default: recipe, else "
-                   "0.02].")
+                   f"{_BARE.inner_lr:g}].")
 @click.option("--inner-momentum", type=finite(0.0, 1.0, max_open=True), default=None,
-              help="The student's momentum, likewise [default: recipe, else 0.5].")
+              help=f"The student's momentum, likewise [default: recipe, else "
+                   f"{_BARE.inner_momentum:g}].")
 @click.option("--match-curriculum/--match-fresh", default=None,
               help="matching: match the T curriculum batches in order at the states a student "
                    "trained on them visits, or DC's rounds on fresh noise with a plain SGD "
                    "student [default: recipe, else fresh].")
-@click.option("--validation", type=click.IntRange(min=1), default=10000, show_default=True,
+@click.option("--validation", type=click.IntRange(min=1), default=_BARE.validation,
+              show_default=True,
               help="Training images held out for validation.")
-@click.option("--noise-dim", type=click.IntRange(min=1), default=128, show_default=True,
+@click.option("--noise-dim", type=click.IntRange(min=1), default=_GEN.noise_dim,
+              show_default=True,
               help="Generator: length of the noise vector (one-hot label appended).")
-@click.option("--width-fc", type=click.IntRange(min=1), default=1024, show_default=True,
+@click.option("--width-fc", type=click.IntRange(min=1), default=_GEN.width_fc,
+              show_default=True,
               help="Generator: width of the fully connected layer.")
-@click.option("--width-conv", type=click.IntRange(min=1), default=128, show_default=True,
+@click.option("--width-conv", type=click.IntRange(min=1), default=_GEN.width_conv,
+              show_default=True,
               help="Generator: channels of the convolutional layers.")
-@click.option("--weight-norm/--no-weight-norm", default=True, show_default=True,
+@click.option("--weight-norm/--no-weight-norm", default=_GEN.weight_norm, show_default=True,
               help="Generator: weight normalisation on its layers.")
 @click.option("--checkpoint-steps", type=click.IntRange(min=1), default=None,
               help="unrolled: gradient checkpointing, segments of this many steps.")
@@ -166,14 +174,17 @@ def _sample_generator(seed: int) -> torch.Generator:
               help="unrolled: keep only each inner step's student state and rebuild the steps "
                    "one at a time in the backward pass: the same meta-gradient (intermediate "
                    "losses included), memory of one step, flat in T.")
-@click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True,
+@click.option("--neumann-terms", type=click.IntRange(min=0), default=_BARE.neumann_terms,
+              show_default=True,
               help="implicit: terms K of the Neumann series for the inverse Hessian.")
-@click.option("--neumann-alpha", type=POSITIVE, default=0.02, show_default=True,
+@click.option("--neumann-alpha", type=POSITIVE, default=_BARE.neumann_alpha, show_default=True,
               help="implicit: step size alpha of the Neumann series.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=_BARE.checkpoint_every,
+              show_default=True,
               help="Write OUT/checkpoint.pt every N meta-iterations (what --resume continues "
                    "from).")
-@click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--eval-every", type=click.IntRange(min=0), default=_BARE.eval_every,
+              show_default=True,
               help="Few-step validation accuracy every N meta-iterations.")
 @click.option("--students", type=click.IntRange(min=1), default=3, show_default=True,
               help="Fresh students trained T steps on the generator's curriculum to score it.")
@@ -214,9 +225,6 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
                                    unroll_tail=unroll_tail).items() if v is not None}
     if given.get("grad_clip") == 0:
         given["grad_clip"] = None  # 0 turns off a recipe's clip
-    if unroll_tail and (mixed_at == "final" or (mixed_at is None and not recipe)):
-        raise click.BadParameter("needs --mixed-at trajectory (the implicit recipe's)",
-                                 param_hint="--unroll-tail")
     config = recipe_config(
         method, recipe, inner_steps=steps[0], batch_size=batch_size, curriculum=curriculum,
         learn_labels=learn_labels, student=student, width_choices=widths,
@@ -242,7 +250,7 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
     images, labels = teacher.sample(8, _sample_generator(seed))
     write_grid(out_dir / "grid.png", SavedSet(images.cpu(), labels.cpu(),
                                               {"dataset": data.info.name}), 8)
-    run_config = {"dataset": data.info.name, "gtn": asdict(config), "seed": seed,
+    run_config = {"dataset": data.info.name, "gtn": config.as_dict(), "seed": seed,
                   "device": str(dev)}
     write_run(out_dir, "gtn train", run_config,
               {"label": f"gtn {method} T={steps[0]}", "method": f"gtn-{method}",
@@ -286,11 +294,9 @@ def gtn_sample(generator_path, per_class, dataset, out, seed, device, force) -> 
 
 @gtn.command("compare")
 @click.option("--dataset", required=True, type=TableChoice(datasets), help="Data set.")
-@click.option("--methods", default="unrolled,unrolled-recompute,implicit,matching",
-              show_default=True,
-              help="Comma-separated meta-gradients of the generator, from unrolled, "
-                   "unrolled-recompute (unrolled's gradient with its steps rebuilt in the "
-                   "backward pass: flat memory), implicit, matching.")
+@click.option("--methods", default=",".join(COMPARE_METHODS), show_default=True,
+              help="Comma-separated methods (rows) from: " + "; ".join(
+                  f"{name}: {m.help}" for name, m in COMPARE_METHODS.items()) + ".")
 @click.option("--inner-steps", default="8,16,32,64", show_default=True,
               help="Comma-separated T values.")
 @click.option("--budget", type=TableChoice(lambda: BUDGETS), default="smoke", show_default=True,

@@ -1,7 +1,9 @@
-"""The user's main comparison: GTN trained by unrolled backprop, implicit differentiation or
-gradient matching, for several numbers of inner steps T: peak memory, seconds per meta-step,
-and the test accuracy of students trained only on generated data (few-step protocol and a
-fixed generated set of the same size). JSON per finished cell (resumable), Markdown, PNG.
+"""The user's main comparison: GTN trained by each method of :data:`gtn.methods.GTN_METHODS`
+(unrolled backprop stored or recomputed, the implicit function theorem, the first-order
+trajectory gradient with an exact tail, gradient matching), for several numbers of inner steps
+T: peak memory, seconds per meta-step, and the test accuracy of students trained only on
+generated data (few-step protocol and a fixed generated set of the same size). JSON per
+finished cell (resumable), Markdown, PNG.
 """
 
 from __future__ import annotations
@@ -67,11 +69,8 @@ BUDGETS = {
 }
 
 
-#: What ``gtn compare`` can put in a row: the three meta-gradients, and unrolled backprop
-#: recomputed (the same gradient as ``unrolled``, memory of one step).
-COMPARE_METHODS = {**GTN_METHODS,
-                   "unrolled-recompute": "unrolled backprop with every step rebuilt in the "
-                                         "backward pass (the same gradient; flat memory)"}
+#: What ``gtn compare`` can put in a row: every GTN method (:data:`gtn.methods.GTN_METHODS`).
+COMPARE_METHODS = GTN_METHODS
 
 
 def cell_key(method: str, steps: int) -> str:
@@ -83,13 +82,10 @@ def cell_config(budget: Budget, method: str, steps: int, curriculum: str = "full
     """The GTN run behind one (method, T) cell of the comparison: the method's training
     recipe (:data:`~gtn.train.RECIPES`; ``recipe=False``: the bare defaults) at the
     budget's sizes (its real batch included)."""
-    extra = {"recompute": True} if method == "unrolled-recompute" else {}
-    return recipe_config(method.removesuffix("-recompute"), recipe, **extra,
-                         inner_steps=steps, batch_size=budget.batch_size,
+    return recipe_config(method, recipe, inner_steps=steps, batch_size=budget.batch_size,
                          curriculum=curriculum, generator=budget.generator,
                          student=budget.student, meta_iterations=budget.meta_iterations,
-                         real_batch=budget.real_batch, validation=budget.validation,
-                         neumann_alpha=0.02)
+                         real_batch=budget.real_batch, validation=budget.validation)
 
 
 def cell_checkpoint(out: Path, method: str, steps: int) -> Path:
@@ -216,7 +212,7 @@ def comparison_table(state: dict) -> str:
 
 
 STYLES = {"unrolled": ("o", "-"), "implicit": ("s", "--"), "matching": ("^", ":"),
-          "unrolled-recompute": ("v", "-.")}
+          "unrolled-recompute": ("v", "-."), "first-order-tail": ("P", "--")}
 
 
 def plot(state: dict, path: Path) -> bool:

@@ -25,7 +25,9 @@ TINY = ["--inner-steps", 2, "--batch-size", 20, "--student", "convnet:width=4,de
     (["train", "--dataset", "mnist", "--batch-size", "1"], "(--batch-size) must be >= 2"),
     (["train", "--dataset", "mnist", "--unroll-tail", "2"], "--method implicit"),
     (["train", "--dataset", "mnist", "--method", "implicit", "--mixed-at", "final",
-      "--unroll-tail", "2"], "--mixed-at trajectory"),
+      "--unroll-tail", "2"], "unroll_tail needs mixed_at='trajectory'"),
+    (["train", "--dataset", "mnist", "--method", "first-order-tail", "--mixed-at", "final"],
+     "unroll_tail needs mixed_at='trajectory'"),
     (["train", "--dataset", "mnist", "--method", "implicit", "--recompute"],
      "needs --method unrolled"),
     (["train", "--dataset", "mnist", "--recompute", "--checkpoint-steps", "2"],
@@ -54,14 +56,14 @@ def test_bad_gtn_input(tmp_path, args, needle):
 @pytest.mark.realdata
 def test_gtn_train_sample_evaluate(tmp_path, data_root):
     out = tmp_path / "g"
-    r = run("-q", "gtn", "train", "--dataset", "mnist", "--method", "implicit", *TINY,
+    r = run("-q", "gtn", "train", "--dataset", "mnist", "--method", "first-order-tail", *TINY,
             "--data-root", data_root, "--out", out)
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     assert len(res["accuracies"]) == 1 and res["memory"]["saved_peak_bytes"] > 0
     assert (out / "grid.png").exists()
     gtn = json.loads((out / "config.json").read_text())["gtn"]
-    # the implicit recipe by default, and an explicit option over it
+    # the first-order-tail recipe by default, and an explicit option over it
     assert (gtn["mixed_at"], gtn["step_size_grad"], gtn["meta_lr"], gtn["meta_schedule"],
             gtn["real_batch"], gtn["grad_clip"], gtn["unroll_tail"]) == \
         ("trajectory", True, 5e-3, "cosine", 20, 0.5, 5)
@@ -95,21 +97,28 @@ def test_gtn_train_no_recipe_takes_the_bare_defaults(tmp_path, data_root):
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("args,expected", [
-    (["--grad-clip", 0], dict(grad_clip=None, unroll_tail=5)),  # 0 turns the recipe's clip off
-    (["--grad-clip", 2.5], dict(grad_clip=2.5, unroll_tail=5)),
-    (["--unroll-tail", 0], dict(grad_clip=0.5, unroll_tail=0, mixed_at="trajectory")),
-    # the implicit function theorem as published: no tail, the rest of the recipe kept
-    (["--mixed-at", "final"], dict(grad_clip=0.5, unroll_tail=0, mixed_at="final")),
+@pytest.mark.parametrize("method,args,expected", [
+    # 0 turns the recipe's clip off
+    ("first-order-tail", ["--grad-clip", 0], dict(grad_clip=None, unroll_tail=5)),
+    ("first-order-tail", ["--grad-clip", 2.5], dict(grad_clip=2.5, unroll_tail=5)),
+    ("first-order-tail", ["--unroll-tail", 0],
+     dict(grad_clip=0.5, unroll_tail=0, mixed_at="trajectory", step_size_grad=True)),
+    # the implicit function theorem as published: no tail, no learned step sizes, no clip
+    ("implicit", [], dict(grad_clip=None, unroll_tail=0, mixed_at="final",
+                          step_size_grad=False, neumann_alpha=0.02)),
+    ("first-order-tail", ["--no-recipe"],
+     dict(grad_clip=None, unroll_tail=5, mixed_at="trajectory", step_size_grad=True,
+          meta_schedule="constant")),
 ])
-def test_gtn_train_options_override_the_implicit_recipe(tmp_path, data_root, args, expected):
+def test_gtn_train_options_override_the_recipe(tmp_path, data_root, method, args, expected):
     out = tmp_path / "g"
-    r = run("-q", "gtn", "train", "--dataset", "mnist", "--method", "implicit", *TINY,
+    r = run("-q", "gtn", "train", "--dataset", "mnist", "--method", method, *TINY,
             "--meta-iterations", 1, *args, "--data-root", data_root, "--out", out)
     assert r.exit_code == 0, r.output
     gtn = json.loads((out / "config.json").read_text())["gtn"]
+    assert gtn["method"] == method
+    expected = {"meta_schedule": "cosine", **expected}
     assert {k: gtn[k] for k in expected} == expected
-    assert gtn["step_size_grad"] and gtn["meta_schedule"] == "cosine"
 
 
 @pytest.mark.realdata

@@ -57,12 +57,16 @@ def test_distill_refuses_an_option_of_another_method(tmp_path, method, extra, ne
 
 
 @pytest.mark.parametrize("method,extra,needle", [
-    ("unrolled", ["--neumann-terms", "3"], "--neumann-terms applies to --method implicit only"),
-    ("matching", ["--mixed-at", "trajectory"], "--mixed-at applies to --method implicit only"),
+    ("unrolled", ["--neumann-terms", "3"],
+     "--neumann-terms applies to --method implicit and first-order-tail only"),
+    ("matching", ["--mixed-at", "trajectory"],
+     "--mixed-at applies to --method implicit and first-order-tail only"),
     ("unrolled", ["--no-step-size-grad"], "--step-size-grad/--no-step-size-grad applies to"),
-    ("matching", ["--mixed-sample", "2"], "--mixed-sample applies to --method implicit only"),
+    ("matching", ["--mixed-sample", "2"],
+     "--mixed-sample applies to --method implicit and first-order-tail only"),
     ("implicit", ["--checkpoint-steps", "2"], "--checkpoint-steps applies to --method unrolled"),
-    ("unrolled", ["--unroll-tail", "2"], "--unroll-tail applies to --method implicit only"),
+    ("unrolled", ["--unroll-tail", "2"],
+     "--unroll-tail applies to --method implicit and first-order-tail only"),
     ("implicit", ["--match-fresh"], "applies to --method matching only, not to implicit"),
 ])
 def test_gtn_train_refuses_an_option_of_another_method(tmp_path, method, extra, needle):
