@@ -34,7 +34,6 @@ from .commandline import (
     write_run,
 )
 from .commands_kip import (
-    KIP_METHOD_HELP,
     KIP_METHODS,
     check_kernel_options,
     describe,
@@ -54,6 +53,8 @@ from .models import parse_model_spec
 from .protocols import default_protocol, describe_protocol, make_protocol
 from .stats import comparison_markdown
 from .store import PartialResults, StoreError, atomic_write_text, save_set
+from .strategies import StrategyConfig
+from .synthetic import check_ipc
 
 log = logging.getLogger("gtnkit")
 
@@ -161,13 +162,16 @@ def evaluate(ctx, set_path, model, protocol, students, epochs, augment, lr, batc
 
 
 # ------------------------------------------------------------------ distill
+#: The strategies' own defaults (StrategyConfig's): what the options show and fall back to.
+_BARE = StrategyConfig()
+
+
 def _distill_methods() -> list[str]:
-    return [*METHODS, *KIP_METHODS]
+    return list(METHODS)
 
 
 def _distill_method_help() -> str:
-    return "; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + "; " + \
-        KIP_METHOD_HELP + "."
+    return "; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + "."
 
 
 def _using(*strategies: str) -> tuple[str, ...]:
@@ -178,7 +182,7 @@ def _using(*strategies: str) -> tuple[str, ...]:
 def _option_scopes() -> dict[str, tuple[str, ...]]:
     """Which methods read each method-specific option of ``distill`` (from the method table):
     the others refuse it when given."""
-    condensing = tuple(METHODS)
+    condensing = tuple(name for name, m in METHODS.items() if not m.kernel)
     chunked = _using("matching", "distribution")
     return {
         "real_batch": condensing,
@@ -211,25 +215,27 @@ def _option_scopes() -> dict[str, tuple[str, ...]]:
 @click.option("--lr", "image_lr", type=POSITIVE, default=None,
               help="Teacher (image) lr. Default: 0.1 dc/dsa, 1.0 dm (SGD, momentum 0.5); "
                    "0.01 dd/ift (Adam).")
-@click.option("--real-batch", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--real-batch", type=click.IntRange(min=1), default=_BARE.real_batch,
+              show_default=True,
               help="Real images per class per step (dd/ift: the scoring batch).")
 @click.option("--outer-loop", type=click.IntRange(min=1), default=None,
               help="DC outer loop (default by IPC: 1->1, 10->10, 50->50).")
 @click.option("--inner-loop", type=click.IntRange(min=1), default=None,
               help="DC inner loop (default by IPC: 1->1, 10->50, 50->10).")
 @click.option("--distance", type=click.Choice(["layerwise", "mse", "cosine"]),
-              default="layerwise", show_default=True, help="Gradient distance (dc/dsa).")
+              default=_BARE.distance, show_default=True, help="Gradient distance (dc/dsa).")
 @click.option("--inner-steps", type=click.IntRange(min=1), default=10, show_default=True,
               help="Student steps T of dd/ift.")
-@click.option("--inner-lr", type=POSITIVE, default=0.01, show_default=True,
+@click.option("--inner-lr", type=POSITIVE, default=_BARE.inner_lr, show_default=True,
               help="Student lr of dd/ift (initial value with --learn-lr).")
 @click.option("--truncate", type=click.IntRange(min=1), default=None,
               help="dd: differentiate only the last K student steps.")
 @click.option("--checkpoint-steps", type=click.IntRange(min=1), default=None,
               help="dd: gradient checkpointing, segments of this many steps.")
-@click.option("--neumann-terms", type=click.IntRange(min=0), default=5, show_default=True,
+@click.option("--neumann-terms", type=click.IntRange(min=0), default=_BARE.neumann_terms,
+              show_default=True,
               help="ift: terms K of the Neumann series for the inverse Hessian.")
-@click.option("--neumann-alpha", type=POSITIVE, default=0.01, show_default=True,
+@click.option("--neumann-alpha", type=POSITIVE, default=_BARE.neumann_alpha, show_default=True,
               help="ift: step size alpha of the Neumann series.")
 @click.option("--learn-labels", is_flag=True,
               help="Also learn the labels: soft labels (probabilities), or for kip free "
@@ -310,10 +316,7 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
         checkpoint_steps=checkpoint_steps, compile=fast, real_chunk=real_chunk or None,
         memory_check=memory_check)
     data = load_dataset(dataset, "train", root=data_root, download=download)
-    counts = data.class_counts()
-    if ipc > int(counts.min()):
-        raise click.BadParameter(f"{ipc} exceeds the smallest class ({int(counts.min())})",
-                                 param_hint="--ipc")
+    check_ipc(data, ipc)
     test = load_dataset(dataset, "test", root=data_root, download=download)
     protocol = make_protocol(default_protocol(method), dataset, model=eval_model or model,
                              n_students=max(students, 1), test_limit=test_limit,

@@ -31,15 +31,14 @@ from .grid import write_grid
 from .kernels import KernelConfig, make_kernel
 from .kip import KipConfig, kip_config, krr_accuracy, training_labels
 from .labelsolve import solve_labels
+from .methods import KERNEL_METHODS
 from .models import parse_model_spec
 from .protocols import describe_protocol, make_protocol, protocol_label
 from .store import save_set
+from .synthetic import check_ipc
 
-#: The methods this module runs, and their line of ``distill --method``'s help.
-KIP_METHODS = ("kip", "ls")
-KIP_METHOD_HELP = ("kip: kernel inducing points (learn images, and with --learn-labels free "
-                   "real-valued labels as the paper does, by kernel ridge regression); ls: label "
-                   "solve (closed-form labels for fixed images)")
+#: The methods this module runs (the method table's kernel methods: their help is there).
+KIP_METHODS = KERNEL_METHODS
 
 
 def _kernel_options(fn: Callable) -> Callable:
@@ -146,10 +145,8 @@ def run_kip(ctx: click.Context, *, method: str, dataset: str, ipc: int, init: st
         ipc = max(1, supported.images.shape[0] // get_info(dataset).num_classes)
     dev = resolve_device(device)
     data = load_dataset(dataset, "train", root=data_root, download=download)
-    counts = data.class_counts()
-    if supported is None and ipc > int(counts.min()):
-        raise click.BadParameter(f"{ipc} exceeds the smallest class ({int(counts.min())})",
-                                 param_hint="--ipc")
+    if supported is None:
+        check_ipc(data, ipc)
     test = load_dataset(dataset, "test", root=data_root, download=download)
     protocol = make_protocol("dc", dataset, model=eval_model or model,
                              n_students=max(students, 1), test_limit=test_limit,

@@ -21,8 +21,8 @@ from .metatrain import SCHEDULES, CheckpointError, MetaConfig, MetaResult, meta_
 from .methods import METHODS, get_method
 from .progress import Progress
 from .rng import generator as make_generator
-from .strategies import ConfigError, NonFiniteError, RealSampler, StrategyConfig
-from .synthetic import SyntheticSet
+from .strategies import STRATEGIES, ConfigError, NonFiniteError, RealSampler
+from .synthetic import SyntheticSet, check_ipc
 
 __all__ = ["ConfigError", "MetaConfig", "MetaResult", "CheckpointError", "NonFiniteError",
            "meta_train", "condense", "condense_config", "METHODS", "SCHEDULES",
@@ -43,6 +43,9 @@ def condense_config(method: str, iterations: int = 1000, lr: float | None = None
         ConfigError: an unknown method, or an option its strategy does not have.
     """
     m = get_method(method)
+    if not m.strategy:
+        raise ConfigError(f"{method} is a closed form, not meta-trained: "
+                          f"distill.labelsolve.solve_labels")
     loop_keys = ("checkpoint_every", "eval_every", "memory_iterations", "optimizer", "momentum",
                  "memory_check")
     loop: dict[str, Any] = {k: overrides.pop(k) for k in loop_keys if k in overrides}
@@ -56,7 +59,8 @@ def condense_config(method: str, iterations: int = 1000, lr: float | None = None
     if lr is not None:
         settings["lr"] = lr
     return MetaConfig(strategy=m.strategy, method=m.name, iterations=iterations,
-                      strategy_config=StrategyConfig(**overrides), **settings)
+                      strategy_config=STRATEGIES[m.strategy].config_class(**overrides),
+                      **settings)
 
 
 def condense(
@@ -104,10 +108,7 @@ def condense(
     config = condense_config(method, dataset=info.name) if isinstance(method, str) else method
     if not config.method:
         raise ConfigError("condense needs a paper method's configuration (condense_config)")
-    counts = train_set.class_counts()
-    if ipc < 1 or ipc > int(min(counts)):
-        raise ConfigError(f"ipc must be between 1 and {int(min(counts))} (the smallest class), "
-                         f"got {ipc}")
+    check_ipc(train_set, ipc)
     g = make_generator(seed, "init")
     lr = config.strategy_config.inner_lr if learn_lr else None
     if inner_steps < 1 or (inner_batch is not None and inner_batch < 1):

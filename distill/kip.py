@@ -30,14 +30,14 @@ protocol: KRR with the kernel on the test set) and training finite networks
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from .condense import MetaConfig
 from .data import ImageSet
 from .kernels import Kernel, KernelConfig, kernel_matrix
+from .methods import METHODS
 from .strategies import (
     ConfigError,
     RealSampler,
@@ -47,6 +47,9 @@ from .strategies import (
     register_strategy,
 )
 from .teacher import Teacher
+
+if TYPE_CHECKING:
+    from .metatrain import MetaConfig
 
 __all__ = ["KipConfig", "KipStrategy", "regularise", "krr_predict", "kip_loss", "label_solve",
            "label_solve_set", "krr_accuracy", "one_hot_targets", "training_labels", "kip_config",
@@ -272,19 +275,21 @@ class KipStrategy(Strategy):
         return {"loss": self._update(loss, teacher, optimizer), "depth": depth}
 
 
-# KIP's optimiser (the paper's released code: Adam, lr 0.01 on normalised pixels).
-KIP_DEFAULTS: dict[str, Any] = dict(optimizer="adam", lr=0.01, momentum=0.0)
+#: KIP's optimiser (the paper's released code: Adam, lr 0.01 on normalised pixels): the method
+#: table's (:data:`distill.methods.METHODS`), as a dict.
+KIP_DEFAULTS: dict[str, Any] = {k: getattr(METHODS["kip"], k)
+                                for k in ("optimizer", "lr", "momentum")}
 
 
 def kip_config(iterations: int = 1000, lr: float | None = None, checkpoint_every: int = 50,
                eval_every: int = 0, **knobs: Any) -> MetaConfig:
-    """The :class:`~distill.condense.MetaConfig` of KIP (``knobs``: :class:`KipConfig` fields).
+    """The :class:`~distill.condense.MetaConfig` of KIP (``knobs``: :class:`KipConfig` fields):
+    :func:`~distill.condense.condense_config` of ``kip``.
 
     Raises:
         ConfigError / KernelError: an invalid option (one line).
     """
-    return MetaConfig(strategy=KipStrategy.name, method="kip", iterations=iterations,
-                      checkpoint_every=checkpoint_every, eval_every=eval_every,
-                      strategy_config=KipConfig(**knobs), optimizer=str(KIP_DEFAULTS["optimizer"]),
-                      lr=float(KIP_DEFAULTS["lr"]) if lr is None else lr,
-                      momentum=float(KIP_DEFAULTS["momentum"]))
+    from .condense import condense_config
+
+    return condense_config("kip", iterations=iterations, lr=lr,
+                           checkpoint_every=checkpoint_every, eval_every=eval_every, **knobs)

@@ -3,17 +3,18 @@
 Each :class:`Method` names its meta-gradient strategy (:mod:`distill.strategies`), the
 augmentation its strategy applies (DSA's op string, "" for none; a method that augments is
 also *evaluated* with augmentation, as its paper does), the teacher's optimiser defaults and a
-help line. ``gtnkit distill --method`` takes its choices and help from here, and
-:func:`distill.condense.condense_config` its defaults.
+help line. ``gtnkit distill --method`` takes its choices, help and option scopes from here,
+:func:`distill.condense.condense_config` its defaults, :func:`distill.protocols.default_protocol`
+the protocol a method's sets are scored with.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .strategies import ConfigError
+from .errors import ConfigError
 
-__all__ = ["DSA_OPS", "METHODS", "Method", "get_method"]
+__all__ = ["DSA_OPS", "METHODS", "Method", "get_method", "KERNEL_METHODS"]
 
 DSA_OPS = "color_crop_cutout_flip_scale_rotate"  # Zhao & Bilen, ICML 2021
 
@@ -24,13 +25,20 @@ class Method:
 
     Attributes:
         name: its CLI / config name.
-        strategy: the meta-gradient strategy's name.
+        strategy: the meta-gradient strategy's name (:data:`distill.strategies.STRATEGIES`;
+            its ``config_class`` holds the method's options); "" for a closed form (LS:
+            :func:`distill.labelsolve.solve_labels`).
         augment: DSA op string applied by the strategy ("": none).
         optimizer, lr, momentum: the teacher's (image) optimiser. DC/DSA: SGD 0.1 with momentum
             0.5; DM: SGD 1.0; DD and IFT: Adam 0.01 (their meta-gradients' scale varies with T
             and the student; Adam is scale-free).
+            KIP: Adam 0.01 (the paper's released code, on normalised pixels).
         help: one line for ``--help``.
         reference: the paper.
+        protocol: the evaluation protocol its paper scores sets with
+            (:mod:`distill.protocols`: ``dsa`` for DSA and DM, ``dc`` for the others).
+        kernel: it works with a kernel (KIP, LS): the set is also scored by kernel ridge
+            regression, and the ``--kernel`` options apply.
     """
 
     name: str
@@ -41,6 +49,8 @@ class Method:
     momentum: float
     help: str
     reference: str
+    protocol: str = "dc"
+    kernel: bool = False
 
     @property
     def learns_lr(self) -> bool:
@@ -57,14 +67,24 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dc", "matching", "", "sgd", 0.1, 0.5, "gradient matching",
            "Zhao, Mopuri & Bilen, ICLR 2021"),
     Method("dsa", "matching", DSA_OPS, "sgd", 0.1, 0.5,
-           "gradient matching with siamese augmentation", "Zhao & Bilen, ICML 2021"),
+           "gradient matching with siamese augmentation", "Zhao & Bilen, ICML 2021",
+           protocol="dsa"),
     Method("dm", "distribution", DSA_OPS, "sgd", 1.0, 0.5, "distribution matching",
-           "Zhao & Bilen, WACV 2023"),
+           "Zhao & Bilen, WACV 2023", protocol="dsa"),
     Method("dd", "unrolled", "", "adam", 0.01, 0.0, "unrolled backprop",
            "Wang, Zhu, Torralba & Efros 2018"),
     Method("ift", "implicit", "", "adam", 0.01, 0.0, "implicit function theorem",
            "Lorraine, Vicol & Duvenaud, AISTATS 2020"),
+    Method("kip", "kip", "", "adam", 0.01, 0.0,
+           "kernel inducing points (learn images, and with --learn-labels free real-valued "
+           "labels as the paper does, by kernel ridge regression)",
+           "Nguyen, Chen & Lee, ICLR 2021", kernel=True),
+    Method("ls", "", "", "", 0.0, 0.0, "label solve (closed-form labels for fixed images)",
+           "Nguyen, Chen & Lee, ICLR 2021", kernel=True),
 )}
+
+#: The methods that work with a kernel (KIP, LS): derived from :data:`METHODS`.
+KERNEL_METHODS = tuple(name for name, m in METHODS.items() if m.kernel)
 
 
 def get_method(name: str) -> Method:

@@ -32,14 +32,13 @@ from typing import Any
 from .augment import DEFAULT_STRATEGY as DSA_OPS
 from .augment import digit_strategy
 from .engine import EvalProtocol, TrainConfig
-from .strategies import ConfigError
+from .errors import ConfigError
+from .methods import METHODS
 
 __all__ = ["PROTOCOLS", "ProtocolError", "default_protocol", "protocol_train_config",
            "make_protocol", "describe_protocol", "protocol_label"]
 
 PROTOCOLS = ("dc", "dsa", "none")
-#: Methods whose papers score with DSA's augmentation; every other set is scored as DC does.
-_DSA_METHODS = ("dsa", "dm")
 #: Data sets the DC reference trains its evaluation students on with DC's augmentation.
 _DC_AUGMENTED = ("mnist",)
 
@@ -57,9 +56,11 @@ class ProtocolError(ConfigError):
 
 
 def default_protocol(method: str | None) -> str:
-    """The protocol a set made by ``method`` is scored with: ``dsa`` for DSA and DM, ``dc``
-    for every other method (DC, DD, IFT, KIP, coresets, generated sets)."""
-    return "dsa" if (method or "").lower() in _DSA_METHODS else "dc"
+    """The protocol a set made by ``method`` is scored with: the method table's
+    (:attr:`distill.methods.Method.protocol`: ``dsa`` for DSA and DM), ``dc`` for every other
+    set (coresets, generated sets)."""
+    m = METHODS.get((method or "").lower())
+    return m.protocol if m is not None else "dc"
 
 
 def _batch_norm_convnet(model: str) -> bool:

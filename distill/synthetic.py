@@ -19,10 +19,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageSet
+from .errors import ConfigError
 from .store import SavedSet
 from .teacher import Batch, StepChoice, Teacher
 
-__all__ = ["SyntheticSet", "dc_loops"]
+__all__ = ["SyntheticSet", "dc_loops", "check_ipc"]
+
+
+def check_ipc(train_set: ImageSet, ipc: int) -> None:
+    """Refuse ``ipc`` images per class that ``train_set`` cannot give (the one place of the
+    rule "1 <= ipc <= the smallest class").
+
+    Raises:
+        ConfigError: one line naming the smallest class's size.
+    """
+    smallest = int(train_set.class_counts().min())
+    if not 1 <= ipc <= smallest:
+        raise ConfigError(f"ipc must be between 1 and {smallest} (the smallest class), "
+                          f"got {ipc}")
 
 # DC's (outer, inner) loop table: Zhao, Mopuri & Bilen's released settings per IPC.
 _DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
