@@ -1,4 +1,4 @@
-"""GTN benchmark: unrolled vs implicit vs gradient matching by peak memory, seconds per
+"""GTN benchmark: unrolled vs first-order-tail vs gradient matching by peak memory, seconds per
 meta-step and student accuracy for T inner steps, on MNIST and CIFAR-10; and the curriculum
 ablation on MNIST. Every cell is kept as it finishes (``--resume`` continues a killed run).
 
@@ -84,7 +84,7 @@ def ratios(state: dict, steps) -> list[str]:
         def peak(c):
             return c["memory"].get("cuda_peak_bytes") or c["memory"]["saved_peak_bytes"]
 
-        for m in ("implicit", "matching"):
+        for m in ("first-order-tail", "matching"):
             c = cells.get(f"{m}/T={t}")
             if c:
                 lines.append(f"- T = {t}: unrolled uses {peak(u) / peak(c):.1f}x the memory of "
@@ -117,7 +117,7 @@ def cross_architecture(budget, plan: Plan, root: Path, summary: dict, args, devi
     cells = json.loads(path.read_text()) if args.resume and path.exists() else {}
     t, k = plan.cross_steps, plan.cross_per_class
     sources = {}
-    for method in ("unrolled", "implicit", "matching"):
+    for method in ("unrolled", "first-order-tail", "matching"):
         teacher = restore_teacher(train, budget, method, t, root / "mnist", device=device,
                                   recipe=args.recipe)
         sources[f"gtn {method}"] = teacher.sample(k, make_generator(0, "crossarch"))
@@ -152,7 +152,7 @@ def cross_architecture(budget, plan: Plan, root: Path, summary: dict, args, devi
 
 
 def learning_curve(budget, plan: Plan, root: Path, summary: dict, args, device,
-                   methods=("unrolled", "implicit", "matching")) -> list[str]:
+                   methods=("unrolled", "first-order-tail", "matching")) -> list[str]:
     """Every method at T = ``curve_steps`` for ``curve_iterations`` meta-iterations (MNIST):
     few-step accuracy on the held-out *validation* split every ``curve_every`` iterations,
     and the test accuracy at the end. Each method is kept in curve.json as it finishes; its
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"# GTN benchmark, budget `{budget.name}`", ""]
     for name in datasets if "compare" in sections else ():
         train, test = splits(name, args.data_root, device)
-        state = run_comparison(train, test, ["unrolled", "implicit", "matching"],
+        state = run_comparison(train, test, ["unrolled", "first-order-tail", "matching"],
                                list(plan.steps), budget, root / name, device=device,
                                resume=args.resume, recipe=args.recipe, log=print)
         summary["compare"][name] = state

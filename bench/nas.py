@@ -38,7 +38,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -98,7 +98,9 @@ def gtn_overrides(config: GTNConfig, items: list[str]) -> GTNConfig:
     import ast
     from dataclasses import fields, replace
 
-    names = {f.name for f in fields(config)}
+    from gtn.config import FLAT
+
+    names = {f.name for f in fields(config)} | set(FLAT)  # flat names: meta_iterations, ...
     changes: dict = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -126,7 +128,7 @@ def make_gtn(train, plan: Plan, validation: int, folder: Path, seed: int, device
     config = replace(plan.gtn, validation=validation)
     if resume and path.exists():
         log(f"reusing {path}")
-        return path, {"reused": True, "config": asdict(config)}
+        return path, {"reused": True, "config": config.as_dict()}
     start = time.perf_counter()
     teacher, meta, _ = train_gtn(train, config, seed=seed, device=device,
                                  checkpoint=folder / "gtn-checkpoint.pt",
@@ -136,7 +138,7 @@ def make_gtn(train, plan: Plan, validation: int, folder: Path, seed: int, device
     log(f"GTN: {config.meta_iterations} meta-iterations in {seconds:.0f} s -> {path}")
     return path, {"seconds": seconds, "meta_iterations": meta.iterations,
                   "seconds_per_meta_step": meta.seconds_per_iteration,
-                  "config": asdict(config)}
+                  "config": config.as_dict()}
 
 
 def make_dc(fit, plan: Plan, folder: Path, seed: int, device, resume: bool, log

@@ -19,7 +19,7 @@ import torch
 from distill.data import DatasetInfo, ImageSet
 from distill.engine import EvalProtocol, TrainConfig, fixed_test_subset, mean_std
 from distill.progress import Progress
-from distill.store import atomic_write_json, atomic_write_text, save_figure
+from distill.store import atomic_write_json, atomic_write_text, save_figure, to_jsonable
 
 from .generator import GeneratorConfig, GeneratorError, GeneratorTeacher
 from .train import (
@@ -71,6 +71,25 @@ BUDGETS = {
 
 #: What ``gtn compare`` can put in a row: every GTN method (:data:`gtn.methods.GTN_METHODS`).
 COMPARE_METHODS = GTN_METHODS
+
+
+def _definitions(recipe: bool) -> dict[str, dict]:
+    """What each method's cells were trained with (its options, :data:`GTN_METHODS`)."""
+    return {name: to_jsonable(m.options(recipe)) for name, m in GTN_METHODS.items()}
+
+
+def _still_valid(previous: dict, definitions: dict[str, dict], recipe: bool) -> dict:
+    """The finished cells of a previous state whose method still means what it meant then.
+    A state without ``definitions`` was written when ``implicit`` named today's
+    ``first-order-tail`` recipe: its ``implicit`` cells (with the recipe) are rerun."""
+    then = previous.get("definitions")
+    cells = previous.get("cells", {})
+
+    def valid(method: str) -> bool:
+        if then is None:
+            return not (recipe and method == "implicit")
+        return then.get(method) == definitions.get(method)
+    return {k: c for k, c in cells.items() if valid(c["method"])}
 
 
 def cell_key(method: str, steps: int) -> str:
@@ -133,13 +152,13 @@ def run_comparison(train_set: ImageSet, test_set: ImageSet, methods: list[str], 
     json_path = out / "gtn-compare.json"
     state: dict = {"dataset": train_set.info.name, "budget": asdict(budget), "seed": seed,
                    "curriculum": curriculum, "recipe": recipe, "device": str(device),
-                   "cells": {},
+                   "cells": {}, "definitions": _definitions(recipe),
                    "torch": torch.__version__, "threads": torch.get_num_threads()}
     if resume and json_path.exists():
         previous = json.loads(json_path.read_text())
         if all(previous.get(k, True if k == "recipe" else None) == state[k]
                for k in ("dataset", "budget", "seed", "curriculum", "recipe")):
-            state["cells"] = previous.get("cells", {})
+            state["cells"] = _still_valid(previous, state["definitions"], recipe)
     state["plain_step_saved_bytes"] = plain_step_bytes(train_set.info, budget, device)
     subset = fixed_test_subset(test_set.labels.numel(), budget.test_limit)
     test_x, test_y = test_set.images, test_set.labels

@@ -164,3 +164,30 @@ def test_gtn_config_nests_the_loop_and_strategy_configs():
     assert GTNConfig.from_dict(cfg.as_dict()) == cfg
     with pytest.raises(TypeError, match="unexpected"):
         GTNConfig(meta_learning_rate=1.0)
+
+
+def test_renamed_methods_keep_their_checkpoints_and_stale_compare_cells_rerun():
+    # a checkpoint's fingerprint names the strategy, so `gtn train --method implicit` runs of
+    # the former recipe resume as first-order-tail, and unrolled --recompute as
+    # unrolled-recompute; an old compare state's recipe `implicit` cells are not reused
+    from gtn import GTNConfig, recipe_config
+    from gtn.compare import _definitions, _still_valid
+
+    old = GTNConfig(method="implicit", inner_steps=4, meta_lr=5e-3, meta_schedule="cosine",
+                    real_batch=512, mixed_at="trajectory", step_size_grad=True, unroll_tail=5,
+                    grad_clip=0.5)
+    assert recipe_config("first-order-tail", inner_steps=4).flat(named=False) == \
+        old.flat(named=False)
+    assert recipe_config("unrolled-recompute").flat(named=False) == \
+        recipe_config("unrolled", recompute=True).flat(named=False)
+    assert recipe_config("implicit", inner_steps=4).flat(named=False) != old.flat(named=False)
+    cells = {f"{m}/T=8": {"method": m} for m in ("unrolled", "implicit", "matching")}
+    legacy = {"cells": cells}  # written before the method table had definitions
+    assert set(_still_valid(legacy, _definitions(True), True)) == {"unrolled/T=8",
+                                                                   "matching/T=8"}
+    assert set(_still_valid(legacy, _definitions(False), False)) == set(cells)
+    now = {"cells": cells, "definitions": _definitions(True)}
+    assert set(_still_valid(now, _definitions(True), True)) == set(cells)
+    changed = {**_definitions(True), "matching": {"inner_lr": 1.0}}
+    assert set(_still_valid({"cells": cells, "definitions": changed}, _definitions(True),
+                            True)) == {"unrolled/T=8", "implicit/T=8"}
