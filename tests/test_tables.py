@@ -191,3 +191,13 @@ def test_renamed_methods_keep_their_checkpoints_and_stale_compare_cells_rerun():
     changed = {**_definitions(True), "matching": {"inner_lr": 1.0}}
     assert set(_still_valid({"cells": cells, "definitions": changed}, _definitions(True),
                             True)) == {"unrolled/T=8", "implicit/T=8"}
+
+
+def test_nas_proxy_kinds_are_one_table():
+    from gtn.nas import PROXY_KINDS
+    from gtn.nas.proxies import PROXY_ARGS, parse_proxy, proxy_forms
+
+    assert PROXY_KINDS == tuple(PROXY_ARGS)
+    assert _option(_command("nas"), "proxies").metavar == proxy_forms("|")
+    for kind, arg in PROXY_ARGS.items():
+        assert parse_proxy(f"{kind}:x" if arg else kind).kind == kind

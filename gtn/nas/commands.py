@@ -37,6 +37,7 @@ from . import (
     run_search,
 )
 from .errors import NASError
+from .proxies import proxy_forms
 
 log = logging.getLogger("gtnkit")
 
@@ -53,7 +54,7 @@ register_usage_errors(GeneratorError, NASError)
 @click.option("--n-candidates", type=click.IntRange(min=2), default=12, show_default=True,
               help="Architectures sampled from the zoo (reproducible by --seed).")
 @click.option("--proxy", "proxies", multiple=True, required=True,
-              metavar="gtn:RUN|gtn-steps:RUN|dc:RUN|coreset:METHOD|real-subset|real-steps",
+              metavar=proxy_forms("|"),
               help="A proxy to rank the candidates with, repeatable. RUN: a `gtnkit gtn train`"
                    " / `gtnkit distill` output folder or its generator.pt / set.pt. gtn: the "
                    "generator's curriculum as a fixed set; gtn-steps: its own protocol (T "

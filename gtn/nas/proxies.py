@@ -21,11 +21,22 @@ from distill.rng import generator as make_generator
 from .budgets import NASBudget
 from .errors import NASError
 
-__all__ = ["PROXY_KINDS", "TrainSet", "ProxySpec", "nas_split", "truth_set", "parse_proxy",
-           "parse_proxies", "resolve_proxy", "build_proxy_set", "tensor_digest"]
+__all__ = ["PROXY_KINDS", "PROXY_ARGS", "proxy_forms", "TrainSet", "ProxySpec", "nas_split",
+           "truth_set", "parse_proxy", "parse_proxies", "resolve_proxy", "build_proxy_set",
+           "tensor_digest"]
 
 
-PROXY_KINDS = ("gtn", "gtn-steps", "dc", "coreset", "real-subset", "real-steps")
+#: Every proxy kind and the argument it takes (``None``: none): the one table that parsing,
+#: its messages and ``nas --proxy``'s metavar read.
+PROXY_ARGS: dict[str, str | None] = {"gtn": "RUN", "gtn-steps": "RUN", "dc": "RUN",
+                                     "coreset": "METHOD", "real-subset": None,
+                                     "real-steps": None}
+PROXY_KINDS = tuple(PROXY_ARGS)
+
+
+def proxy_forms(sep: str = ", ") -> str:
+    """``gtn:RUN, gtn-steps:RUN, ..., real-steps``: how each kind is written."""
+    return sep.join(f"{k}:{a}" if a else k for k, a in PROXY_ARGS.items())
 
 
 @dataclass
@@ -97,14 +108,11 @@ def parse_proxy(text: str) -> ProxySpec:
     kind = kind.strip().lower()
     if kind not in PROXY_KINDS:
         raise NASError(f"unknown proxy kind {kind!r} in {text!r}; choose from "
-                       f"gtn:RUN, gtn-steps:RUN, dc:RUN, coreset:METHOD, real-subset, "
-                       f"real-steps")
+                       f"{proxy_forms()}")
     value = arg.strip() or None
-    if kind in ("gtn", "gtn-steps", "dc", "coreset") and value is None:
-        form = {"gtn": "gtn:RUN", "gtn-steps": "gtn-steps:RUN", "dc": "dc:RUN",
-                "coreset": "coreset:METHOD"}[kind]
-        raise NASError(f"proxy {kind!r} needs an argument: {form}")
-    if kind in ("real-subset", "real-steps") and value is not None:
+    if PROXY_ARGS[kind] is not None and value is None:
+        raise NASError(f"proxy {kind!r} needs an argument: {kind}:{PROXY_ARGS[kind]}")
+    if PROXY_ARGS[kind] is None and value is not None:
         raise NASError(f"proxy {kind!r} takes no argument, got {text!r}")
     return ProxySpec(kind, value)
 
