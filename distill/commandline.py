@@ -33,12 +33,12 @@ from click.core import ParameterSource
 from .augment import AugmentError
 from .data import DATASETS, DataError
 from .devices import DeviceError
+from .errors import ConfigError, NonFiniteError
 from .models import ModelError
 from .outdir import OutDirError, open_run_dir
 from .outdir import check_writable as probe_writable
 from .progress import NullProgress
 from .store import StoreError, atomic_write_json
-from .strategies import ConfigError, NonFiniteError
 
 __all__ = ["ClickProgress", "StatusTask", "TableChoice", "TableHelpOption", "check_writable",
            "claim_out", "coreset_inits", "data_options", "datasets", "handle_errors",

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .strategies import ConfigError
+from .errors import ConfigError
 
 __all__ = ["KERNELS", "KernelError", "KernelConfig", "fc_kernels", "kernel_matrix",
            "make_kernel", "empirical_ntk"]

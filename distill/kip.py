@@ -25,28 +25,27 @@ class of a prediction).
 Every solve runs in float64. Two scores for a learned set: :func:`krr_accuracy` (the paper's own
 protocol: KRR with the kernel on the test set) and training finite networks
 (:func:`~distill.engine.evaluate_set`, the DC protocol) on :func:`training_labels`.
+
+This module gathers KIP's public names: the regression itself is :mod:`distill.krr`, the
+strategy (registered as ``kip``) :mod:`distill.strategies.kip`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-
-from .data import ImageSet
-from .kernels import Kernel, KernelConfig, kernel_matrix
-from .methods import METHODS
-from .strategies import (
-    ConfigError,
-    RealSampler,
-    Strategy,
-    StrategyConfig,
-    StudentFactory,
-    register_strategy,
+from .krr import (
+    kip_loss,
+    krr_accuracy,
+    krr_predict,
+    label_solve,
+    label_solve_set,
+    one_hot_targets,
+    regularise,
+    training_labels,
 )
-from .teacher import Teacher
+from .methods import METHODS
+from .strategies.kip import KipConfig, KipStrategy
 
 if TYPE_CHECKING:
     from .metatrain import MetaConfig
@@ -54,225 +53,6 @@ if TYPE_CHECKING:
 __all__ = ["KipConfig", "KipStrategy", "regularise", "krr_predict", "kip_loss", "label_solve",
            "label_solve_set", "krr_accuracy", "one_hot_targets", "training_labels", "kip_config",
            "KIP_DEFAULTS"]
-
-
-def one_hot_targets(labels: torch.Tensor, num_classes: int, center: bool = True
-                    ) -> torch.Tensor:
-    """KRR targets (N, K) float64 from hard (N,) or soft (N, K) labels, centred by ``1/K``."""
-    y = F.one_hot(labels, num_classes) if labels.dim() == 1 else labels
-    y = y.double()
-    return y - 1.0 / num_classes if center else y
-
-
-def regularise(k_ss: torch.Tensor, reg: float) -> torch.Tensor:
-    """``K_ss + reg * tr(K_ss) / n_s * I`` (the paper's scaling of the ridge, (n_s, n_s))."""
-    n = k_ss.shape[0]
-    scale = reg * torch.trace(k_ss) / n
-    return k_ss + scale * torch.eye(n, dtype=k_ss.dtype, device=k_ss.device)
-
-
-def _check_reg(reg: float) -> None:
-    if not reg > 0:
-        raise ConfigError(f"the KRR regulariser must be > 0, got {reg}")
-
-
-def krr_predict(k_ts: torch.Tensor, k_ss: torch.Tensor, y_s: torch.Tensor, reg: float
-                ) -> torch.Tensor:
-    """Kernel ridge regression: ``K_ts (K_ss + reg * tr(K_ss)/n_s * I)^{-1} y_s``.
-
-    Args:
-        k_ts: (n_t, n_s); k_ss: (n_s, n_s) symmetric PSD; y_s: (n_s, K). Any float dtype
-            (float64 recommended: the solve is ill-conditioned for small ``reg``).
-        reg: lam > 0.
-
-    Returns:
-        (n_t, K) predictions, differentiable in all three inputs.
-    """
-    _check_reg(reg)
-    k_reg = regularise(k_ss, reg)
-    try:  # Cholesky: the regularised Gram matrix is positive definite
-        chol = torch.linalg.cholesky(k_reg)
-        alpha = torch.cholesky_solve(y_s.to(k_reg.dtype), chol)
-    except RuntimeError:  # numerically indefinite: a general solve still works
-        alpha = torch.linalg.solve(k_reg, y_s.to(k_reg.dtype))
-    return k_ts @ alpha
-
-
-def kip_loss(x_s: torch.Tensor, y_s: torch.Tensor, x_t: torch.Tensor, y_t: torch.Tensor,
-             kernel: Kernel, reg: float) -> torch.Tensor:
-    """KIP's loss ``1/2 * mean((K_ts (K_ss + lam')^{-1} y_s - y_t)^2)`` (float64 scalar).
-
-    Args:
-        x_s: (n_s, ...) support images; y_s: (n_s, K) support labels (learnable or not).
-        x_t: (n_t, ...) target images; y_t: (n_t, K) target labels.
-        kernel: ``(x1, x2) -> (n1, n2)`` float64, e.g. :func:`~distill.kernels.make_kernel`.
-        reg: lam > 0 (scaled by tr(K_ss)/n_s).
-    """
-    pred = krr_predict(kernel(x_t, x_s), kernel(x_s, x_s), y_s, reg)
-    return 0.5 * torch.mean((pred - y_t.to(pred.dtype)) ** 2)
-
-
-def label_solve(x_s: torch.Tensor, x_t: torch.Tensor, y_t: torch.Tensor, kernel: Kernel,
-                reg: float, chunk: int = 4096) -> torch.Tensor:
-    """Label Solve: the minimum-norm labels ``y_s = A^+ y_t``, ``A = K_ts (K_ss + lam')^{-1}``.
-
-    ``y_s`` minimises ``||y_t - A y_s||_F`` over all labels for the fixed support ``x_s``; where
-    the minimiser is not unique (n_t < n_s, or a rank-deficient ``A``) the one of least norm
-    (the Moore-Penrose solution). ``A`` is formed in float64, ``chunk`` target rows at a time.
-
-    Args:
-        x_s: (n_s, ...) support images; x_t: (n_t, ...) target images; y_t: (n_t, K) labels.
-
-    Returns:
-        (n_s, K) float64 labels.
-    """
-    _check_reg(reg)
-    k_reg = regularise(kernel(x_s, x_s), reg)
-    rows = [kernel(x_t[i:i + chunk], x_s) for i in range(0, x_t.shape[0], chunk)]
-    a = torch.linalg.solve(k_reg, torch.cat(rows).T).T  # K_ts K_reg^{-1} (K_reg symmetric)
-    return torch.linalg.pinv(a) @ y_t.to(a.dtype)
-
-
-@torch.no_grad()
-def label_solve_set(images: torch.Tensor, real: ImageSet, kernel: KernelConfig,
-                    reg: float = 1e-6, targets: int | None = 10000,
-                    generator: torch.Generator | None = None, chunk: int = 4096
-                    ) -> torch.Tensor:
-    """LS for a given support (random real images, a coreset or any condensed set).
-
-    Args:
-        images: (n_s, C, H, W) support images (on the device of ``real``).
-        real: the real training set; ``targets`` random images of it (all when ``None`` or
-            larger) are the regression targets (one-hot, centred).
-        kernel: the kernel (its ``depth``; ``family`` is ignored).
-
-    Returns:
-        (n_s, K) float32 labels on the one-hot scale (the centred solution + 1/K, rows sum
-        to 1); KRR uses them as they are, networks via :func:`training_labels`.
-    """
-    k = real.info.num_classes
-    x_t, y_t = real.images, real.labels
-    if targets is not None and targets < x_t.shape[0]:
-        if generator is None:
-            raise ValueError("a random target subset needs a generator")
-        idx = torch.randperm(x_t.shape[0], generator=generator)[:targets].to(x_t.device)
-        x_t, y_t = x_t[idx], y_t[idx]
-    y = label_solve(images, x_t, one_hot_targets(y_t, k),
-                    lambda a, b: kernel_matrix(a, b, kernel), reg, chunk)
-    return (y + 1.0 / k).float()
-
-
-@torch.no_grad()
-def krr_accuracy(x_s: torch.Tensor, y_s: torch.Tensor, x_test: torch.Tensor,
-                 y_test: torch.Tensor, kernel: Kernel, reg: float, chunk: int = 2048) -> float:
-    """Test accuracy (%) of KRR on the support ``(x_s, y_s)``: the KIP paper's protocol.
-
-    Args:
-        y_s: (n_s,) hard or (n_s, K) soft / KRR labels; y_test: (n_test,) hard labels.
-    """
-    num_classes = int(y_s.shape[1]) if y_s.dim() == 2 else int(y_test.max()) + 1
-    y = one_hot_targets(y_s, num_classes)
-    _check_reg(reg)
-    k_reg = regularise(kernel(x_s, x_s), reg)
-    alpha = torch.linalg.solve(k_reg, y)
-    correct = 0
-    for i in range(0, x_test.shape[0], chunk):
-        pred = kernel(x_test[i:i + chunk], x_s) @ alpha
-        correct += int((pred.argmax(1) == y_test[i:i + chunk].to(pred.device)).sum())
-    return 100.0 * correct / x_test.shape[0]
-
-
-def training_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels a finite network can be trained on with (soft) cross-entropy.
-
-    Hard labels stay as they are; KRR labels (LS, or any real-valued (N, K) labels) are
-    projected onto the probability simplex: uncentred, negatives clipped to 0, rows
-    renormalised (a row with no positive entry becomes its argmax one-hot).
-    """
-    if labels.dim() == 1:
-        return labels
-    if bool((labels >= 0).all()) and float((labels.sum(1) - 1).abs().max()) < 1e-5:
-        return labels  # already probabilities (soft labels of a condensed set): untouched
-    y = labels.double()
-    if float(y.sum(1).abs().max()) < 1e-6:  # centred labels: rows sum to 0
-        y = y + 1.0 / y.shape[1]
-    y = y.clamp_min(0)
-    mass = y.sum(1, keepdim=True)
-    fallback = F.one_hot(labels.argmax(1), labels.shape[1]).double()
-    return torch.where(mass > 0, y / mass.clamp_min(1e-12), fallback).float()
-
-
-@dataclass(frozen=True)
-class KipConfig(StrategyConfig):
-    """KIP's knobs (a :class:`~distill.strategies.StrategyConfig`, so the loop takes it).
-
-    Attributes:
-        kernel: ``ntk`` | ``nngp``; kernel_depth: hidden layers of the FC network (>= 1).
-        w_var, b_var: weight / bias variances of the kernel.
-        family: draw the depth uniformly from ``1..kernel_depth`` each iteration.
-        reg: lam > 0 of the KRR (scaled by tr(K_ss)/n_s); the paper: 1e-6.
-        target_batch: real target images per iteration (>= the number of classes).
-        center_labels: centre one-hot labels by 1/K (changes the loss's scale and which
-            directions it weighs, never the argmax of a KRR prediction).
-        balanced_targets: draw every target batch class-balanced, as the paper does
-            (``False``: uniformly from the whole training set).
-    """
-
-    kernel: str = "ntk"
-    kernel_depth: int = 1
-    w_var: float = 2.0
-    b_var: float = 0.01
-    family: bool = False
-    reg: float = 1e-6
-    target_batch: int = 1000
-    center_labels: bool = True
-    balanced_targets: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.kernel_config()  # raises KernelError
-        _check_reg(self.reg)
-        if self.target_batch < 1:
-            raise ConfigError(f"target_batch must be >= 1, got {self.target_batch}")
-
-    def kernel_config(self) -> KernelConfig:
-        return KernelConfig(name=self.kernel, depth=self.kernel_depth, w_var=self.w_var,
-                            b_var=self.b_var, family=self.family)
-
-
-@register_strategy("kip")
-class KipStrategy(Strategy):
-    """KIP: one Adam/SGD step on the teacher per random real target batch (Algorithm 1).
-
-    Uses only the teacher protocol's ``batch(None, generator)`` (all support images and
-    their, possibly learnable, labels) and ``parameters()``; no student network is trained
-    (the infinitely wide network's kernel stands in for it), so ``make_student`` is unused.
-    """
-
-    config_class = KipConfig
-
-    def __init__(self, config: StrategyConfig) -> None:
-        kip = config if isinstance(config, KipConfig) else KipConfig(
-            **{f.name: getattr(config, f.name) for f in fields(config)})  # KIP's other defaults
-        super().__init__(kip)
-        self.kip = kip
-        self.kernel = kip.kernel_config()
-
-    def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
-             make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
-        cfg = self.kip
-        k = real.num_classes
-        if cfg.target_batch < k:
-            raise ConfigError(f"target_batch ({cfg.target_batch}) must be >= the number of "
-                              f"classes ({k})")
-        depth = self.kernel.sample_depth(generator)
-        x_s, y_s = teacher.batch(None, generator)
-        x_t, y_t = (real.balanced_batch if cfg.balanced_targets else real.batch)(
-            cfg.target_batch, generator)
-        loss = kip_loss(x_s, one_hot_targets(y_s, k, cfg.center_labels), x_t,
-                        one_hot_targets(y_t, k, cfg.center_labels),
-                        lambda a, b: kernel_matrix(a, b, self.kernel, depth), cfg.reg)
-        return {"loss": self._update(loss, teacher, optimizer), "depth": depth}
 
 
 #: KIP's optimiser (the paper's released code: Adam, lr 0.01 on normalised pixels): the method

@@ -3,7 +3,7 @@
 Nguyen, Chen & Lee, "Dataset Meta-Learning from Kernel Ridge-Regression", ICLR 2021 (LS):
 the support images stay as they are (random real images, noise, a coreset or any saved set)
 and their labels are the minimum-norm least-squares solution of kernel ridge regression onto
-real targets (:func:`distill.kip.label_solve_set`). :func:`solve_labels` is to LS what
+real targets (:func:`distill.krr.label_solve_set`). :func:`solve_labels` is to LS what
 :func:`~distill.condense.condense` is to the learned methods: it picks the support like every
 method's ``init`` and returns the set as an artefact.
 """
@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from .data import ImageSet
+from .errors import ConfigError
 from .kernels import KernelConfig
-from .kip import label_solve_set
+from .krr import label_solve_set
 from .rng import generator
 from .store import SavedSet
-from .strategies import ConfigError
 from .synthetic import SyntheticSet
 
 __all__ = ["solve_labels"]

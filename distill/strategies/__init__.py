@@ -17,8 +17,8 @@ distribution   embedding-mean matching on random networks (DM: Zhao & Bilen, WAC
 unrolled       backprop through T student steps (DD: Wang et al. 2018), functional SGD
 implicit       implicit function theorem + Neumann series (Lorraine, Vicol & Duvenaud,
                AISTATS 2020); no graph across the T student steps
-kip            kernel ridge regression (KIP: Nguyen, Chen & Lee, ICLR 2021), in
-               :mod:`distill.kip`
+kip            kernel ridge regression (KIP: Nguyen, Chen & Lee, ICLR 2021); the
+               regression itself is :mod:`distill.krr`
 =============  =====================================================================
 
 :mod:`~distill.strategies.base` holds the sampler, the config, the protocol and the registry;
@@ -41,10 +41,11 @@ from .base import (
 )
 from .distribution import Distribution
 from .implicit import Implicit
+from .kip import KipConfig, KipStrategy
 from .matching import BN_REAL_PER_CLASS, Matching, freeze_batch_norm
 from .unrolled import Unrolled
 
 __all__ = ["ConfigError", "Teacher", "RealSampler", "NonFiniteError", "StrategyConfig", "Strategy",
            "STRATEGIES", "make_strategy", "register_strategy", "check_finite", "dc_loops",
            "StudentFactory", "MIXED_AT", "Matching", "Distribution", "Unrolled", "Implicit",
-           "freeze_batch_norm", "BN_REAL_PER_CLASS"]
+           "freeze_batch_norm", "BN_REAL_PER_CLASS", "KipConfig", "KipStrategy"]
