@@ -35,7 +35,7 @@ from distill.store import SavedSet, save_set
 from .compare import BUDGETS, COMPARE_METHODS, comparison_table, run_comparison
 from .config import GTNConfig
 from .generator import CURRICULA, GeneratorConfig, GeneratorError
-from .methods import DEFAULT_METHOD, GTN_METHODS, RECIPES
+from .methods import DEFAULT_METHOD, GTN_METHODS
 from .train import few_step_accuracy, recipe_config, save_generator, train_gtn
 
 __all__ = ["RECIPES_HELP", "gtn"]
@@ -58,9 +58,15 @@ def _gtn_method_help() -> str:
 
 
 #: The recipe table (:data:`gtn.train.RECIPES`) in words, for ``gtn train --help``.
+def _options_text(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items())
+
+
 RECIPES_HELP = ("Recipes (measured on MNIST; see docs/results/gtn.md): " + "; ".join(
-    f"{method}: " + ", ".join(f"{k}={v}" for k, v in options.items())
-    for method, options in RECIPES.items()) + ".")
+    f"{name}: " + " + ".join(part for part in (
+        _options_text(m.defines) + " (what the method is: kept with --no-recipe)"
+        if m.defines else "", _options_text(m.recipe)) if part)
+    for name, m in GTN_METHODS.items()) + ".")
 
 def _using(strategy: str) -> tuple[str, ...]:
     """The GTN methods whose meta-gradient strategy is ``strategy``."""
