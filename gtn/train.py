@@ -155,7 +155,8 @@ class GTNConfig:
     checkpoint_every: int = 10
     eval_every: int = 0
     memory_iterations: int = 1
-    memory_check: bool = field(default=True, metadata=NOT_IN_RESULT)
+    # not in the repr: the legacy fingerprint of old checkpoints is the dataclass repr
+    memory_check: bool = field(default=True, repr=False, metadata=NOT_IN_RESULT)
 
     def __post_init__(self) -> None:
         if self.method not in GTN_METHODS:
