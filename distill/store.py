@@ -1,8 +1,11 @@
 """Files a run leaves behind, always written atomically.
 
-* A **saved set** is one ``.pt`` file: images (N, C, H, W) in the data set's normalised space,
-  labels (N,) and a metadata dict (data set, method, IPC, seed, config, ...). Selected,
-  condensed and generated sets share the format, so ``evaluate`` / ``show`` take any of them.
+* A **saved set** is one file: images (N, C, H, W) in the data set's normalised space, labels
+  (N,) or soft labels (N, K), and metadata (data set, method, IPC, seed, config, ...). Runs write
+  ``set.safetensors``, whose card says how to use it without gtnkit (:mod:`distill.artefacts`);
+  ``.pt`` sets of earlier versions stay readable (and writable under a ``.pt`` name). Selected,
+  condensed, generated and imported sets share the format, so ``evaluate`` / ``show`` /
+  ``export`` take any of them. A :class:`SavedSet` is a torch ``Dataset``.
 * A **run folder** (``--out``) holds ``config.json``, ``results.json`` and the artefacts. A folder
   that already holds a run is refused unless the caller forces it.
 
@@ -19,11 +22,13 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 __all__ = [
     "StoreError",
@@ -40,12 +45,16 @@ __all__ = [
     "fingerprint_repr",
     "save_set",
     "load_set",
+    "find_run_file",
+    "SET_FILES",
     "check_run_dir",
     "RUN_MARKERS",
 ]
 
 SET_FORMAT = "gtnkit.set"
-SET_VERSION = 1
+SET_VERSION = 1  # the .pt layout; safetensors sets carry card version 2 (distill.artefacts)
+#: What a run folder's set is called, newest first: a folder given for a set means this file.
+SET_FILES = ("set.safetensors", "set.pt")
 #: Files whose presence means a folder already holds a run.
 RUN_MARKERS = ("config.json", "results.json")
 
@@ -154,20 +163,29 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
-@dataclass
-class SavedSet:
-    """A small training set and where it came from.
+@dataclass(eq=False)
+class SavedSet(Dataset):
+    """A small training set and where it came from; a torch ``Dataset`` of (image, target).
+
+    ``saved[i]`` is ``(transform(images[i]), target_transform(labels[i]))``: a normalised
+    (C, H, W) image and a class index (hard labels) or a (K,) vector (soft labels), so a
+    ``DataLoader`` batches it as it would a torchvision data set.
 
     Attributes:
-        images: (N, C, H, W) float32, normalised like the source data set.
+        images: (N, C, H, W) float32, normalised like the source data set (:attr:`card`
+            ``normalization``; :meth:`denormalize` gives pixels in [0, 1]).
         labels: (N,) int64 hard labels, or (N, K) float soft labels.
         meta: provenance; at least ``dataset`` (registry name). Conventionally also
-            ``method``, ``ipc``, ``seed``, ``config`` and, for selections, ``indices``.
+            ``method``, ``ipc``, ``init``, ``seed``, ``config``, ``evaluations`` and, for
+            selections, ``indices``; a learned student lr under ``lr``.
+        transform / target_transform: applied per item (not to :attr:`images`).
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     meta: dict = field(default_factory=dict)
+    transform: Callable[[torch.Tensor], Any] | None = field(default=None, repr=False)
+    target_transform: Callable[[torch.Tensor], Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.images.dim() != 4:
@@ -180,15 +198,58 @@ class SavedSet:
     def dataset(self) -> str:
         return str(self.meta.get("dataset", "?"))
 
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        x, y = self.images[i], self.labels[i]
+        return (x if self.transform is None else self.transform(x),
+                y if self.target_transform is None else self.target_transform(y))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a file holds: ``images``, ``labels`` and, where learned, ``lr``."""
+        out = {"images": self.images.detach().cpu().float().contiguous(),
+               "labels": self.labels.detach().cpu().contiguous()}
+        if self.meta.get("lr") is not None:
+            out["lr"] = torch.as_tensor(self.meta["lr"], dtype=torch.float32)
+        return out
+
+    @property
+    def card(self) -> dict:
+        """How to use the set (:func:`distill.artefacts.make_set_card`): data set, class
+        names, image shape, normalisation, label kind, provenance, evaluations, version and
+        the sha256 of :meth:`tensors`."""
+        from .artefacts import make_set_card
+
+        meta = {k: v for k, v in self.meta.items() if k != "lr"}
+        return make_set_card(self.images, self.labels, meta, self.tensors())
+
+    def denormalize(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised images (default: all of :attr:`images`) back to pixels in [0, 1]
+        (unclipped: a synthetic set may leave the range)."""
+        from .data import get_info
+
+        x = self.images if x is None else x
+        info = get_info(self.dataset)
+        shape = (-1, 1, 1)
+        mean = torch.tensor(info.mean, device=x.device, dtype=x.dtype).view(shape)
+        std = torch.tensor(info.std, device=x.device, dtype=x.dtype).view(shape)
+        return x * std + mean
+
 
 def save_set(path: str | os.PathLike, saved: SavedSet) -> Path:
-    """Write a :class:`SavedSet` as one ``.pt`` file, atomically."""
-    buf = io.BytesIO()
-    torch.save({"format": SET_FORMAT, "version": SET_VERSION,
-                "images": saved.images.detach().cpu().float().contiguous(),
-                "labels": saved.labels.detach().cpu().contiguous(),
-                "meta": to_jsonable(saved.meta)}, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    """Write a :class:`SavedSet` atomically: safetensors + card, or under a ``.pt`` name the
+    torch layout of earlier versions (read with ``weights_only``)."""
+    if Path(path).suffix == ".pt":
+        buf = io.BytesIO()
+        torch.save({"format": SET_FORMAT, "version": SET_VERSION,
+                    "images": saved.images.detach().cpu().float().contiguous(),
+                    "labels": saved.labels.detach().cpu().contiguous(),
+                    "meta": to_jsonable(saved.meta)}, buf)
+        return atomic_write_bytes(path, buf.getvalue())
+    from .artefacts import write_safetensors
+
+    return write_safetensors(path, saved.tensors(), saved.card)
 
 
 def read_tagged(path: str | os.PathLike, tag: str, what: str,
@@ -240,9 +301,59 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def load_set(path: str | os.PathLike) -> SavedSet:
-    """Read a saved set; any problem is a one-line :class:`StoreError` naming the file."""
+def find_run_file(path: str | os.PathLike, names: tuple[str, ...]) -> Path:
+    """``path``, or for a folder the first of ``names`` in it (else the first name, so the
+    error names the file that was looked for)."""
     path = Path(path)
+    if not path.is_dir():
+        return path
+    return next((path / n for n in names if (path / n).is_file()), path / names[0])
+
+
+def load_set(path: str | os.PathLike, *, transform: Callable | None = None,
+             dataset: str | None = None, normalization: str | None = None) -> SavedSet:
+    """Read a set as a :class:`SavedSet` (a torch ``Dataset``).
+
+    ``path``: a gtnkit set (``set.safetensors``, an earlier ``set.pt``, an ``.npz`` export), a
+    run or export folder holding one, or another tool's set (a folder of ``images.pt``,
+    ``labels.pt``, optional ``lr.pt``, or an ``.npz`` of ``images``/``labels``), which needs
+    its ``dataset`` and the ``normalization`` its images carry
+    (:func:`distill.foreign.parse_normalization`). Reading never unpickles code; any problem
+    is a one-line :class:`StoreError` naming the file.
+    """
+    from . import foreign
+
+    path = Path(path)
+    if path.is_dir() and not any((path / n).is_file() for n in SET_FILES) and \
+            foreign.is_foreign_folder(path):
+        saved = foreign.read_foreign(path, dataset, normalization)
+    elif path.suffix == ".npz" and path.is_file() and not foreign.npz_has_card(path):
+        saved = foreign.read_foreign(path, dataset, normalization)
+    else:
+        from .artefacts import read_set_file
+
+        path = find_run_file(path, SET_FILES)
+        saved = read_set_file(path)
+        if normalization is not None:
+            raise StoreError(f"{path} is a gtnkit set: its normalisation is in its card "
+                             f"(--normalization is for other tools' sets)")
+        if dataset is not None and _dataset_name(dataset) != saved.dataset:
+            raise StoreError(f"{path} is a set of {saved.dataset}, not of {dataset}")
+    saved.transform = transform
+    return saved
+
+
+def _dataset_name(name: str) -> str:
+    from .data import DataError, get_info
+
+    try:
+        return get_info(name).name
+    except DataError as exc:
+        raise StoreError(str(exc)) from None
+
+
+def read_pt_set(path: Path) -> SavedSet:
+    """A set in the ``.pt`` layout of earlier versions (``torch.load``, ``weights_only``)."""
     obj = read_tagged(path, SET_FORMAT, "gtnkit set", missing="no saved set at {path}")
     if obj.get("version") != SET_VERSION:
         raise StoreError(f"{path} has set format version {obj.get('version')}; "
