@@ -173,10 +173,10 @@ def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
         if key not in arrays:
             raise StoreError(f"{path} lacks the array {key!r} (it holds "
                              f"{', '.join(sorted(arrays)) or 'nothing'})")
-    tensors = []
     for key in ("images", "labels", "lr"):
         a = arrays.get(key)
         if a is not None and a.dtype.kind not in "fiub":
             raise StoreError(f"{path}: {key} is an array of {a.dtype}, not numbers")
-        tensors.append(None if a is None else torch.from_numpy(a))
-    return tensors[0], tensors[1], tensors[2]
+    lr = arrays.get("lr")
+    return (torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]),
+            None if lr is None else torch.from_numpy(lr))
