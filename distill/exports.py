@@ -92,7 +92,8 @@ def write_imagefolder(out: Path, saved: SavedSet) -> list[Path]:
 
     info = get_info(saved.dataset)
     pixels = saved.denormalize().detach().cpu()
-    clipped = int(((pixels < 0) | (pixels > 1)).sum())
+    half = 0.5 / 255  # beyond half a grey level outside [0, 1], rounding cannot hide it
+    clipped = int(((pixels < -half) | (pixels > 1 + half)).sum())
     u8 = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     labels = saved.labels if saved.labels.dim() == 1 else saved.labels.argmax(1)
     folders = [out / class_folder(c, n, info.num_classes) for c, n in
