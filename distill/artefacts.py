@@ -26,11 +26,12 @@ from typing import Any
 import torch
 
 from .data import DataError, DatasetInfo, get_info
-from .store import SavedSet, StoreError, atomic_write_bytes, count_non_finite, to_jsonable
+from .errors import StoreError
+from .files import atomic_write_bytes, count_non_finite, to_jsonable
 
-__all__ = ["CARD_KEY", "SET_CARD_VERSION", "check_set_card", "content_hash",
-           "evaluation_record", "gtnkit_version", "is_safetensors", "make_set_card",
-           "read_safetensors", "read_set_file", "set_from_tensors", "write_safetensors"]
+__all__ = ["CARD_KEY", "SET_CARD_VERSION", "check_against", "check_roles", "check_set_card",
+           "content_hash", "gtnkit_version", "is_safetensors", "make_set_card",
+           "read_safetensors", "write_safetensors"]
 
 #: The ``__metadata__`` key that holds the card (JSON text).
 CARD_KEY = "gtnkit"
@@ -103,37 +104,6 @@ def read_safetensors(path: str | os.PathLike, what: str,
         raise error(f"{path} holds {bad} non-finite value(s) (NaN or inf) among {total}; "
                     f"refusing to use this {what}")
     return tensors, card
-
-
-def read_set_file(path: str | os.PathLike) -> SavedSet:
-    """A set file gtnkit wrote, by its content: safetensors + card, the ``.pt`` layout of
-    earlier versions, or an ``.npz`` export; the card is checked against the tensors."""
-    from .store import read_pt_set
-
-    path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"no saved set at {path}")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if is_safetensors(head):
-        tensors, card = read_safetensors(path, "gtnkit set")
-        check_set_card(path, card, tensors)
-        return set_from_tensors(tensors, card)
-    if path.suffix == ".npz":
-        from .exports import read_npz
-
-        return read_npz(path)
-    return read_pt_set(path)
-
-
-def set_from_tensors(tensors: Mapping[str, torch.Tensor], card: Mapping[str, Any]) -> SavedSet:
-    """The :class:`SavedSet` of a checked file: its card is the metadata (``lr`` from its
-    tensor), so the card written again is the card read."""
-    meta = dict(card)
-    if "lr" in tensors:
-        lr = tensors["lr"]
-        meta["lr"] = float(lr) if lr.dim() == 0 else lr.tolist()
-    return SavedSet(tensors["images"], tensors["labels"], meta)
 
 
 def _info(dataset: Any, where: str) -> DatasetInfo:
@@ -227,22 +197,3 @@ def check_against(path: Path | str, images: torch.Tensor, labels: torch.Tensor,
                                                  int(labels.max()) >= k):
         raise StoreError(f"{path} has labels in {int(labels.min())}..{int(labels.max())}; "
                          f"{info.name} has classes 0..{k - 1}")
-
-
-def evaluation_record(protocol: Any, result: Any, seed: int) -> dict:
-    """One entry of a card's ``evaluations``: the protocol (name, student, augmentation,
-    epochs, lr, students, test subset), the seed and the accuracies it gave.
-
-    Args:
-        protocol: a :class:`~distill.engine.EvalProtocol`; result: its
-            :class:`~distill.engine.EvalResult`.
-    """
-    from .protocols import describe_protocol
-
-    t = protocol.train
-    augmentation = t.augmentation or ("dsa" if t.augment else "none")
-    return {"protocol": protocol.name or "custom", "description": describe_protocol(protocol),
-            "student": protocol.model, "augmentation": augmentation, "epochs": t.epochs,
-            "lr": t.lr, "batch_size": t.batch_size, "students": protocol.n_students,
-            "test_limit": protocol.test_limit, "seed": seed,
-            "accuracies": list(result.accuracies), "mean": result.mean, "std": result.std}

@@ -18,7 +18,6 @@ from typing import Any
 
 import click
 
-from .artefacts import evaluation_record
 from .commandline import (
     POSITIVE,
     TableChoice,
@@ -53,7 +52,7 @@ from .grid import write_grid
 from .kip import training_labels
 from .methods import METHODS
 from .models import parse_model_spec
-from .protocols import default_protocol, describe_protocol, make_protocol
+from .protocols import default_protocol, describe_protocol, evaluation_record, make_protocol
 from .stats import comparison_markdown
 from .store import SET_FILES, PartialResults, StoreError, atomic_write_text, save_set
 

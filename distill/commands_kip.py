@@ -22,7 +22,6 @@ from typing import Any
 import click
 import torch
 
-from .artefacts import evaluation_record
 from .commandline import NON_NEGATIVE, claim_out, coreset_inits, progress, write_run
 from .condense import condense
 from .data import ImageSet, get_info
@@ -33,7 +32,7 @@ from .kernels import KernelConfig, make_kernel
 from .kip import KipConfig, kip_config, krr_accuracy, training_labels
 from .labelsolve import solve_labels
 from .models import parse_model_spec
-from .protocols import describe_protocol, make_protocol, protocol_label
+from .protocols import describe_protocol, evaluation_record, make_protocol, protocol_label
 from .store import SET_FILES, save_set
 
 #: The methods this module runs, and their line of ``distill --method``'s help.

@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artefacts import check_set_card, set_from_tensors
+from .artefacts import check_set_card, write_safetensors
 from .data import get_info
-from .store import SavedSet, StoreError, atomic_write_bytes, atomic_write_json, to_jsonable
+from .errors import StoreError
+from .files import atomic_write_bytes, atomic_write_json, count_non_finite, to_jsonable
+from .saved import SavedSet
 
 __all__ = ["EXPORT_FORMATS", "export_set", "class_folder", "read_npz"]
 
@@ -39,14 +41,17 @@ def export_set(saved: SavedSet, fmt: str, out: str | os.PathLike) -> list[Path]:
     (PNGs of an image folder counted as their class folders)."""
     out = Path(out)
     if fmt == "safetensors":
-        from .store import save_set
-
-        return [save_set(out / "set.safetensors", saved)]
+        return [write_set(out / "set.safetensors", saved)]
     if fmt == "npz":
         return [write_npz(out / "set.npz", saved)]
     if fmt == "imagefolder":
         return write_imagefolder(out, saved)
     raise StoreError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+
+
+def write_set(path: Path, saved: SavedSet) -> Path:
+    """``saved`` as safetensors + card (what ``save_set`` writes under that name)."""
+    return write_safetensors(path, saved.tensors(), saved.card)
 
 
 def write_npz(path: Path, saved: SavedSet) -> Path:
@@ -68,14 +73,12 @@ def read_npz(path: Path) -> SavedSet:
     if not isinstance(card, dict):
         raise StoreError(f"{path}: its card is not a JSON object")
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items() if v.dtype.kind in "fiub"}
-    from .store import count_non_finite
-
     bad, total = count_non_finite(tensors)
     if bad:
         raise StoreError(f"{path} holds {bad} non-finite value(s) (NaN or inf) among {total}; "
                          f"refusing to use this gtnkit set")
     check_set_card(path, card, tensors)
-    return set_from_tensors(tensors, card)
+    return SavedSet.from_file(tensors, card)
 
 
 def class_folder(index: int, name: str, num_classes: int) -> str:
@@ -87,8 +90,6 @@ def class_folder(index: int, name: str, num_classes: int) -> str:
 
 def write_imagefolder(out: Path, saved: SavedSet) -> list[Path]:
     from PIL import Image
-
-    from .store import save_set
 
     info = get_info(saved.dataset)
     pixels = saved.denormalize().detach().cpu()
@@ -109,5 +110,5 @@ def write_imagefolder(out: Path, saved: SavedSet) -> list[Path]:
         "classes": [f.name for f in folders], "exact_tensors": "set.safetensors",
         "labels_in_folders": "class index" if saved.labels.dim() == 1 else "argmax of the "
                              "soft labels (exact soft labels in set.safetensors)"}}
-    return [*(f for f in folders if f.is_dir()), save_set(out / "set.safetensors", saved),
+    return [*(f for f in folders if f.is_dir()), write_set(out / "set.safetensors", saved),
             atomic_write_json(out / "card.json", card)]

@@ -26,7 +26,9 @@ import torch
 
 from .artefacts import check_against, check_roles
 from .data import DataError, DatasetInfo, get_info
-from .store import SavedSet, StoreError, count_non_finite
+from .errors import StoreError
+from .files import count_non_finite
+from .saved import SavedSet
 
 __all__ = ["FOREIGN_FILES", "NORMALIZATIONS", "is_foreign_folder", "npz_has_card",
            "parse_normalization", "read_foreign"]

@@ -10,25 +10,38 @@
   that already holds a run is refused unless the caller forces it.
 
 Every file is written to a temporary name in the same folder, flushed to disk and renamed over
-the target, so a killed process never leaves a half-written file under the final name.
+the target, so a killed process never leaves a half-written file under the final name
+(:mod:`distill.files`, whose primitives this module re-exports). This module is the top of the
+set format: it reads every kind of set (:mod:`distill.artefacts`, :mod:`distill.exports`,
+:mod:`distill.foreign`), and none of them imports it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
-import math
 import os
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+
+from . import foreign
+from .artefacts import check_set_card, is_safetensors, read_safetensors, write_safetensors
+from .errors import StoreError
+from .exports import read_npz
+from .files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    count_non_finite,
+    read_tagged,
+    to_jsonable,
+)
+from .saved import SavedSet
 
 __all__ = [
     "StoreError",
@@ -49,6 +62,7 @@ __all__ = [
     "SET_FILES",
     "check_run_dir",
     "RUN_MARKERS",
+    "read_tagged",
 ]
 
 SET_FORMAT = "gtnkit.set"
@@ -57,65 +71,6 @@ SET_VERSION = 1  # the .pt layout; safetensors sets carry card version 2 (distil
 SET_FILES = ("set.safetensors", "set.pt")
 #: Files whose presence means a folder already holds a run.
 RUN_MARKERS = ("config.json", "results.json")
-
-
-class StoreError(Exception):
-    """An unreadable or invalid file, or an output folder that may not be written. One line."""
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename).
-
-    Raises:
-        OSError: the file cannot be written; its ``filename`` is ``path`` (never the temporary
-            name), so a caller can say which file failed. No temporary file is left behind.
-    """
-    path = Path(path)
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
-
-
-def to_jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)  # JSON has no inf/nan; keep them readable
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return to_jsonable(obj.tolist())
-    return obj
 
 
 #: ``field(default=..., metadata=ADDED_LATER)`` marks an option added after checkpoints were
@@ -158,85 +113,6 @@ def fingerprint_repr(obj: Any) -> str:
     return f"{type(obj).__name__}({inner})"
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Pretty, key-sorted JSON written atomically; tensors become lists, inf/nan strings."""
-    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
-
-
-@dataclass(eq=False)
-class SavedSet(Dataset):
-    """A small training set and where it came from; a torch ``Dataset`` of (image, target).
-
-    ``saved[i]`` is ``(transform(images[i]), target_transform(labels[i]))``: a normalised
-    (C, H, W) image and a class index (hard labels) or a (K,) vector (soft labels), so a
-    ``DataLoader`` batches it as it would a torchvision data set.
-
-    Attributes:
-        images: (N, C, H, W) float32, normalised like the source data set (:attr:`card`
-            ``normalization``; :meth:`denormalize` gives pixels in [0, 1]).
-        labels: (N,) int64 hard labels, or (N, K) float soft labels.
-        meta: provenance; at least ``dataset`` (registry name). Conventionally also
-            ``method``, ``ipc``, ``init``, ``seed``, ``config``, ``evaluations`` and, for
-            selections, ``indices``; a learned student lr under ``lr``.
-        transform / target_transform: applied per item (not to :attr:`images`).
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    meta: dict = field(default_factory=dict)
-    transform: Callable[[torch.Tensor], Any] | None = field(default=None, repr=False)
-    target_transform: Callable[[torch.Tensor], Any] | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.images.dim() != 4:
-            raise StoreError(f"images must be (N, C, H, W), got shape {tuple(self.images.shape)}")
-        if self.labels.shape[0] != self.images.shape[0]:
-            raise StoreError(
-                f"{self.images.shape[0]} images but {self.labels.shape[0]} labels")
-
-    @property
-    def dataset(self) -> str:
-        return str(self.meta.get("dataset", "?"))
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def __getitem__(self, i: int) -> tuple[Any, Any]:
-        x, y = self.images[i], self.labels[i]
-        return (x if self.transform is None else self.transform(x),
-                y if self.target_transform is None else self.target_transform(y))
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """What a file holds: ``images``, ``labels`` and, where learned, ``lr``."""
-        out = {"images": self.images.detach().cpu().float().contiguous(),
-               "labels": self.labels.detach().cpu().contiguous()}
-        if self.meta.get("lr") is not None:
-            out["lr"] = torch.as_tensor(self.meta["lr"], dtype=torch.float32)
-        return out
-
-    @property
-    def card(self) -> dict:
-        """How to use the set (:func:`distill.artefacts.make_set_card`): data set, class
-        names, image shape, normalisation, label kind, provenance, evaluations, version and
-        the sha256 of :meth:`tensors`."""
-        from .artefacts import make_set_card
-
-        meta = {k: v for k, v in self.meta.items() if k != "lr"}
-        return make_set_card(self.images, self.labels, meta, self.tensors())
-
-    def denormalize(self, x: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised images (default: all of :attr:`images`) back to pixels in [0, 1]
-        (unclipped: a synthetic set may leave the range)."""
-        from .data import get_info
-
-        x = self.images if x is None else x
-        info = get_info(self.dataset)
-        shape = (-1, 1, 1)
-        mean = torch.tensor(info.mean, device=x.device, dtype=x.dtype).view(shape)
-        std = torch.tensor(info.std, device=x.device, dtype=x.dtype).view(shape)
-        return x * std + mean
-
-
 def save_set(path: str | os.PathLike, saved: SavedSet) -> Path:
     """Write a :class:`SavedSet` atomically: safetensors + card, or under a ``.pt`` name the
     torch layout of earlier versions (read with ``weights_only``)."""
@@ -247,48 +123,7 @@ def save_set(path: str | os.PathLike, saved: SavedSet) -> Path:
                     "labels": saved.labels.detach().cpu().contiguous(),
                     "meta": to_jsonable(saved.meta)}, buf)
         return atomic_write_bytes(path, buf.getvalue())
-    from .artefacts import write_safetensors
-
     return write_safetensors(path, saved.tensors(), saved.card)
-
-
-def read_tagged(path: str | os.PathLike, tag: str, what: str,
-                error: type[Exception] = StoreError, missing: str | None = None) -> dict:
-    """Read a torch file written by gtnkit whose ``format`` entry is ``tag``.
-
-    ``weights_only``: our files hold tensors and plain metadata, never code to run. Any problem
-    (missing, unreadable, another kind of file) is one line of ``error`` naming the file;
-    ``missing`` (formatted with ``path``) overrides the message for a file that is not there.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise error((missing or "no {what} at {path}").format(what=what, path=path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - pickle/zip errors come in many types
-        raise error(f"{path} is not a readable {what} ({type(exc).__name__})") from None
-    if not isinstance(obj, dict) or obj.get("format") != tag:
-        raise error(f"{path} is not a {what} file (missing format tag {tag!r})")
-    bad, total = count_non_finite(obj)
-    if bad:
-        raise error(f"{path} holds {bad} non-finite value(s) (NaN or inf) among {total}; "
-                    f"refusing to use this {what}")
-    return obj
-
-
-def count_non_finite(obj: Any) -> tuple[int, int]:
-    """``(bad, total)``: NaN/inf entries and all entries of the floating-point tensors in
-    ``obj`` (a tensor, or dicts / lists / tuples of them, nested)."""
-    if isinstance(obj, torch.Tensor):
-        if not (obj.is_floating_point() or obj.is_complex()):
-            return 0, 0
-        return int((~torch.isfinite(obj)).sum()), obj.numel()
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        counts = [count_non_finite(v) for v in obj]
-        return sum(c[0] for c in counts), sum(c[1] for c in counts)
-    return 0, 0
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
@@ -321,8 +156,6 @@ def load_set(path: str | os.PathLike, *, transform: Callable | None = None,
     (:func:`distill.foreign.parse_normalization`). Reading never unpickles code; any problem
     is a one-line :class:`StoreError` naming the file.
     """
-    from . import foreign
-
     path = Path(path)
     if path.is_dir() and not any((path / n).is_file() for n in SET_FILES) and \
             foreign.is_foreign_folder(path):
@@ -330,8 +163,6 @@ def load_set(path: str | os.PathLike, *, transform: Callable | None = None,
     elif path.suffix == ".npz" and path.is_file() and not foreign.npz_has_card(path):
         saved = foreign.read_foreign(path, dataset, normalization)
     else:
-        from .artefacts import read_set_file
-
         path = find_run_file(path, SET_FILES)
         saved = read_set_file(path)
         if normalization is not None:
@@ -350,6 +181,23 @@ def _dataset_name(name: str) -> str:
         return get_info(name).name
     except DataError as exc:
         raise StoreError(str(exc)) from None
+
+
+def read_set_file(path: str | os.PathLike) -> SavedSet:
+    """A set file gtnkit wrote, by its content: safetensors + card, the ``.pt`` layout of
+    earlier versions, or an ``.npz`` export; the card is checked against the tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"no saved set at {path}")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if is_safetensors(head):
+        tensors, card = read_safetensors(path, "gtnkit set")
+        check_set_card(path, card, tensors)
+        return SavedSet.from_file(tensors, card)
+    if path.suffix == ".npz":
+        return read_npz(path)
+    return read_pt_set(path)
 
 
 def read_pt_set(path: Path) -> SavedSet:
