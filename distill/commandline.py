@@ -43,7 +43,7 @@ from .strategies import ConfigError, NonFiniteError
 __all__ = ["ClickProgress", "StatusTask", "TableChoice", "TableHelpOption", "check_writable",
            "claim_out", "coreset_inits", "data_options", "datasets", "handle_errors",
            "int_list", "progress", "refuse_out_of_scope", "register_coreset_init",
-           "NON_NEGATIVE", "POSITIVE", "finite", "memory_check_option",
+           "POSITIVE", "finite", "memory_check_option",
            "register_usage_errors", "run_options", "set_argument", "write_run"]
 
 
@@ -302,7 +302,6 @@ def finite(min: float | None = None, max: float | None = None, min_open: bool = 
 
 #: The ranges of the float options several commands share (one definition each).
 POSITIVE = finite(min=0.0, min_open=True)
-NON_NEGATIVE = finite(min=0.0)
 
 
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import click
 import torch
 
-from .commandline import NON_NEGATIVE, claim_out, coreset_inits, progress, write_run
+from .commandline import claim_out, coreset_inits, finite, progress, write_run
 from .condense import condense
 from .data import ImageSet, get_info
 from .devices import resolve_device
@@ -43,7 +43,8 @@ KIP_METHOD_HELP = ("kip: kernel inducing points (learn images, and with --learn-
 
 
 def _kernel_options(fn: Callable) -> Callable:
-    fn = click.option("--reg", type=NON_NEGATIVE, default=1e-6, show_default=True,
+    fn = click.option("--reg", type=finite(),  # its range: the KIP config
+                      default=1e-6, show_default=True,
                       help="KRR ridge lambda (> 0), scaled by tr(K_ss)/n_s as in the KIP "
                            "paper.")(fn)
     fn = click.option("--kernel-depth", type=int, default=1, show_default=True,
