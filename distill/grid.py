@@ -63,7 +63,7 @@ def card_lines(card: dict, width: int = 46) -> list[str]:
     evaluations = card.get("evaluations") or []
     if evaluations:
         ev = evaluations[-1]
-        head += textwrap.wrap(f"protocol: {ev.get('description', ev.get('protocol'))}", width)
+        head.append(ev.get("description") or f"protocol {ev.get('protocol', '?')}")
         head.append(f"score: {ev['mean']:.2f} ± {ev['std']:.2f} % over "
                     f"{len(ev.get('accuracies', []))} student(s)")
         if len(evaluations) > 1:

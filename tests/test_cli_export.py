@@ -157,7 +157,7 @@ def test_show_draws_the_card_beside_the_grid(tmp_path, tiny_data):
     from distill.grid import card_lines
 
     lines = " ".join(card_lines(load_set(tmp_path / "e").card))
-    for needle in ("herding", "IPC 3", "DC protocol", "mlp:width=8", "student(s)", "sha256"):
+    for needle in ("herding", "IPC 3", "DC protocol:", "mlp:width=8", "student(s)", "sha256"):
         assert needle in lines, lines
 
 
