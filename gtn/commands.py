@@ -285,7 +285,7 @@ def gtn_sample(generator_path, per_class, curriculum, dataset, out, seed, device
     dev = resolve_device(device)
     teacher = teacher.to(dev)
     saved = generator_set(teacher, config, per_class, seed, curriculum,
-                          meta={"generator": str(generator_path)})
+                          meta={"generator": str(generator_path), "config": asdict(config)})
     labels = saved.labels
     save_set(out_dir / SET_FILES[0], saved)
     write_grid(out_dir / "grid.png", saved)
