@@ -163,6 +163,9 @@ def load_set(path: str | os.PathLike, *, transform: Callable | None = None,
     elif path.suffix == ".npz" and path.is_file() and not foreign.npz_has_card(path):
         saved = foreign.read_foreign(path, dataset, normalization)
     else:
+        if path.is_dir() and not any((path / n).is_file() for n in SET_FILES):
+            raise StoreError(f"no saved set in {path} (a set folder holds "
+                             f"{' or '.join(SET_FILES)}, or images.pt and labels.pt)")
         path = find_run_file(path, SET_FILES)
         saved = read_set_file(path)
         if normalization is not None:

@@ -132,6 +132,13 @@ def test_export_of_a_foreign_set_makes_it_an_artefact(tmp_path):
     assert back.card["source"]["normalization"] == {"mean": [0.0], "std": [1.0]}
 
 
+def test_help_and_an_empty_folder(tmp_path):
+    r = run("export", "--help")
+    assert r.exit_code == 0 and "imagefolder" in r.output
+    assert "--normalization" in run("evaluate", "--help").output
+    assert_one_line_error(run(*EVAL, tmp_path, "--out", tmp_path / "o"), "images.pt")
+
+
 def test_export_refuses_bad_input_in_one_line(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"junk")
