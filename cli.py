@@ -21,7 +21,7 @@ import click
 COMMANDS = {
     "datasets": "distill.commands:datasets_cmd", "distill": "distill.commands:distill_cmd",
     "evaluate": "distill.commands:evaluate", "compare": "distill.commands:compare",
-    "show": "distill.commands:show",
+    "show": "distill.commands:show", "export": "distill.commands_export:export",
     "select": "selection.commands:select", "curve": "selection.commands:curve",
     "gtn": "gtn.commands:gtn", "nas": "gtn.nas.commands:nas",
 }
@@ -131,9 +131,10 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 
     Select a coreset (`select`), measure accuracy against the fraction of data kept (`curve`),
     condense a set (`distill`), train and compare Generative Teaching Networks (`gtn
-    train|sample|compare`), score any saved set by training fresh students (`evaluate`),
-    compare runs (`compare`), rank architectures with a cheap proxy (`nas`), look at a set
-    (`show`), and list the data sets found offline (`datasets`).
+    train|sample|compare`), score any saved set, another tool's too, by training fresh
+    students (`evaluate`), compare runs (`compare`), rank architectures with a cheap proxy
+    (`nas`), look at a set (`show`), export it for other tools (`export`), and list the data
+    sets found offline (`datasets`).
     """
     for signum in (signal.SIGTERM, signal.SIGHUP):
         with contextlib.suppress(ValueError):  # only the main thread may set handlers

@@ -17,6 +17,7 @@ from .engine import (
                      predict,
                      train,
 )
+from .exports import EXPORT_FORMATS, export_set
 from .labelsolve import solve_labels
 from .metatrain import CheckpointError, MetaConfig, MetaResult, meta_train
 from .methods import METHODS, Method
@@ -34,7 +35,7 @@ __all__ = [
     "predict", "train",
     "ModelError", "available_models", "build_model", "parse_model_spec",
     "child_seed", "generator",
-    "SavedSet", "StoreError", "load_set", "save_set",
+    "SavedSet", "StoreError", "load_set", "save_set", "EXPORT_FORMATS", "export_set",
     "CheckpointError", "MetaConfig", "MetaResult", "condense", "condense_config", "meta_train",
     "ConfigError", "NonFiniteError", "RealSampler", "StrategyConfig", "make_strategy",
     "SyntheticSet", "Teacher", "METHODS", "Method", "solve_labels",

@@ -43,7 +43,8 @@ def condense_config(method: str, iterations: int = 1000, lr: float | None = None
         ConfigError: an unknown method, or an option its strategy does not have.
     """
     m = get_method(method)
-    loop_keys = ("checkpoint_every", "eval_every", "memory_iterations", "optimizer", "momentum")
+    loop_keys = ("checkpoint_every", "eval_every", "memory_iterations", "optimizer", "momentum",
+                 "memory_check")
     loop: dict[str, Any] = {k: overrides.pop(k) for k in loop_keys if k in overrides}
     if m.strategy != "unrolled" and (overrides.get("truncate") or
                                      overrides.get("checkpoint_steps")):

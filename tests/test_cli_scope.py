@@ -96,7 +96,7 @@ def test_ls_command_wraps_the_library_call(tmp_path, tiny_data):
     r = run("-q", "distill", "--dataset", "mnist", "--method", "ls", "--ipc", 2, "--students",
             0, "--kernel-depth", 2, "--ls-targets", 30, "--seed", 3, "--out", tmp_path / "ls")
     assert r.exit_code == 0, r.output
-    saved = load_set(tmp_path / "ls" / "set.pt")
+    saved = load_set(tmp_path / "ls" / "set.safetensors")
     direct = solve_labels(make_tiny_set(per_class=6), 2, "real", kernel=KernelConfig(depth=2),
                           targets=30, seed=3)
     assert torch.equal(saved.images, direct.images)
