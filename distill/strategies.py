@@ -268,6 +268,7 @@ class Strategy:
     """One meta-iteration: ``step(...)`` returns ``{"loss": float}``."""
 
     name = ""
+    config_class: type[StrategyConfig] = StrategyConfig  # what condense_config builds
 
     def __init__(self, config: StrategyConfig) -> None:
         self.config = config
