@@ -29,6 +29,7 @@ def test_a_file_holds_the_parameters_after_every_epoch(tmp_path):
     assert not torch.equal(obj["epochs"][0][0], obj["epochs"][-1][0])  # it trained
 
 
+@pytest.mark.determinism
 def test_killed_after_an_epoch_and_resumed_gives_the_same_bytes(tmp_path, monkeypatch):
     whole = train_expert(DATA, tmp_path / "whole", 0, CONFIG, seed=1).read_bytes()
     original = ex._Recorder.on_epoch_state
