@@ -4,6 +4,7 @@ loop with its interchangeable meta-gradient strategies). Nothing here imports ``
 ``gtn``."""
 
 from . import kip as _kip  # noqa: E402,F401 - registers the "kip" strategy (KIP, ICLR 2021)
+from . import trajectory as _trajectory  # noqa: E402,F401 - registers "trajectory" (MTT)
 from .condense import condense, condense_config
 from .data import DATASETS, DataError, DatasetInfo, ImageSet, get_info, load_dataset
 from .devices import DeviceError, resolve_device

@@ -21,7 +21,7 @@ from .metatrain import SCHEDULES, CheckpointError, MetaConfig, MetaResult, meta_
 from .methods import METHODS, get_method
 from .progress import Progress
 from .rng import generator as make_generator
-from .strategies import ConfigError, NonFiniteError, RealSampler, StrategyConfig
+from .strategies import STRATEGIES, ConfigError, NonFiniteError, RealSampler
 from .synthetic import SyntheticSet
 
 __all__ = ["ConfigError", "MetaConfig", "MetaResult", "CheckpointError", "NonFiniteError",
@@ -56,7 +56,8 @@ def condense_config(method: str, iterations: int = 1000, lr: float | None = None
     if lr is not None:
         settings["lr"] = lr
     return MetaConfig(strategy=m.strategy, method=m.name, iterations=iterations,
-                      strategy_config=StrategyConfig(**overrides), **settings)
+                      strategy_config=STRATEGIES[m.strategy].config_class(**overrides),
+                      **settings)
 
 
 def condense(

@@ -39,6 +39,7 @@ from .distribution import distribution_loss
 from .engine import TrainConfig, classification_loss, train
 from .errors import ConfigError, NonFiniteError
 from .hypergrad import (
+    SOLVERS,
     StepRecord,
     grad_or_zero,
     implicit_hypergradient,
@@ -130,6 +131,8 @@ class StrategyConfig:
             meta-step's generator, so they are other draws than the stored unroll's; on the
             same batches the gradient is the same (a learned curriculum draws nothing).
         neumann_terms, neumann_alpha: K and α of ``implicit``.
+        ift_solver: ``implicit``'s linear solver for ``H⁻¹ v``: ``neumann`` (K terms of the
+            series, step α) or ``cg`` (K conjugate-gradient iterations; α unused).
         compile: compute the real-data side (gradients for ``matching``, embeddings for
             ``distribution``) with ``torch.compile``'d students: fused kernels, same result
             up to float rounding. The synthetic side stays eager (it needs double backward).
@@ -184,6 +187,7 @@ class StrategyConfig:
     recompute: bool = field(default=False, metadata=ADDED_LATER)
     neumann_terms: int = 5
     neumann_alpha: float = 0.01
+    ift_solver: str = field(default="neumann", metadata=ADDED_LATER)
     compile: bool = False
     real_chunk: int | None = None
     mixed_sample: int | None = None
@@ -207,6 +211,12 @@ class StrategyConfig:
         if self.mixed_sample is not None and self.mixed_sample < 1:
             raise ConfigError(f"mixed_sample must be >= 1 (None: every batch), got "
                               f"{self.mixed_sample}")
+        if self.ift_solver not in SOLVERS:
+            raise ConfigError(f"unknown ift_solver {self.ift_solver!r}; choose from "
+                              f"{', '.join(SOLVERS)}")
+        if self.ift_solver != "neumann" and self.mixed_at == "trajectory":
+            raise ConfigError("ift_solver solves the implicit system of mixed_at='final'; the "
+                              "trajectory gradient has no linear system to solve")
         if self.mixed_at not in MIXED_AT:
             raise ConfigError(f"unknown mixed_at {self.mixed_at!r}; choose from "
                               f"{', '.join(MIXED_AT)}")
@@ -251,6 +261,7 @@ class Strategy:
     """One meta-iteration: ``step(...)`` returns ``{"loss": float}``."""
 
     name = ""
+    config_class: type[StrategyConfig] = StrategyConfig  # what condense_config builds
 
     def __init__(self, config: StrategyConfig) -> None:
         self.config = config
@@ -725,7 +736,8 @@ class Implicit(_Stepwise):
                 mixed = sampled_parts([_mean_part(teacher, net, c, t_count, generator)
                                        for c in order], picks)
             grads = implicit_hypergradient(inner, outer, params, hparams, cfg.neumann_terms,
-                                           cfg.neumann_alpha, mixed_losses=mixed)
+                                           cfg.neumann_alpha, mixed_losses=mixed,
+                                           solver=cfg.ift_solver)
         if cfg.step_size_grad:
             # the update directions, from consecutive snapshots: w_t - w_{t+1} = lr_t · buf_t
             record = StepRecord(momentum)
