@@ -21,7 +21,8 @@ import click
 COMMANDS = {
     "datasets": "distill.commands:datasets_cmd", "distill": "distill.commands:distill_cmd",
     "evaluate": "distill.commands:evaluate", "compare": "distill.commands:compare",
-    "show": "distill.commands:show",
+    "show": "distill.commands:show", "export": "distill.commands_export:export",
+    "experts": "distill.commands_experts:experts",
     "select": "selection.commands:select", "curve": "selection.commands:curve",
     "gtn": "gtn.commands:gtn", "nas": "gtn.nas.commands:nas",
 }
@@ -130,10 +131,10 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
     """gtnkit: make a tiny training set that trains a network almost as well as the full data.
 
     Select a coreset (`select`), measure accuracy against the fraction of data kept (`curve`),
-    condense a set (`distill`), train and compare Generative Teaching Networks (`gtn
-    train|sample|compare`), score any saved set by training fresh students (`evaluate`),
-    compare runs (`compare`), rank architectures with a cheap proxy (`nas`), look at a set
-    (`show`), and list the data sets found offline (`datasets`).
+    condense a set (`distill`; `experts` for trajectory matching), train and compare
+    Generative Teaching Networks (`gtn train|sample|compare`), score any set, another tool's
+    too (`evaluate`), compare runs (`compare`), rank architectures with a cheap proxy (`nas`),
+    look at a set (`show`), export it (`export`), list the data sets found (`datasets`).
     """
     for signum in (signal.SIGTERM, signal.SIGHUP):
         with contextlib.suppress(ValueError):  # only the main thread may set handlers

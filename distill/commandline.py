@@ -44,7 +44,7 @@ __all__ = ["ClickProgress", "StatusTask", "TableChoice", "TableHelpOption", "che
            "claim_out", "coreset_inits", "data_options", "datasets", "handle_errors",
            "int_list", "progress", "refuse_out_of_scope", "register_coreset_init",
            "POSITIVE", "finite", "memory_check_option",
-           "register_usage_errors", "run_options", "write_run"]
+           "register_usage_errors", "run_options", "set_argument", "write_run"]
 
 
 # ------------------------------------------------------------------ errors at the edge
@@ -322,6 +322,22 @@ def memory_check_option(fn: Callable) -> Callable:
                         help="Refuse, before any work, a run whose estimated peak memory (a "
                              "measured student step x the steps the meta-gradient holds, and "
                              "a learned curriculum) exceeds the memory free on the device.")(fn)
+
+
+def set_argument(fn: Callable) -> Callable:
+    """``SET`` and how to read it: a gtnkit set (``set.safetensors``, an earlier ``set.pt``, an
+    ``.npz`` export, or a run/export folder holding one), or another tool's set (a folder of
+    ``images.pt``/``labels.pt``/``lr.pt``, or an ``.npz``) with ``--dataset`` and
+    ``--normalization`` (:func:`distill.store.load_set`)."""
+    fn = click.option("--normalization", default=None, metavar="dataset|none|MEAN/STD",
+                      help="Another tool's set only: the normalisation its images carry: "
+                           "dataset (alias gtnkit: the data set's mean/std, as DC/MTT/DATM "
+                           "apply them), none (pixels in [0, 1]) or MEAN/STD per channel, "
+                           "e.g. 0.5,0.5,0.5/0.5,0.5,0.5. Required for such a set.")(fn)
+    fn = click.option("--dataset", "set_dataset", default=None, type=TableChoice(datasets),
+                      help="The set's data set: required for another tool's set; for a "
+                           "gtnkit set, checked against its card.")(fn)
+    return click.argument("set_path", metavar="SET", type=click.Path())(fn)
 
 
 def run_options(fn: Callable) -> Callable:

@@ -31,6 +31,7 @@ from .commandline import (
     progress,
     refuse_out_of_scope,
     run_options,
+    set_argument,
     write_run,
 )
 from .commands_kip import (
@@ -50,9 +51,9 @@ from .grid import write_grid
 from .kip import training_labels
 from .methods import METHODS
 from .models import parse_model_spec
-from .protocols import default_protocol, describe_protocol, make_protocol
+from .protocols import default_protocol, describe_protocol, evaluation_record, make_protocol
 from .stats import comparison_markdown
-from .store import PartialResults, StoreError, atomic_write_text, save_set
+from .store import SET_FILES, PartialResults, StoreError, atomic_write_text, save_set
 from .strategies import StrategyConfig
 from .synthetic import check_ipc
 
@@ -62,6 +63,9 @@ log = logging.getLogger("gtnkit")
 # so that a test (or an application embedding the commands) can stand in for them.
 
 __all__ = ["compare", "datasets_cmd", "distill_cmd", "evaluate", "show"]
+
+#: What a run calls its set (readers also take the ``set.pt`` of earlier versions).
+SET_FILE = SET_FILES[0]
 
 
 @click.command(name="datasets")
@@ -78,7 +82,7 @@ def datasets_cmd(data_root: str | None) -> None:
 
 
 @click.command()
-@click.argument("set_path", metavar="SET.pt", type=click.Path(dir_okay=False))
+@set_argument
 @click.option("--model", default="convnet", show_default=True,
               help="Student: convnet, mlp, lenet, alexnet, vgg11, resnet18; options as "
                    "convnet:width=64,depth=4,norm=batch.")
@@ -107,10 +111,16 @@ def datasets_cmd(data_root: str | None) -> None:
 @run_options
 @click.pass_context
 @handle_errors
-def evaluate(ctx, set_path, model, protocol, students, epochs, augment, lr, batch_size,
-             test_limit, resume, data_root, download, out, seed, device, force, kernel,
-             kernel_depth, reg, krr) -> None:
-    """Train fresh students on a saved set and report their test accuracy (mean ± std).
+def evaluate(ctx, set_path, set_dataset, normalization, model, protocol, students, epochs,
+             augment, lr, batch_size, test_limit, resume, data_root, download, out, seed,
+             device, force, kernel, kernel_depth, reg, krr) -> None:
+    """Train fresh students on a set and report their test accuracy (mean ± std).
+
+    SET is a gtnkit set (set.safetensors, set.pt, an .npz export, or a folder holding one) or
+    another tool's: a folder of images.pt, labels.pt (optional lr.pt), as DD-Ranking and the
+    MTT/DATM code release them, or an .npz of images/labels, scored after --dataset and
+    --normalization say what it holds. OUT/set.safetensors is the set scored, its card
+    carrying this evaluation.
 
     Also scores the set by kernel ridge regression with an FC kernel (--kernel, the KIP
     paper's protocol; --no-krr skips it); results.json keeps the two apart ("krr" and the
@@ -127,7 +137,7 @@ def evaluate(ctx, set_path, model, protocol, students, epochs, augment, lr, batc
         check_kernel_options(kernel, kernel_depth, reg)
     out_dir = claim_out(out, force, resume)
     parse_model_spec(model)
-    saved = load_set(set_path)
+    saved = load_set(set_path, dataset=set_dataset, normalization=normalization)
     dev = resolve_device(device)
     changes = {k: v for k, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size}.items()
                if v is not None}
@@ -142,7 +152,7 @@ def evaluate(ctx, set_path, model, protocol, students, epochs, augment, lr, batc
         raise click.UsageError(f"{set_path} holds images of shape {tuple(saved.images.shape[1:])}"
                                f", not those of {test.info.name}")
     config = {"set": str(set_path), "set_meta": {k: v for k, v in saved.meta.items()
-                                                 if k != "indices"},
+                                                 if k not in ("indices", "evaluations")},
               "protocol": asdict(protocol), "seed": seed, "device": str(dev)}
     checkpoint = PartialResults(out_dir / "progress.json", config, resume)
     result = evaluate_set(saved.images.to(dev), training_labels(saved.labels).to(dev),
@@ -155,6 +165,10 @@ def evaluate(ctx, set_path, model, protocol, students, epochs, augment, lr, batc
     if krr:
         results["krr"] = krr_score(saved.images.to(dev), saved.labels.to(dev), test.to(dev),
                                    kernel, kernel_depth, reg)
+    saved.meta["evaluations"] = [*saved.meta.get("evaluations", []),
+                                 evaluation_record(protocol, result, seed)]
+    save_set(out_dir / "set.safetensors", saved)
+    results["set"] = str(out_dir / "set.safetensors")
     write_run(out_dir, "evaluate", config, results)
     checkpoint.finish()
     click.echo(f"{saved.meta.get('method', 'set')} ({len(saved.labels)} images) -> "
@@ -281,9 +295,10 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
                 target_batch, uniform_targets, ls_targets, support) -> None:
     """Condense DATASET into IPC learnable images per class (DC, DSA, DM, DD, IFT, KIP, LS).
 
-    Writes OUT/set.pt, grid.png, config.json and results.json (final accuracy, loss history,
-    seconds per iteration, peak memory); OUT/checkpoint.pt every --checkpoint-every
-    iterations, from which --resume continues to the same result as an uninterrupted run.
+    Writes OUT/set.safetensors (with its card), grid.png, config.json and results.json
+    (final accuracy, loss history, seconds per iteration, peak memory); OUT/checkpoint.pt
+    every --checkpoint-every iterations, from which --resume continues to the same result as
+    an uninterrupted run.
     kip / ls sets are scored twice: by kernel ridge regression (the KIP paper) and by training
     --eval-model students (the DC protocol); the results say which number is which.
     """
@@ -358,14 +373,15 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
                           seed=seed, num_classes=data.info.num_classes, progress=progress(ctx))
         results.update(ev.as_dict(), protocol=describe_protocol(protocol),
                        protocol_name=protocol.name)
+        saved.meta["evaluations"] = [evaluation_record(protocol, ev, seed)]
     results["wall_seconds"] = time.perf_counter() - start
-    save_set(out_dir / "set.pt", saved)
+    save_set(out_dir / SET_FILE, saved)
     write_grid(out_dir / "grid.png", saved)
     write_run(out_dir, "distill", run_config, results)
     acc = (f"{results['mean']:.2f} ± {results['std']:.2f} % test accuracy over {students} "
            f"student(s), {protocol.name} protocol") if students else "not evaluated"
     click.echo(f"{method} ({ipc} per class, init {init}) -> {acc}; "
-               f"{meta.seconds_per_iteration:.2f} s/iteration; set in {out_dir / 'set.pt'}")
+               f"{meta.seconds_per_iteration:.2f} s/iteration; set in {out_dir / SET_FILE}")
 
 
 # ------------------------------------------------------------------ compare, show
@@ -396,9 +412,9 @@ def compare(runs, by, out) -> None:
         if not accs:
             raise StoreError(
                 f"{run} has no student accuracies to compare ({config.get('command', 'this')} "
-                f"run); compare takes runs that trained students: `gtnkit evaluate SET.pt`, "
+                f"run); compare takes runs that trained students: `gtnkit evaluate SET`, "
                 f"`gtnkit distill` with --students >= 1, `gtnkit gtn train` (evaluate a "
-                f"`select` run's set.pt first)")
+                f"`select` run's set first)")
         meta = config.get("set_meta", config)
         key = {"label": results.get("label") or meta.get("method", Path(run).name),
                "method": meta.get("method", "?"), "init": meta.get("init", "?"),
@@ -411,19 +427,23 @@ def compare(runs, by, out) -> None:
 
 
 @click.command()
-@click.argument("set_path", metavar="SET.pt", type=click.Path(dir_okay=False))
+@set_argument
 @click.option("--out", type=click.Path(), required=True, help="Output folder (grid.png).")
 @click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True,
               help="Images shown per class (one row per class).")
+@click.option("--card/--no-card", default=True, show_default=True,
+              help="Draw the set's card beside the grid: data set, method, IPC, the "
+                   "protocol that scored it and its score, version and hash.")
 @click.option("--force", is_flag=True, help="Overwrite an output folder that holds a run.")
 @handle_errors
-def show(set_path, out, per_class, force) -> None:
-    """Draw a saved set as a PNG grid, one row per class."""
+def show(set_path, set_dataset, normalization, out, per_class, card, force) -> None:
+    """Draw a set (any SET evaluate reads) as a PNG grid, one row per class, its card beside
+    it."""
     from .store import load_set
 
     out_dir = claim_out(out, force)
-    saved = load_set(set_path)
-    shown, ncol = write_grid(out_dir / "grid.png", saved, per_class)
+    saved = load_set(set_path, dataset=set_dataset, normalization=normalization)
+    shown, ncol = write_grid(out_dir / "grid.png", saved, per_class, card=card)
     write_run(out_dir, "show", {"set": str(set_path), "per_class": per_class},
               {"png": str(out_dir / "grid.png"), "images_shown": shown})
     click.echo(f"wrote {out_dir / 'grid.png'} ({shown} images, {ncol} per class)")

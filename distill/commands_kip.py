@@ -33,8 +33,8 @@ from .kip import KipConfig, kip_config, krr_accuracy, training_labels
 from .labelsolve import solve_labels
 from .methods import KERNEL_METHODS
 from .models import parse_model_spec
-from .protocols import describe_protocol, make_protocol, protocol_label
-from .store import save_set
+from .protocols import describe_protocol, evaluation_record, make_protocol, protocol_label
+from .store import SET_FILES, save_set
 from .synthetic import check_ipc
 
 #: The methods this module runs (the method table's kernel methods: their help is there).
@@ -126,7 +126,7 @@ def run_kip(ctx: click.Context, *, method: str, dataset: str, ipc: int, init: st
             out: str, seed: int, device: str, force: bool, kernel: str, kernel_depth: int,
             kernel_family: bool, reg: float, target_batch: int, ls_targets: int,
             support: str | None, uniform_targets: bool) -> None:
-    """``gtnkit distill --method kip|ls``: same files as every method (set.pt, grid.png,
+    """``gtnkit distill --method kip|ls``: same files as every method (set.safetensors, grid.png,
     config.json, results.json; checkpoint.pt for kip), scored by KRR and by the DC protocol."""
     from .data import load_dataset  # at call time, like every command's readers
     from .store import load_set
@@ -201,9 +201,11 @@ def run_kip(ctx: click.Context, *, method: str, dataset: str, ipc: int, init: st
                           num_classes=data.info.num_classes, progress=progress(ctx))
         results.update(ev.as_dict(), protocol=describe_protocol(protocol),
                        protocol_name=protocol.name)
+        saved.meta["evaluations"] = [evaluation_record(protocol, ev, seed)]
+    saved.meta["krr"] = results["krr"]
     results["wall_seconds"] = time.perf_counter() - start
-    save_set(out_dir / "set.pt", saved)
+    save_set(out_dir / SET_FILES[0], saved)
     write_grid(out_dir / "grid.png", saved)
     write_run(out_dir, "distill", run_config, results)
     click.echo(f"{method} ({ipc} per class, init {init}) -> {describe(results, students)}; "
-               f"set in {out_dir / 'set.pt'}")
+               f"set in {out_dir / SET_FILES[0]}")

@@ -6,7 +6,7 @@ any layer can raise them without importing the layer that defined them first.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "NonFiniteError"]
+__all__ = ["ConfigError", "NonFiniteError", "StoreError"]
 
 
 class ConfigError(ValueError):
@@ -16,3 +16,7 @@ class ConfigError(ValueError):
 class NonFiniteError(ArithmeticError):
     """A value became NaN/inf (a meta-loss, a teacher gradient, a student's weights) or was
     read non-finite; nothing computed from it is kept or reported."""
+
+
+class StoreError(Exception):
+    """An unreadable or invalid file, or an output folder that may not be written. One line."""

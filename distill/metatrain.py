@@ -118,7 +118,7 @@ class MetaConfig:
     schedule: str = "constant"
     lr_floor: float = 0.1
     strategy_config: StrategyConfig = field(default_factory=StrategyConfig)
-    memory_check: bool = field(default=True, metadata=NOT_IN_RESULT)
+    memory_check: bool = field(default=True, repr=False, metadata=NOT_IN_RESULT)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:

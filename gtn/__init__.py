@@ -9,6 +9,7 @@ selected data.
 
 from .generator import CURRICULA, Generator, GeneratorConfig, GeneratorError, GeneratorTeacher
 from .methods import GTNMethod
+from .sets import generator_set, load_generator_set
 from .train import (
                     GTN_METHODS,
                     RECIPES,
@@ -24,5 +25,6 @@ from .train import (
 
 __all__ = ["CURRICULA", "Generator", "GeneratorConfig", "GeneratorError", "GeneratorTeacher",
            "GTN_METHODS", "GTNMethod", "RECIPES", "GTNConfig", "few_step_accuracy",
-           "fixed_set_accuracy", "load_generator", "recipe_config", "save_generator",
+           "fixed_set_accuracy", "generator_set", "load_generator", "load_generator_set",
+           "recipe_config", "save_generator",
            "split_validation", "train_gtn"]

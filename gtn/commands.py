@@ -30,13 +30,13 @@ from distill.devices import resolve_device
 from distill.engine import mean_std
 from distill.grid import write_grid
 from distill.rng import generator
-from distill.store import SavedSet, save_set
+from distill.store import SET_FILES, SavedSet, save_set
 
 from .compare import BUDGETS, COMPARE_METHODS, comparison_table, run_comparison
 from .config import GTNConfig
 from .generator import CURRICULA, GeneratorConfig, GeneratorError
 from .methods import DEFAULT_METHOD, GTN_METHODS
-from .train import few_step_accuracy, recipe_config, save_generator, train_gtn
+from .train import GENERATOR_FILES, few_step_accuracy, recipe_config, save_generator, train_gtn
 
 __all__ = ["RECIPES_HELP", "gtn"]
 
@@ -209,7 +209,7 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
               neumann_terms, neumann_alpha,
               checkpoint_every, eval_every, students, resume, memory_check, data_root, download,
               out, seed, device, force) -> None:
-    """Meta-train a generator teacher on DATASET; writes OUT/generator.pt, grid.png,
+    """Meta-train a generator teacher on DATASET; writes OUT/generator.safetensors, grid.png,
     config.json and results.json (few-step test accuracy, peak memory, s/meta-step)."""
     from distill.data import load_dataset
 
@@ -252,7 +252,12 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
     accs = few_step_accuracy(teacher, student, test.images.to(dev), test.labels.to(dev), seed,
                              students)
     mean, std = mean_std(accs)
-    save_generator(out_dir / "generator.pt", teacher, config)
+    save_generator(out_dir / GENERATOR_FILES[0], teacher, config, meta={
+        "seed": seed, "evaluations": [{
+            "protocol": "few-step", "student": student, "steps": steps[0],
+            "description": f"few-step: {students} fresh {student} student(s) trained on the "
+                           f"generator's {steps[0]} curriculum batches",
+            "students": students, "seed": seed, "accuracies": accs, "mean": mean, "std": std}]})
     images, labels = teacher.sample(8, _sample_generator(seed))
     write_grid(out_dir / "grid.png", SavedSet(images.cpu(), labels.cpu(),
                                               {"dataset": data.info.name}), 8)
@@ -262,40 +267,46 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
               {"label": f"gtn {method} T={steps[0]}", "method": f"gtn-{method}",
                "accuracies": accs, "mean": mean, "std": std, "meta": meta.as_dict(),
                "seconds_per_meta_step": meta.seconds_per_iteration, "memory": meta.memory,
-               "generator": str(out_dir / "generator.pt")})
+               "generator": str(out_dir / GENERATOR_FILES[0])})
     click.echo(f"gtn {method} (T={steps[0]}, {curriculum}) -> few-step test accuracy "
                f"{mean:.2f} ± {std:.2f} % over {students} student(s); "
-               f"{meta.seconds_per_iteration:.2f} s/meta-step; {out_dir / 'generator.pt'}")
+               f"{meta.seconds_per_iteration:.2f} s/meta-step; {out_dir / GENERATOR_FILES[0]}")
 
 
 @gtn.command("sample")
-@click.argument("generator_path", metavar="GENERATOR.pt", type=click.Path(dir_okay=False))
+@click.argument("generator_path", metavar="GENERATOR", type=click.Path())
 @click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True,
               help="Images generated per class.")
+@click.option("--curriculum", is_flag=True,
+              help="Export the learned curriculum instead: the T batches students are "
+                   "trained on, in step order (learned per-step lr and momentum in the card).")
 @click.option("--dataset", default=None, type=TableChoice(datasets),
               help="Refuse a generator made for another data set's shape.")
 @run_options
 @handle_errors
-def gtn_sample(generator_path, per_class, dataset, out, seed, device, force) -> None:
-    """Export PER_CLASS generated images per class as a saved set (for evaluate/show/compare)."""
+def gtn_sample(generator_path, per_class, curriculum, dataset, out, seed, device,
+               force) -> None:
+    """Export PER_CLASS generated images per class (or the learned curriculum) as a set with
+    its card, OUT/set.safetensors (for evaluate/show/export/compare). GENERATOR: a
+    generator.safetensors (or an earlier generator.pt), or the `gtn train` folder."""
     from gtn import load_generator
 
+    from .sets import generator_set
 
     out_dir = claim_out(out, force)
     teacher, config = load_generator(generator_path, dataset)
     dev = resolve_device(device)
     teacher = teacher.to(dev)
-    images, labels = teacher.sample(per_class, _sample_generator(seed))
-    meta = {"dataset": teacher.info.name, "method": f"gtn-{config.method}", "kind": "generated",
-            "ipc": per_class, "seed": seed, "generator": str(generator_path)}
-    saved = SavedSet(images.cpu(), labels.cpu(), meta)
-    save_set(out_dir / "set.pt", saved)
+    saved = generator_set(teacher, config, per_class, seed, curriculum,
+                          meta={"generator": str(generator_path), "config": config.as_dict()})
+    labels = saved.labels
+    save_set(out_dir / SET_FILES[0], saved)
     write_grid(out_dir / "grid.png", saved)
     write_run(out_dir, "gtn sample", {"generator": str(generator_path), "per_class": per_class,
-                                      "seed": seed}, {"set": str(out_dir / "set.pt"),
-                                                      "n_images": int(labels.numel())})
-    click.echo(f"sampled {labels.numel()} images ({per_class} per class) -> "
-               f"{out_dir / 'set.pt'}")
+                                      "curriculum": curriculum, "seed": seed},
+              {"set": str(out_dir / SET_FILES[0]), "n_images": len(labels)})
+    what = "the learned curriculum" if curriculum else f"{per_class} per class"
+    click.echo(f"sampled {len(labels)} images ({what}) -> {out_dir / SET_FILES[0]}")
 
 
 @gtn.command("compare")

@@ -45,7 +45,7 @@ from .methods import GTN_METHODS, RECIPES
 
 __all__ = ["GTN_METHODS", "RECIPES", "GTNConfig", "recipe_config", "split_validation",
            "train_gtn", "few_step_accuracy", "fixed_set_accuracy", "make_teacher",
-           "save_generator", "load_generator", "validation_evaluator"]
+           "save_generator", "load_generator", "GENERATOR_FILES", "validation_evaluator"]
 
 log = logging.getLogger("gtnkit")
 
@@ -178,32 +178,80 @@ def fixed_set_accuracy(teacher: GeneratorTeacher, protocol: EvalProtocol, images
 
 
 GENERATOR_FORMAT = "gtnkit.generator"
+#: What a run calls its generator, newest first (readers take both).
+GENERATOR_FILES = ("generator.safetensors", "generator.pt")
 
 
-def save_generator(path: str | Path, teacher: GeneratorTeacher, config: GTNConfig) -> Path:
-    """Write a trained teacher (weights, config, data set) atomically."""
+def save_generator(path: str | Path, teacher: GeneratorTeacher, config: GTNConfig,
+                   meta: dict | None = None) -> Path:
+    """Write a trained teacher atomically: its weights (curriculum, labels, learned lr and
+    momentum included) as safetensors with a card (data set, image shape, class names, the
+    normalisation of its images, config, ``meta`` such as its evaluation, gtnkit version,
+    sha256); under a ``.pt`` name, the torch layout of earlier versions."""
     import io
 
+    from distill.artefacts import content_hash, gtnkit_version, write_safetensors
     from distill.store import atomic_write_bytes, to_jsonable
 
-    buf = io.BytesIO()
     info = teacher.info
-    torch.save({"format": GENERATOR_FORMAT, "version": 1, "dataset": info.name,
-                "shape": [info.channels, *info.im_size],
-                "config": json.dumps(to_jsonable(config.as_dict())),
-                "state": {k: v.detach().cpu() for k, v in teacher.state_dict().items()}}, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+    if Path(path).suffix == ".pt":
+        buf = io.BytesIO()
+        torch.save({"format": GENERATOR_FORMAT, "version": 1, "dataset": info.name,
+                    "shape": [info.channels, *info.im_size],
+                    "config": json.dumps(to_jsonable(config.as_dict())), "state": state}, buf)
+        return atomic_write_bytes(path, buf.getvalue())
+    card = {**(meta or {}), "format": GENERATOR_FORMAT, "version": 2, "dataset": info.name,
+            "shape": [info.channels, *info.im_size], "num_classes": info.num_classes,
+            "class_names": list(info.class_names),
+            "normalization": {"mean": list(info.mean), "std": list(info.std)},
+            "config": to_jsonable(config.as_dict()), "gtnkit": gtnkit_version(),
+            "sha256": content_hash(state)}
+    return write_safetensors(path, state, card)
+
+
+def _read_generator(path: Path) -> dict:
+    """The file as the ``.pt`` layout's dict (``dataset``, ``shape``, ``config`` JSON text,
+    ``state``), whichever format it is in; checked for NaN/inf and, for safetensors, against
+    its card's hash."""
+    from distill.artefacts import content_hash, is_safetensors, read_safetensors
+    from distill.store import read_tagged
+
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if is_safetensors(head):
+            state, card = read_safetensors(path, "gtnkit generator", GeneratorError)
+            if card.get("format") != GENERATOR_FORMAT:
+                raise GeneratorError(f"{path} is not a gtnkit generator (card format "
+                                     f"{card.get('format')!r})")
+            if card.get("sha256") != content_hash(state):
+                raise GeneratorError(f"{path}: the tensors do not match the card's sha256 (the "
+                                     f"file was changed or damaged)")
+            if not isinstance(card.get("config"), dict) or "dataset" not in card or \
+                    "shape" not in card:
+                raise GeneratorError(f"{path}: its card lacks the config, data set or shape")
+            return {**card, "config": json.dumps(card["config"]), "state": state}
+    return read_tagged(path, GENERATOR_FORMAT, "gtnkit generator", GeneratorError,
+                       missing="no generator at {path}")
 
 
 def load_generator(path: str | Path, dataset: str | None = None
                    ) -> tuple[GeneratorTeacher, GTNConfig]:
-    """Read :func:`save_generator`'s file; ``dataset`` checks it makes that data set's shape."""
-    from distill.data import get_info
-    from distill.store import read_tagged
+    """Read :func:`save_generator`'s file (either format; a run folder means its generator);
+    ``dataset`` checks it makes that data set's shape."""
+    from distill.data import DataError, get_info
+    from distill.store import find_run_file
 
-    obj = read_tagged(path, GENERATOR_FORMAT, "gtnkit generator", GeneratorError,
-                      missing="no generator at {path}")
-    info = get_info(obj["dataset"])
+    path = find_run_file(path, GENERATOR_FILES)
+    obj = _read_generator(path)
+    try:
+        info = get_info(obj["dataset"])
+    except DataError as exc:
+        raise GeneratorError(f"{path}: {exc}") from None
+    if list(obj["shape"]) != [info.channels, *info.im_size]:
+        raise GeneratorError(f"{path}: the card says images of shape {obj['shape']}; "
+                             f"{info.name} images are {[info.channels, *info.im_size]}")
     if dataset is not None:
         want = get_info(dataset)
         if (want.channels, *want.im_size) != tuple(obj["shape"]) or \

@@ -36,7 +36,7 @@ from distill.devices import resolve_device
 from distill.engine import TrainConfig
 from distill.models import parse_model_spec
 from distill.progress import Progress
-from distill.store import SavedSet, atomic_write_text, save_figure, save_set
+from distill.store import SET_FILES, SavedSet, atomic_write_text, save_figure, save_set
 
 from . import SelectionError, SignalConfig, SignalProvider, available_methods, get_method
 from . import select as run_select
@@ -129,7 +129,8 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
     """Select real images of DATASET with a coreset rule (IPC per class or a FRACTION of the
     data); save them as a set.
 
-    Writes OUT/set.pt (images, labels, indices, metadata), config.json and results.json.
+    Writes OUT/set.safetensors (images, labels; indices and metadata in its card),
+    config.json and results.json.
     Rules: random, herding, kcenter, forgetting, gradnorm, entropy, kmeans, dbscan.
 
     \b
@@ -180,18 +181,18 @@ def select(ctx, dataset, method, ipc, fraction, order, options, feature_model, s
     meta = {"dataset": data.info.name, "method": sel.method, "ipc": ipc, "fraction": fraction,
             "counts": list(sel.counts), "seed": seed, "options": sel.options,
             "indices": sel.indices.tolist(), "kind": "selection", "config": config}
-    save_set(out_dir / "set.pt", SavedSet(data.images[sel.indices], sel.labels, meta))
+    save_set(out_dir / SET_FILES[0], SavedSet(data.images[sel.indices], sel.labels, meta))
     write_run(out_dir, "select", config, {
         "seconds": seconds, "n_images": len(sel), "counts": list(sel.counts),
         "signal_cache": {"fingerprint": provider.fingerprint, "hit": provider.cache_hit,
                          "epochs_trained": provider.epochs_trained},
         "signal_seconds": provider.seconds, "indices": sel.indices.tolist(),
-        "set": str(out_dir / "set.pt")})
+        "set": str(out_dir / SET_FILES[0])})
     budget = f"{ipc} per class" if ipc is not None else f"fraction {fraction:g}"
     cache = ("" if provider.fingerprint is None else
              " (signals from the cache)" if provider.cache_hit else "")
     click.echo(f"selected {len(sel)} images ({budget}) of {data.info.name} with "
-               f"{sel.method} in {seconds:.1f} s{cache} -> {out_dir / 'set.pt'}")
+               f"{sel.method} in {seconds:.1f} s{cache} -> {out_dir / SET_FILES[0]}")
 
 
 @click.command()

@@ -42,7 +42,7 @@ def tiny_data(monkeypatch):
     ("kip", ["--distance", "mse"], "--distance applies to --method dc and dsa only, not to kip"),
     ("dm", ["--outer-loop", "2"], "--outer-loop applies to --method dc and dsa only, not to dm"),
     ("dc", ["--inner-steps", "4"], "--inner-steps applies to --method dd and ift only"),
-    ("ls", ["--real-batch", "8"], "--real-batch applies to --method dc, dsa, dm, dd and ift"),
+    ("ls", ["--real-batch", "8"], "--real-batch applies to --method dc, dsa, dm, dd, ift and mtt"),
     ("dd", ["--neumann-alpha", "0.1"], "--neumann-alpha applies to --method ift only"),
     ("ift", ["--checkpoint-steps", "2"], "--checkpoint-steps applies to --method dd only"),
     ("kip", ["--eager"], "--fast/--eager applies to --method dc, dsa and dm only, not to kip"),
@@ -100,7 +100,7 @@ def test_ls_command_wraps_the_library_call(tmp_path, tiny_data):
     r = run("-q", "distill", "--dataset", "mnist", "--method", "ls", "--ipc", 2, "--students",
             0, "--kernel-depth", 2, "--ls-targets", 30, "--seed", 3, "--out", tmp_path / "ls")
     assert r.exit_code == 0, r.output
-    saved = load_set(tmp_path / "ls" / "set.pt")
+    saved = load_set(tmp_path / "ls" / "set.safetensors")
     direct = solve_labels(make_tiny_set(per_class=6), 2, "real", kernel=KernelConfig(depth=2),
                           targets=30, seed=3)
     assert torch.equal(saved.images, direct.images)

@@ -25,6 +25,7 @@ from torch import nn
 from ..augment import AugmentConfig, DiffAugment
 from ..data import ImageSet
 from ..errors import ConfigError, NonFiniteError
+from ..hypergrad import SOLVERS
 from ..store import ADDED_LATER
 from ..teacher import Teacher
 
@@ -104,6 +105,8 @@ class StrategyConfig:
             meta-step's generator, so they are other draws than the stored unroll's; on the
             same batches the gradient is the same (a learned curriculum draws nothing).
         neumann_terms, neumann_alpha: K and α of ``implicit``.
+        ift_solver: ``implicit``'s linear solver for ``H⁻¹ v``: ``neumann`` (K terms of the
+            series, step α) or ``cg`` (K conjugate-gradient iterations; α unused).
         compile: compute the real-data side (gradients for ``matching``, embeddings for
             ``distribution``) with ``torch.compile``'d students: fused kernels, same result
             up to float rounding. The synthetic side stays eager (it needs double backward).
@@ -158,6 +161,7 @@ class StrategyConfig:
     recompute: bool = field(default=False, metadata=ADDED_LATER)
     neumann_terms: int = 5
     neumann_alpha: float = 0.01
+    ift_solver: str = field(default="neumann", metadata=ADDED_LATER)
     compile: bool = False
     real_chunk: int | None = None
     mixed_sample: int | None = None
@@ -181,6 +185,12 @@ class StrategyConfig:
         if self.mixed_sample is not None and self.mixed_sample < 1:
             raise ConfigError(f"mixed_sample must be >= 1 (None: every batch), got "
                               f"{self.mixed_sample}")
+        if self.ift_solver not in SOLVERS:
+            raise ConfigError(f"unknown ift_solver {self.ift_solver!r}; choose from "
+                              f"{', '.join(SOLVERS)}")
+        if self.ift_solver != "neumann" and self.mixed_at == "trajectory":
+            raise ConfigError("ift_solver solves the implicit system of mixed_at='final'; the "
+                              "trajectory gradient has no linear system to solve")
         if self.mixed_at not in MIXED_AT:
             raise ConfigError(f"unknown mixed_at {self.mixed_at!r}; choose from "
                               f"{', '.join(MIXED_AT)}")

@@ -117,7 +117,8 @@ class Implicit(_Stepwise):
                 mixed = sampled_parts([_mean_part(teacher, net, c, t_count, generator)
                                        for c in order], picks)
             grads = implicit_hypergradient(inner, outer, params, hparams, cfg.neumann_terms,
-                                           cfg.neumann_alpha, mixed_losses=mixed)
+                                           cfg.neumann_alpha, mixed_losses=mixed,
+                                           solver=cfg.ift_solver)
         if cfg.step_size_grad:
             # the update directions, from consecutive snapshots: w_t - w_{t+1} = lr_t · buf_t
             record = StepRecord(momentum)

@@ -56,7 +56,7 @@ register_usage_errors(GeneratorError, NASError)
 @click.option("--proxy", "proxies", multiple=True, required=True,
               metavar=proxy_forms("|"),
               help="A proxy to rank the candidates with, repeatable. RUN: a `gtnkit gtn train`"
-                   " / `gtnkit distill` output folder or its generator.pt / set.pt. gtn: the "
+                   " / `gtnkit distill` output folder or its generator / set file. gtn: the "
                    "generator's curriculum as a fixed set; gtn-steps: its own protocol (T "
                    "steps at its learned lrs and momentum).")
 @click.option("--budget", type=TableChoice(lambda: NAS_BUDGETS), default="smoke", show_default=True,
