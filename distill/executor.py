@@ -8,7 +8,7 @@ of :class:`WorkItem` s, each a pure function of its inputs and seed, run by one
 * ``ray``: one Ray task per item with ``num_cpus`` / ``num_gpus`` from the config on a running
   cluster (``ray_address`` or ``RAY_ADDRESS``) or on a local Ray runtime started for the sweep
   (``pip install 'gtnkit[ray]'``); a task whose worker process dies is retried
-  (``max_retries``) by Ray.
+  (``max_retries``) by Ray (:mod:`distill.executor_ray`).
 
 Every backend runs an item with the same torch thread count (:meth:`ExecutorConfig.
 item_threads`) and the item's own seed, so the numbers do not depend on the backend or on the
@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 from .store import atomic_write_json
 
 __all__ = ["KINDS", "RAY_MISSING", "ExecutorConfig", "WorkItem", "SweepResult", "Executor",
-           "LocalExecutor", "RayExecutor", "ExecutorError", "RayNotInstalled", "SweepError",
+           "LocalExecutor", "ExecutorError", "RayNotInstalled", "SweepError",
            "make_executor", "executor_scope", "run_items", "item_device", "move_tensors",
            "shared_on"]
 
@@ -205,22 +204,6 @@ def _pool_init(has_shared: bool, shared: Any, threads: int) -> None:
 
 def _pool_item(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
     return _call(fn, args, kwargs, _WORKER["shared"], _WORKER["threads"])
-
-
-def _ray_item(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any],
-              threads: int, box: list) -> Any:
-    """A Ray task: ``box`` holds the sweep's shared ObjectRef (not resolved by Ray, so this
-    worker process fetches it once per sweep, not once per item)."""
-    shared = _NOTHING
-    if box:
-        import ray
-
-        ref = box[0]
-        if _WORKER.get("ref") != ref.hex():
-            _WORKER.update(ref=ref.hex(), ray_shared=None)  # drop the last sweep's first
-            _WORKER["ray_shared"] = ray.get(ref)
-        shared = _WORKER["ray_shared"]
-    return _call(fn, args, kwargs, shared, threads)
 
 
 def move_tensors(obj: Any, device: torch.device | str) -> Any:
@@ -456,96 +439,6 @@ class LocalExecutor(Executor):
             pool.shutdown(wait=clean, cancel_futures=True)
 
 
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise RayNotInstalled() from None
-    return ray
-
-
-def _worker_path() -> str:
-    """The driver's own import paths (a source checkout, ``bench/``) for the workers of a
-    local Ray runtime, before theirs."""
-    prefixes = tuple({sys.prefix, sys.base_prefix})
-    own = [p for p in (os.path.abspath(q) for q in sys.path if q)
-           if os.path.isdir(p) and not p.startswith(prefixes)]
-    rest = os.environ.get("PYTHONPATH", "")
-    return os.pathsep.join(dict.fromkeys([*own, *(p for p in rest.split(os.pathsep) if p)]))
-
-
-class RayExecutor(Executor):
-    """One Ray task per item, on the cluster at ``ray_address`` / ``RAY_ADDRESS``, on a Ray
-    runtime this process already started, or on a local runtime started here (and shut down
-    by :meth:`close`)."""
-
-    def __init__(self, config: ExecutorConfig) -> None:
-        super().__init__(config)
-        ray = _import_ray()
-        self._ray = ray
-        self._owns = False
-        address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
-        if ray.is_initialized():
-            if config.ray_address:
-                log.warning("Ray is already running in this process; %s is not used",
-                            config.ray_address)
-            return
-        try:
-            if address:
-                ray.init(address=address, include_dashboard=False,
-                         log_to_driver=log.isEnabledFor(logging.INFO))
-            else:
-                cpus = (math.ceil(config.workers * config.cpus_per_item)
-                        if config.workers else None)
-                ray.init(num_cpus=cpus, include_dashboard=False,
-                         log_to_driver=log.isEnabledFor(logging.INFO),
-                         runtime_env={"env_vars": {"PYTHONPATH": _worker_path()}})
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
-            raise ExecutorError(f"cannot start or reach {where}: {_one_line(exc)}") from None
-        self._owns = True
-
-    def close(self) -> None:
-        if self._owns:
-            self._ray.shutdown()
-            self._owns = False
-
-    def _execute(self, items: list[WorkItem], shared: Any, threads: int
-                 ) -> Generator[Outcome, None, None]:
-        ray = self._ray
-        c = self.config
-        task = ray.remote(_ray_item).options(num_cpus=c.cpus_per_item,
-                                             num_gpus=c.gpus_per_item,
-                                             max_retries=c.max_retries, retry_exceptions=False)
-        box = [] if shared is _NOTHING else [ray.put(shared)]
-        cap = c.workers or len(items)
-        todo = list(items)
-        inflight: dict[Any, WorkItem] = {}
-        try:
-            while todo or inflight:
-                while todo and len(inflight) < cap:
-                    it = todo.pop(0)
-                    inflight[task.remote(it.fn, tuple(it.args), dict(it.kwargs), threads,
-                                         box)] = it
-                ready, _ = ray.wait(list(inflight), num_returns=1)
-                for ref in ready:
-                    it = inflight.pop(ref)
-                    try:
-                        value = ray.get(ref)
-                    except ray.exceptions.RayTaskError as exc:  # the item raised
-                        cause = getattr(exc, "cause", None)
-                        yield it.key, False, cause if isinstance(cause, Exception) else exc
-                        continue
-                    except ray.exceptions.RayError as exc:  # its worker died too often
-                        yield it.key, False, exc
-                        continue
-                    yield it.key, True, value
-        finally:
-            for ref in inflight:  # stopped early: do not leave the cluster busy
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref, force=True)
-
-
 def make_executor(config: ExecutorConfig | None = None) -> Executor:
     """The executor of ``config`` (default: local, in this process).
 
@@ -554,7 +447,11 @@ def make_executor(config: ExecutorConfig | None = None) -> Executor:
         ExecutorError: the Ray cluster cannot be reached or the local runtime started.
     """
     config = config or ExecutorConfig()
-    return RayExecutor(config) if config.kind == "ray" else LocalExecutor(config)
+    if config.kind == "ray":
+        from .executor_ray import RayExecutor
+
+        return RayExecutor(config)
+    return LocalExecutor(config)
 
 
 @contextlib.contextmanager
