@@ -25,7 +25,7 @@ from distill.executor import (
     move_tensors,
     shared_on,
 )
-from distill.progress import Progress
+from distill.progress import Progress, Task, task
 from distill.store import atomic_write_json, atomic_write_text, save_figure
 
 from .generator import GeneratorConfig, GeneratorError, GeneratorTeacher
@@ -177,7 +177,7 @@ def run_comparison(train_set: ImageSet, test_set: ImageSet, methods: list[str], 
                            progress if ex.in_process else None))
                  for m in methods for t in steps if cell_key(m, t) not in previous_cells]
 
-        def finish(key: str, cell: dict) -> None:
+        def finish(key: str, cell: dict, bar: Task) -> None:
             done = {**state["cells"], key: cell}  # the table's order, whatever finished first
             state["cells"] = {k: done[k] for k in [*previous_cells, *order] if k in done}
             atomic_write_json(json_path, state)
@@ -185,8 +185,11 @@ def run_comparison(train_set: ImageSet, test_set: ImageSet, methods: list[str], 
             log(f"{cell['method']:<18} T={cell['T']:<3} {mem / 2**20:8.1f} MiB  "
                 f"{cell['seconds_per_meta_step']:6.2f} s/step  few-step "
                 f"{cell['few_step_mean']:5.1f} %  fixed set {cell['fixed_set_mean']:5.1f} %")
+            bar.update(1)
 
-        ex.run(items, shared=shared, on_result=finish)
+        # in this process, each cell's meta-training reports its own progress
+        with task(None if ex.in_process else progress, "cells", len(items)) as bar:
+            ex.run(items, shared=shared, on_result=lambda k, c: finish(k, c, bar))
     atomic_write_text(out / "gtn-compare.md", comparison_table(state))
     plot(state, out / "gtn-compare.png")
     return state

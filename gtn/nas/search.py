@@ -12,7 +12,7 @@ from dataclasses import asdict
 import torch
 
 from distill.data import ImageSet
-from distill.executor import Executor, ExecutorConfig, executor_scope
+from distill.executor import Executor, ExecutorConfig, executor_scope, item_device
 from distill.progress import Progress
 from distill.store import to_jsonable
 
@@ -174,6 +174,7 @@ def _search(train_set: ImageSet, proxies: Sequence[tuple[ProxySpec, object]],
             log: Callable[[str], None], draws: int,
             on_draw: Callable[[dict], None] | None, alpha: float) -> dict:
     workers = ex.config.workers or 1
+    item_device(ex.config, device)  # a CUDA device Ray would hide: refused before any work
     device = torch.device(device)
     space = space or budget.space
     samples = [sample_candidates(n_candidates, seed + d, train_set.info, space)
