@@ -53,9 +53,9 @@ demo: install
 demo-coreset: install
 	$(BIN)/gtnkit select --dataset mnist --method herding --ipc 10 --download \
 	    --pool-per-class 500 --signal-epochs 5 --out $(DEMO)/select --force
-	$(BIN)/gtnkit evaluate $(DEMO)/select/set.pt --students 2 --download \
+	$(BIN)/gtnkit evaluate $(DEMO)/select --students 2 --download \
 	    --out $(DEMO)/evaluate --force
-	$(BIN)/gtnkit show $(DEMO)/select/set.pt --out $(DEMO)/show --force
+	$(BIN)/gtnkit show $(DEMO)/select --out $(DEMO)/show --force
 
 bench-smoke: install
 	$(BIN)/python bench/coreset.py --budget smoke

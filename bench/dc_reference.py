@@ -65,10 +65,10 @@ def commands(name: str, iterations: int, reference: Path, root: str, out: Path) 
                  "--save_path", str(out)], reference)
     mode = "--eager" if name == "gtnkit-eager" else "--fast"
     model = "convnet:first_pad=1" if name == "gtnkit-fast-1152" else "convnet"
-    return ([sys.executable, str(REPO / "cli.py"), "distill", "--dataset", "mnist", "--method",
-             "dc", "--ipc", "1", "--init", "noise", "--iterations", str(iterations),
-             "--model", model, "--students", "0", "--data-root", root, "--out", str(out),
-             "--force", mode], REPO)
+    return ([sys.executable, "-c", "from cli import main; main()", "distill", "--dataset",
+             "mnist", "--method", "dc", "--ipc", "1", "--init", "noise", "--iterations",
+             str(iterations), "--model", model, "--students", "0", "--data-root", root,
+             "--out", str(out), "--force", mode], REPO)
 
 
 #: What each program is. ``gtnkit-fast-1152`` is gtnkit on its earlier MNIST ConvNet (first

@@ -21,7 +21,7 @@ from .metatrain import SCHEDULES, CheckpointError, MetaConfig, MetaResult, meta_
 from .methods import METHODS, get_method
 from .progress import Progress
 from .rng import generator as make_generator
-from .strategies import ConfigError, NonFiniteError, RealSampler, StrategyConfig
+from .strategies import STRATEGIES, ConfigError, NonFiniteError, RealSampler
 from .synthetic import SyntheticSet
 
 __all__ = ["ConfigError", "MetaConfig", "MetaResult", "CheckpointError", "NonFiniteError",
@@ -43,7 +43,8 @@ def condense_config(method: str, iterations: int = 1000, lr: float | None = None
         ConfigError: an unknown method, or an option its strategy does not have.
     """
     m = get_method(method)
-    loop_keys = ("checkpoint_every", "eval_every", "memory_iterations", "optimizer", "momentum")
+    loop_keys = ("checkpoint_every", "eval_every", "memory_iterations", "optimizer", "momentum",
+                 "memory_check")
     loop: dict[str, Any] = {k: overrides.pop(k) for k in loop_keys if k in overrides}
     if m.strategy != "unrolled" and (overrides.get("truncate") or
                                      overrides.get("checkpoint_steps")):
@@ -55,7 +56,8 @@ def condense_config(method: str, iterations: int = 1000, lr: float | None = None
     if lr is not None:
         settings["lr"] = lr
     return MetaConfig(strategy=m.strategy, method=m.name, iterations=iterations,
-                      strategy_config=StrategyConfig(**overrides), **settings)
+                      strategy_config=STRATEGIES[m.strategy].config_class(**overrides),
+                      **settings)
 
 
 def condense(

@@ -7,8 +7,8 @@ import os
 
 import torch
 
-__all__ = ["CPU_REAL_CHUNK", "DeviceError", "deterministic_cuda", "real_chunk_for",
-           "resolve_device", "silence_cuda_home_warning"]
+__all__ = ["CPU_REAL_CHUNK", "DeviceError", "available_devices", "deterministic_cuda",
+           "real_chunk_for", "resolve_device", "silence_cuda_home_warning"]
 
 
 class _DropCudaHomeWarning(logging.Filter):
@@ -42,15 +42,41 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         return name
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    choices = ", ".join(available_devices())
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {name!r}; this machine runs on: {choices}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device {name!r} requested but CUDA is not available on this machine")
+        raise DeviceError(f"device {name!r} requested but CUDA is not available on this "
+                          f"machine; it runs on: {choices}")
+    if device.type == "cuda" and device.index is not None and \
+            device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r} does not exist; this machine runs on: {choices}")
+    if device.type == "mps" and not _mps_available():
+        raise DeviceError(f"device {name!r} (Apple GPU) is not available on this machine; it "
+                          f"runs on: {choices}")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"gtnkit does not run on {device.type!r} devices; this machine runs "
+                          f"on: {choices}")
     if device.type == "cuda":
         deterministic_cuda()
     return device
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def available_devices() -> list[str]:
+    """The ``--device`` values this build and machine can run on."""
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if _mps_available():
+        names.append("mps")
+    return names
 
 
 def deterministic_cuda() -> None:

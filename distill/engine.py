@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError, NonFiniteError
 from .progress import Progress, task
 from .rng import generator as make_generator
 
@@ -69,11 +70,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if not math.isfinite(self.momentum) or not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got "
+                              f"{self.weight_decay}")
 
 
 class TrainHook(Protocol):
@@ -294,6 +300,12 @@ def evaluate_set(
     from .models import build_model  # the zoo
 
     device = images.device
+    for what, tensor in (("training images", images), ("labels", labels),
+                         ("test images", test_images)):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteError(f"the {what} hold {bad} non-finite value(s) (NaN or inf); "
+                                 f"no student is trained on them")
     subset = fixed_test_subset(test_images.shape[0], protocol.test_limit)
     if subset is not None:
         subset = subset.to(test_images.device)
@@ -309,6 +321,10 @@ def evaluate_set(
                             generator=g).to(device)
         train(model, images, labels, protocol.train, g, progress=progress,
               description=f"student {i + 1}/{protocol.n_students}")
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise NonFiniteError(
+                f"student {i + 1} ended with non-finite weights (training diverged at lr "
+                f"{protocol.train.lr}); no score is reported: try a smaller --lr")
         accs.append(100.0 * accuracy(model, test_images, test_labels))
         if on_student is not None:
             on_student(i, accs[-1])

@@ -1,4 +1,5 @@
-"""Implicit-function-theorem hypergradients with a Neumann-series inverse Hessian.
+"""Implicit-function-theorem hypergradients with a Neumann-series or conjugate-gradient
+inverse Hessian.
 
 Lorraine, Vicol & Duvenaud, "Optimizing Millions of Hyperparameters by Implicit
 Differentiation", AISTATS 2020 (Algorithms 2 and 3). At an (approximate) optimum
@@ -10,6 +11,11 @@ and ``H⁻¹ v`` is approximated by ``α Σ_{j=0..K} (I − αH)^j v`` (converge
 ``0 < α < 2/λ_max(H)`` and H is positive definite). Hessian-vector products use double
 backprop; no graph is kept across the inner training that produced ``w``, so memory does not
 grow with the number of inner steps.
+
+The linear solve ``H⁻¹ v`` is separate from what is differentiated (torchopt's
+``custom_root(..., solve=)``, jaxopt's ``root_vjp(solve=)``): ``solver="neumann"`` (the
+series above) or ``solver="cg"`` (conjugate gradient, :func:`cg_inverse_hvp`: exact after
+``dim(w)`` iterations on a positive-definite H, where a truncated Neumann series is not).
 """
 
 from __future__ import annotations
@@ -19,11 +25,15 @@ from typing import cast
 
 import torch
 
-__all__ = ["grad_or_zero", "neumann_inverse_hvp", "implicit_hypergradient", "StepRecord",
+__all__ = ["grad_or_zero", "neumann_inverse_hvp", "cg_inverse_hvp", "SOLVERS",
+           "implicit_hypergradient", "StepRecord",
            "step_size_hypergradient", "trajectory_coefficients", "trajectory_hypergradient",
            "sampled_parts"]
 
 Tensors = Sequence[torch.Tensor]
+
+#: The linear solvers of :func:`implicit_hypergradient` (``H⁻¹ v``).
+SOLVERS = ("neumann", "cg")
 
 
 def grad_or_zero(outputs: torch.Tensor | Tensors, inputs: Tensors,
@@ -63,11 +73,60 @@ def neumann_inverse_hvp(inner_grads: Tensors, params: Tensors, v: Tensors, terms
     return [alpha * a for a in acc]
 
 
+def cg_inverse_hvp(inner_grads: Tensors, params: Tensors, v: Tensors, iterations: int,
+                   tolerance: float = 0.0) -> list[torch.Tensor]:
+    """Approximate ``H⁻¹ v`` with ``iterations`` steps of conjugate gradient (CG).
+
+    Hestenes & Stiefel (1952); the solver torchopt's ``linear_solve.solve_cg`` and jaxopt's
+    ``linear_solve.solve_cg`` offer for implicit differentiation. Starting from ``x_0 = 0``,
+    ``r_0 = p_0 = v``, every iteration takes one Hessian-vector product (double backprop)::
+
+        α_k = r_k·r_k / p_k·H p_k,   x_{k+1} = x_k + α_k p_k,   r_{k+1} = r_k − α_k H p_k,
+        β_k = r_{k+1}·r_{k+1} / r_k·r_k,   p_{k+1} = r_{k+1} + β_k p_k.
+
+    On a symmetric positive-definite H it is exact (in exact arithmetic) after ``n = dim(w)``
+    iterations and minimises the H-norm of the error over the k-th Krylov space before that,
+    so it needs no step size and converges at a rate set by √κ(H) (the Neumann series: κ).
+    A network's Hessian need not be positive definite: a direction of non-positive curvature
+    (``p·Hp <= 0``) ends the iterations with the current ``x`` (truncated CG, Steihaug 1983).
+
+    Args:
+        inner_grads: ∂L_T/∂w for ``params``, computed with ``create_graph=True``.
+        params: the inner parameters w.
+        v: the right-hand sides (same shapes as ``params``).
+        iterations: K >= 0 (0 returns zeros).
+        tolerance: stop early once ``||r|| <= tolerance · ||v||`` (0: run all K).
+
+    Returns:
+        ``x_K ≈ H⁻¹ v``, one tensor per parameter (detached).
+    """
+    x = [torch.zeros_like(t).detach() for t in v]
+    r = [t.detach().clone() for t in v]
+    p = [t.clone() for t in r]
+    rr = _dot(r, r)
+    stop = float(tolerance) ** 2 * float(rr)
+    for _ in range(iterations):
+        if float(rr) <= stop or float(rr) == 0.0:
+            break
+        hp = [h.detach() for h in torch.autograd.grad(inner_grads, params, grad_outputs=p,
+                                                      retain_graph=True)]
+        curvature = _dot(p, hp)
+        if not float(curvature) > 0:  # not positive definite along p: keep what we have
+            break
+        alpha = rr / curvature
+        x = [a + alpha * b for a, b in zip(x, p)]
+        r = [a - alpha * b for a, b in zip(r, hp)]
+        rr_next = _dot(r, r)
+        p = [a + (rr_next / rr) * b for a, b in zip(r, p)]
+        rr = rr_next
+    return x
+
+
 def implicit_hypergradient(inner_loss: torch.Tensor, outer_loss: torch.Tensor,
                            params: Tensors, hparams: Tensors, terms: int = 5,
                            alpha: float = 0.01,
-                           mixed_losses: Iterable[Callable[[], torch.Tensor]] | None = None
-                           ) -> list[torch.Tensor]:
+                           mixed_losses: Iterable[Callable[[], torch.Tensor]] | None = None,
+                           solver: str = "neumann") -> list[torch.Tensor]:
     """dL_V/dh by the implicit function theorem (see module docstring).
 
     Args:
@@ -75,21 +134,27 @@ def implicit_hypergradient(inner_loss: torch.Tensor, outer_loss: torch.Tensor,
         outer_loss: L_V(w, h), a scalar with a graph to ``params`` (and maybe ``hparams``).
         params: the inner parameters w (at, or near, the inner optimum).
         hparams: the hyper-parameters h (e.g. synthetic images, or a generator's weights).
-        terms, alpha: Neumann series length K and step α.
+        terms, alpha: Neumann series length K and step α; with ``solver="cg"``, K is the
+            number of CG iterations and α is not used.
         mixed_losses: when the inner loss is a sum of parts too large to hold in one graph
             (a GTN curriculum: one part per student step), zero-argument callables that build
             the parts one at a time; the mixed derivative is then accumulated part by part, so
             memory stays that of one part, and ``inner_loss`` (e.g. one part, or a sample of
             them) serves only the Hessian-vector products.
+        solver: how ``H⁻¹ v`` is solved: ``neumann`` (:func:`neumann_inverse_hvp`) or ``cg``
+            (:func:`cg_inverse_hvp`).
 
     Returns:
         One gradient per hyper-parameter (zeros where it does not influence the losses).
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
     params, hparams = list(params), list(hparams)
     v = grad_or_zero(outer_loss, params, retain_graph=True)
     direct = torch.autograd.grad(outer_loss, hparams, retain_graph=True, allow_unused=True)
     inner_grads = torch.autograd.grad(inner_loss, params, create_graph=True)
-    p = neumann_inverse_hvp(inner_grads, params, v, terms, alpha)
+    p = neumann_inverse_hvp(inner_grads, params, v, terms, alpha) if solver == "neumann" \
+        else cg_inverse_hvp(inner_grads, params, v, terms)
     # ∂/∂h of (∂L_T/∂w · p) is the mixed second derivative applied to p.
     mixed: list[torch.Tensor | None]
     if mixed_losses is None:

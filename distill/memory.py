@@ -14,10 +14,54 @@ import resource
 import sys
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-__all__ = ["SavedTensorMeter", "MemoryReport", "peak_rss_bytes"]
+from .errors import ConfigError
+
+__all__ = ["SavedTensorMeter", "MemoryReport", "MemoryBudgetError", "available_bytes",
+           "check_fits", "peak_rss_bytes"]
+
+
+class MemoryBudgetError(ConfigError):
+    """A run whose estimated peak memory exceeds what the device has free (one line)."""
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Memory a run on ``device`` may still take: CUDA's free bytes on that device, or on a
+    CPU the kernel's ``MemAvailable`` (Linux); ``None`` where it cannot be known."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(estimate: int, device: torch.device | str, what: str, advice: str,
+               available: int | None = None) -> None:
+    """Refuse, before any work, what would take ``estimate`` bytes when that exceeds the
+    memory ``available`` on ``device`` (default: :func:`available_bytes`; unknown: allowed).
+
+    Raises:
+        MemoryBudgetError: one line naming ``what``, the estimate, the memory free and
+            ``advice`` (what would fit).
+    """
+    available = available_bytes(device) if available is None else available
+    if available is None or estimate <= available:
+        return
+    gib = 2 ** 30
+    raise MemoryBudgetError(
+        f"{what} needs about {estimate / gib:.1f} GiB, but {available / gib:.1f} GiB are "
+        f"free on {torch.device(device).type}. What fits: {advice}; --no-memory-check runs "
+        f"it anyway")
 
 
 def peak_rss_bytes() -> int:

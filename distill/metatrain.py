@@ -26,15 +26,18 @@ import io
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .memory import SavedTensorMeter, peak_rss_bytes
+from .engine import classification_loss
+from .memory import SavedTensorMeter, available_bytes, check_fits, peak_rss_bytes
 from .progress import Progress, task
 from .rng import generator as make_generator
 from .store import (
+    NOT_IN_RESULT,
     StoreError,
     atomic_write_bytes,
     fingerprint_of,
@@ -97,6 +100,10 @@ class MetaConfig:
             to ``lr_floor`` x ``lr`` at the last iteration (:func:`scheduled_lr`).
         lr_floor: the cosine schedule's final fraction of ``lr``, in [0, 1].
         strategy_config: the strategy's knobs.
+        memory_check: before the first iteration, estimate the peak memory of a meta-step
+            (one differentiable student step measured, times the steps the strategy holds)
+            and refuse a run that cannot fit in the memory free on the device
+            (:func:`~distill.memory.check_fits`); ``False`` runs it anyway.
     """
 
     strategy: str = "matching"
@@ -111,6 +118,7 @@ class MetaConfig:
     schedule: str = "constant"
     lr_floor: float = 0.1
     strategy_config: StrategyConfig = field(default_factory=StrategyConfig)
+    memory_check: bool = field(default=True, repr=False, metadata=NOT_IN_RESULT)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -122,8 +130,8 @@ class MetaConfig:
             raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"the teacher's lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"the teacher's lr must be a finite number > 0, got {self.lr}")
         if self.checkpoint_every < 1 or self.eval_every < 0:
             raise ConfigError("checkpoint_every must be >= 1 and eval_every >= 0")
 
@@ -160,16 +168,100 @@ def _fingerprint(config: MetaConfig, seed: int, extra: dict | None,
     as_dict, as_repr = (asdict, repr) if legacy else (fingerprint_of, fingerprint_repr)
     extra = {k: as_repr(v) if is_dataclass(v) and not isinstance(v, type) else v
              for k, v in (extra or {}).items()}
-    return to_jsonable({"config": as_dict(config), "seed": seed, "extra": extra})
+    rendered = as_dict(config)
+    for f in fields(config):  # never part of a fingerprint, the legacy form included
+        if f.metadata.get("fingerprint") == NOT_IN_RESULT["fingerprint"]:
+            rendered.pop(f.name, None)
+    return to_jsonable({"config": rendered, "seed": seed, "extra": extra})
+
+
+def _check_memory(strategy: Strategy, teacher: Teacher,
+                  make_student: Callable[[torch.Generator], torch.nn.Module], seed: int,
+                  device: torch.device) -> None:
+    """Refuse a meta-step that cannot fit, before any work (:func:`check_fits`): one
+    differentiable student step on a teacher batch is measured with the saved-tensor meter,
+    on its own random stream (the run's is untouched) and with the teacher's buffers (batch
+    norm statistics) restored after it."""
+    held = strategy.steps_held(teacher.steps)
+    if held <= 1:
+        return
+    g = make_generator(seed, "memory-probe")
+    buffers = {name: b.clone() for name, b in teacher.named_buffers()}
+    try:
+        net = make_student(g)
+        net.train()
+        params = [p for p in net.parameters() if p.requires_grad]
+        with SavedTensorMeter() as meter:
+            x, y = teacher.batch(None, g)
+            grads = torch.autograd.grad(classification_loss(net(x), y), params,
+                                        create_graph=True)
+            del grads, x, y
+    finally:
+        with torch.no_grad():
+            for name, b in teacher.named_buffers():
+                b.copy_(buffers[name])
+    step = max(meter.peak, 1)
+    fit = (available_bytes(device) or 0) // step
+    shorter = f", or T <= {fit}" if held == teacher.steps and fit >= 1 else ""
+    check_fits(step * held, device,
+               f"a meta-step of {strategy.name} at T = {teacher.steps} holds {held} inner "
+               f"steps of about {step / 2**20:.2f} MiB each: it",
+               f"--recompute (unrolled: the same gradient at one step's memory), "
+               f"--method implicit{shorter}")
 
 
 def _load_checkpoint(path: Path, fingerprints: Sequence[dict]) -> dict:
     state = read_tagged(path, CHECKPOINT_FORMAT, "gtnkit meta-training checkpoint",
                         CheckpointError, missing="nothing to resume: {path} does not exist")
     if state.get("fingerprint") not in fingerprints:
-        raise CheckpointError(f"{path} was written by a run with other options or seed; "
-                              f"rerun with the same options, or without --resume")
+        changed = _differences(state.get("fingerprint"), fingerprints[0])
+        what = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''})" \
+            if changed else ""
+        raise CheckpointError(f"{path} was written by a run with other options or seed"
+                              f"{what}; rerun with the same options, or without --resume")
     return state
+
+
+def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """The options (dotted paths) whose values differ between two fingerprints, each as
+    ``name: saved -> now``; a dataclass rendered by its repr counts as one value."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out: list[str] = []
+        for key in sorted(set(saved) | set(now), key=str):
+            if key in ("config", "extra"):
+                out += _differences(saved.get(key), now.get(key), prefix)
+            else:
+                out += _differences(saved.get(key), now.get(key), f"{prefix}{key}.")
+        return out
+    if saved == now:
+        return []
+    name = prefix.rstrip(".") or "the run"
+    if isinstance(saved, str) and isinstance(now, str) and "(" in saved and "(" in now:
+        # a dataclass repr: name its fields that differ
+        a, b = _repr_fields(saved), _repr_fields(now)
+        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if diff:
+            return [f"{name}.{k}: {a.get(k, '-')} -> {b.get(k, '-')}" for k in diff]
+    return [f"{name}: {saved!r} -> {now!r}"]
+
+
+def _repr_fields(text: str) -> dict[str, str]:
+    """``Cls(a=1, b=X(c=2))`` -> ``{"a": "1", "b": "X(c=2)"}`` (top-level fields only)."""
+    body = text[text.find("(") + 1:text.rfind(")")]
+    fields_, depth, current = {}, 0, ""
+    for ch in body + ",":
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            key, _, value = current.strip().partition("=")
+            if key:
+                fields_[key] = value
+            current = ""
+        else:
+            current += ch
+    return fields_
 
 
 def meta_train(
@@ -237,6 +329,8 @@ def meta_train(
                     "saved_peak_bytes": saved_peak}, buf)
         atomic_write_bytes(path, buf.getvalue())
 
+    if config.memory_check and start_it < config.iterations:
+        _check_memory(strategy, teacher, make_student, seed, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with task(progress, f"{config.strategy}", config.iterations - start_it) as bar:

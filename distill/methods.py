@@ -28,7 +28,8 @@ class Method:
         augment: DSA op string applied by the strategy ("": none).
         optimizer, lr, momentum: the teacher's (image) optimiser. DC/DSA: SGD 0.1 with momentum
             0.5; DM: SGD 1.0; DD and IFT: Adam 0.01 (their meta-gradients' scale varies with T
-            and the student; Adam is scale-free).
+            and the student; Adam is scale-free); MTT: SGD 1000 with momentum 0.5 (its loss is
+            a ratio of squared distances; its lr's own step is the strategy's ``lr_lr``).
         help: one line for ``--help``.
         reference: the paper.
     """
@@ -44,8 +45,9 @@ class Method:
 
     @property
     def learns_lr(self) -> bool:
-        """Whether its strategy can learn the student lr (unrolled backprop only)."""
-        return self.strategy == "unrolled"
+        """Whether its strategy can learn the student lr (unrolled backprop, trajectory
+        matching)."""
+        return self.strategy in ("unrolled", "trajectory")
 
     @property
     def augments(self) -> bool:
@@ -64,6 +66,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "Wang, Zhu, Torralba & Efros 2018"),
     Method("ift", "implicit", "", "adam", 0.01, 0.0, "implicit function theorem",
            "Lorraine, Vicol & Duvenaud, AISTATS 2020"),
+    Method("mtt", "trajectory", DSA_OPS, "sgd", 1000.0, 0.5,
+           "matching training trajectories of experts (--gradient tesla: constant memory)",
+           "Cazenavette et al., CVPR 2022; TESLA: Cui et al., ICML 2023"),
 )}
 
 

@@ -280,7 +280,27 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
         raise ModelError(f"model {name!r} has no option {', '.join(map(repr, unknown))}; its "
                          f"options are: {', '.join(known) or 'none'} (e.g. {name}:"
                          f"{known[0] if known else 'KEY'}=VALUE)")
+    _check_option_types(name, spec, options)
     return name, options
+
+
+def _check_option_types(name: str, spec: str, options: dict) -> None:
+    """Each option's value has the type of its default (an integer where the model takes an
+    integer, ...), so a typo is one line naming the option, not an error deep in a layer."""
+    import inspect
+
+    defaults = {p.name: p.default for p in inspect.signature(_ZOO[name]).parameters.values()}
+    wants: dict[type, tuple[type | tuple[type, ...], str]] = {
+        bool: (bool, "true or false"), int: (int, "an integer"),
+        float: ((int, float), "a number"), str: (str, "a word")}
+    for key, value in options.items():
+        default = defaults.get(key, inspect.Parameter.empty)
+        if default is None or default is inspect.Parameter.empty:
+            continue
+        kinds, words = wants.get(type(default), (object, ""))
+        if not isinstance(value, kinds) or (type(default) is not bool and isinstance(value, bool)):
+            raise ModelError(f"model option {key} of {name} wants {words}, got {value!r} in "
+                             f"{spec!r}")
 
 
 def model_options(name: str) -> list[str]:

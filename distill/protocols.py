@@ -31,11 +31,11 @@ from typing import Any
 
 from .augment import DEFAULT_STRATEGY as DSA_OPS
 from .augment import digit_strategy
-from .engine import EvalProtocol, TrainConfig
+from .engine import EvalProtocol, EvalResult, TrainConfig
 from .strategies import ConfigError
 
 __all__ = ["PROTOCOLS", "ProtocolError", "default_protocol", "protocol_train_config",
-           "make_protocol", "describe_protocol", "protocol_label"]
+           "make_protocol", "describe_protocol", "protocol_label", "evaluation_record"]
 
 PROTOCOLS = ("dc", "dsa", "none")
 #: Methods whose papers score with DSA's augmentation; every other set is scored as DC does.
@@ -114,3 +114,15 @@ def describe_protocol(protocol: EvalProtocol) -> str:
     limit = f", {protocol.test_limit} test images" if protocol.test_limit else ""
     return (f"{head}: {protocol.n_students} fresh {protocol.model} student(s), SGD lr "
             f"{t.lr:g}, {t.epochs} epochs, {aug}{limit}")
+
+
+def evaluation_record(protocol: EvalProtocol, result: EvalResult, seed: int) -> dict:
+    """One entry of a set card's ``evaluations``: the protocol (name, student, augmentation,
+    epochs, lr, students, test subset), the seed and the accuracies it gave."""
+    t = protocol.train
+    augmentation = t.augmentation or ("dsa" if t.augment else "none")
+    return {"protocol": protocol.name or "custom", "description": describe_protocol(protocol),
+            "student": protocol.model, "augmentation": augmentation, "epochs": t.epochs,
+            "lr": t.lr, "batch_size": t.batch_size, "students": protocol.n_students,
+            "test_limit": protocol.test_limit, "seed": seed,
+            "accuracies": list(result.accuracies), "mean": result.mean, "std": result.std}

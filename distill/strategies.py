@@ -37,7 +37,9 @@ from .augment import AugmentConfig, DiffAugment
 from .data import ImageSet
 from .distribution import distribution_loss
 from .engine import TrainConfig, classification_loss, train
+from .errors import ConfigError, NonFiniteError
 from .hypergrad import (
+    SOLVERS,
     StepRecord,
     grad_or_zero,
     implicit_hypergradient,
@@ -59,14 +61,6 @@ __all__ = ["ConfigError", "Teacher", "RealSampler", "NonFiniteError", "StrategyC
 log = logging.getLogger("gtnkit")
 
 StudentFactory = Callable[[torch.Generator], nn.Module]
-
-class ConfigError(ValueError):
-    """An invalid strategy/loop option (one line)."""
-
-
-class NonFiniteError(ArithmeticError):
-    """A meta-loss or a teacher gradient became NaN/inf; the update was not applied."""
-
 
 class RealSampler:
     """Random real batches, per class or mixed, drawn from a passed generator."""
@@ -137,6 +131,8 @@ class StrategyConfig:
             meta-step's generator, so they are other draws than the stored unroll's; on the
             same batches the gradient is the same (a learned curriculum draws nothing).
         neumann_terms, neumann_alpha: K and α of ``implicit``.
+        ift_solver: ``implicit``'s linear solver for ``H⁻¹ v``: ``neumann`` (K terms of the
+            series, step α) or ``cg`` (K conjugate-gradient iterations; α unused).
         compile: compute the real-data side (gradients for ``matching``, embeddings for
             ``distribution``) with ``torch.compile``'d students: fused kernels, same result
             up to float rounding. The synthetic side stays eager (it needs double backward).
@@ -191,6 +187,7 @@ class StrategyConfig:
     recompute: bool = field(default=False, metadata=ADDED_LATER)
     neumann_terms: int = 5
     neumann_alpha: float = 0.01
+    ift_solver: str = field(default="neumann", metadata=ADDED_LATER)
     compile: bool = False
     real_chunk: int | None = None
     mixed_sample: int | None = None
@@ -214,6 +211,12 @@ class StrategyConfig:
         if self.mixed_sample is not None and self.mixed_sample < 1:
             raise ConfigError(f"mixed_sample must be >= 1 (None: every batch), got "
                               f"{self.mixed_sample}")
+        if self.ift_solver not in SOLVERS:
+            raise ConfigError(f"unknown ift_solver {self.ift_solver!r}; choose from "
+                              f"{', '.join(SOLVERS)}")
+        if self.ift_solver != "neumann" and self.mixed_at == "trajectory":
+            raise ConfigError("ift_solver solves the implicit system of mixed_at='final'; the "
+                              "trajectory gradient has no linear system to solve")
         if self.mixed_at not in MIXED_AT:
             raise ConfigError(f"unknown mixed_at {self.mixed_at!r}; choose from "
                               f"{', '.join(MIXED_AT)}")
@@ -258,6 +261,7 @@ class Strategy:
     """One meta-iteration: ``step(...)`` returns ``{"loss": float}``."""
 
     name = ""
+    config_class: type[StrategyConfig] = StrategyConfig  # what condense_config builds
 
     def __init__(self, config: StrategyConfig) -> None:
         self.config = config
@@ -284,6 +288,11 @@ class Strategy:
              make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
         """One meta-iteration on a fresh student; updates the teacher through ``optimizer``."""
         raise NotImplementedError
+
+    def steps_held(self, steps: int) -> int:
+        """How many inner steps' graphs a meta-step of T = ``steps`` keeps alive at once (its
+        memory in units of one differentiable student step; the memory guard's estimate)."""
+        return 1
 
     def _update(self, loss: torch.Tensor, teacher: Teacher, optimizer: torch.optim.Optimizer,
                 grads: Sequence[torch.Tensor] | None = None) -> float:
@@ -616,6 +625,13 @@ class Unrolled(_Stepwise):
 
     name = "unrolled"
 
+    def steps_held(self, steps: int) -> int:
+        cfg = self.config
+        if cfg.recompute:
+            return 1
+        held = steps if cfg.truncate is None else min(steps, cfg.truncate)
+        return held if cfg.checkpoint_steps is None else min(held, cfg.checkpoint_steps)
+
     def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
              make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
         cfg = self.config
@@ -655,6 +671,9 @@ class Implicit(_Stepwise):
     """
 
     name = "implicit"
+
+    def steps_held(self, steps: int) -> int:
+        return max(1, min(steps, self.config.unroll_tail))
 
     def step(self, teacher: Teacher, optimizer: torch.optim.Optimizer, real: RealSampler,
              make_student: StudentFactory, generator: torch.Generator) -> dict[str, float]:
@@ -717,7 +736,8 @@ class Implicit(_Stepwise):
                 mixed = sampled_parts([_mean_part(teacher, net, c, t_count, generator)
                                        for c in order], picks)
             grads = implicit_hypergradient(inner, outer, params, hparams, cfg.neumann_terms,
-                                           cfg.neumann_alpha, mixed_losses=mixed)
+                                           cfg.neumann_alpha, mixed_losses=mixed,
+                                           solver=cfg.ift_solver)
         if cfg.step_size_grad:
             # the update directions, from consecutive snapshots: w_t - w_{t+1} = lr_t · buf_t
             record = StepRecord(momentum)

@@ -6,6 +6,7 @@ candidate students by short training on generated, condensed or selected data.
 """
 
 from .generator import CURRICULA, Generator, GeneratorConfig, GeneratorError, GeneratorTeacher
+from .sets import generator_set, load_generator_set
 from .train import (
                     GTN_METHODS,
                     RECIPES,
@@ -21,5 +22,6 @@ from .train import (
 
 __all__ = ["CURRICULA", "Generator", "GeneratorConfig", "GeneratorError", "GeneratorTeacher",
            "GTN_METHODS", "RECIPES", "GTNConfig", "few_step_accuracy",
-           "fixed_set_accuracy", "load_generator", "recipe_config", "save_generator",
+           "fixed_set_accuracy", "generator_set", "load_generator", "load_generator_set",
+           "recipe_config", "save_generator",
            "split_validation", "train_gtn"]

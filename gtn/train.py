@@ -36,7 +36,7 @@ from distill.metatrain import MetaConfig, MetaResult, meta_train
 from distill.models import build_model, parse_model_spec
 from distill.progress import Progress
 from distill.rng import generator as make_generator
-from distill.store import ADDED_LATER
+from distill.store import ADDED_LATER, NOT_IN_RESULT
 from distill.strategies import RealSampler, StrategyConfig
 from distill.teacher import Batch
 
@@ -44,7 +44,7 @@ from .generator import GeneratorConfig, GeneratorError, GeneratorTeacher
 
 __all__ = ["GTN_METHODS", "GTNConfig", "split_validation", "train_gtn", "few_step_accuracy",
            "fixed_set_accuracy", "make_teacher", "save_generator", "load_generator",
-           "validation_evaluator"]
+           "GENERATOR_FILES", "validation_evaluator"]
 
 log = logging.getLogger("gtnkit")
 
@@ -115,6 +115,8 @@ class GTNConfig:
             student at lr 0.01, as DC trains; the learned curriculum is then never trained).
         validation: training images held out for validation (never the test set).
         checkpoint_steps: gradient checkpointing of ``unrolled`` in segments of this size.
+        memory_check: refuse, before any work, a run whose learned curriculum or meta-step
+            cannot fit in the memory free on the device (``MetaConfig.memory_check``).
         recompute: ``unrolled`` keeps each inner step's student state only and rebuilds the
             steps one at a time in the backward pass: the same gradient (intermediate losses
             included) at the memory of one step, flat in T (``StrategyConfig.recompute``).
@@ -153,6 +155,8 @@ class GTNConfig:
     checkpoint_every: int = 10
     eval_every: int = 0
     memory_iterations: int = 1
+    # not in the repr: the legacy fingerprint of old checkpoints is the dataclass repr
+    memory_check: bool = field(default=True, repr=False, metadata=NOT_IN_RESULT)
 
     def __post_init__(self) -> None:
         if self.method not in GTN_METHODS:
@@ -196,7 +200,8 @@ class GTNConfig:
             strategy=self.method, iterations=self.meta_iterations,
             optimizer="adam", lr=self.meta_lr, momentum=0.0,
             checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
-            memory_iterations=self.memory_iterations, schedule=self.meta_schedule,
+            memory_iterations=self.memory_iterations, memory_check=self.memory_check,
+            schedule=self.meta_schedule,
             lr_floor=self.meta_lr_floor,
             strategy_config=StrategyConfig(
                 real_batch=self.real_batch, real_per_class=self.match_real_per_class,
@@ -267,6 +272,22 @@ def validation_evaluator(val: ImageSet, config: GTNConfig, seed: int,
     return evaluate
 
 
+def _check_curriculum_fits(info: DatasetInfo, config: GTNConfig,
+                           device: torch.device) -> None:
+    """A learned curriculum holds T x batch noise vectors (and label logits): with its
+    gradient and Adam's two moments, four copies. Refused before it is allocated when it
+    cannot fit (:func:`distill.memory.check_fits`)."""
+    from distill.memory import check_fits
+
+    per_image = (config.generator.noise_dim if config.curriculum != "none" else 0) + \
+        (info.num_classes if config.learn_labels else 0)
+    estimate = 4 * 4 * config.inner_steps * config.batch_size * per_image
+    check_fits(estimate, device,
+               f"the learned curriculum of T = {config.inner_steps} batches of "
+               f"{config.batch_size} (with its gradient and Adam's moments)",
+               "a smaller --inner-steps or --batch-size, or --curriculum none")
+
+
 def train_gtn(train_set: ImageSet, config: GTNConfig, seed: int = 0,
               device: torch.device | str = "cpu", checkpoint: str | Path | None = None,
               resume: bool = False, progress: Progress | None = None,
@@ -282,6 +303,8 @@ def train_gtn(train_set: ImageSet, config: GTNConfig, seed: int = 0,
     fit, val = split_validation(train_set, config.validation)
     if evaluate is None and config.eval_every:
         evaluate = validation_evaluator(val, config, seed, device)
+    if config.memory_check:
+        _check_curriculum_fits(train_set.info, config, device)
     teacher = make_teacher(train_set.info, config, seed).to(device)
     extra = {"dataset": train_set.info.name, "gtn": config}
     result = meta_train(teacher, RealSampler(fit, device),
@@ -334,32 +357,80 @@ def fixed_set_accuracy(teacher: GeneratorTeacher, protocol: EvalProtocol, images
 
 
 GENERATOR_FORMAT = "gtnkit.generator"
+#: What a run calls its generator, newest first (readers take both).
+GENERATOR_FILES = ("generator.safetensors", "generator.pt")
 
 
-def save_generator(path: str | Path, teacher: GeneratorTeacher, config: GTNConfig) -> Path:
-    """Write a trained teacher (weights, config, data set) atomically."""
+def save_generator(path: str | Path, teacher: GeneratorTeacher, config: GTNConfig,
+                   meta: dict | None = None) -> Path:
+    """Write a trained teacher atomically: its weights (curriculum, labels, learned lr and
+    momentum included) as safetensors with a card (data set, image shape, class names, the
+    normalisation of its images, config, ``meta`` such as its evaluation, gtnkit version,
+    sha256); under a ``.pt`` name, the torch layout of earlier versions."""
     import io
 
+    from distill.artefacts import content_hash, gtnkit_version, write_safetensors
     from distill.store import atomic_write_bytes, to_jsonable
 
-    buf = io.BytesIO()
     info = teacher.info
-    torch.save({"format": GENERATOR_FORMAT, "version": 1, "dataset": info.name,
-                "shape": [info.channels, *info.im_size],
-                "config": json.dumps(to_jsonable(asdict(config))),
-                "state": {k: v.detach().cpu() for k, v in teacher.state_dict().items()}}, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+    if Path(path).suffix == ".pt":
+        buf = io.BytesIO()
+        torch.save({"format": GENERATOR_FORMAT, "version": 1, "dataset": info.name,
+                    "shape": [info.channels, *info.im_size],
+                    "config": json.dumps(to_jsonable(asdict(config))), "state": state}, buf)
+        return atomic_write_bytes(path, buf.getvalue())
+    card = {**(meta or {}), "format": GENERATOR_FORMAT, "version": 2, "dataset": info.name,
+            "shape": [info.channels, *info.im_size], "num_classes": info.num_classes,
+            "class_names": list(info.class_names),
+            "normalization": {"mean": list(info.mean), "std": list(info.std)},
+            "config": to_jsonable(asdict(config)), "gtnkit": gtnkit_version(),
+            "sha256": content_hash(state)}
+    return write_safetensors(path, state, card)
+
+
+def _read_generator(path: Path) -> dict:
+    """The file as the ``.pt`` layout's dict (``dataset``, ``shape``, ``config`` JSON text,
+    ``state``), whichever format it is in; checked for NaN/inf and, for safetensors, against
+    its card's hash."""
+    from distill.artefacts import content_hash, is_safetensors, read_safetensors
+    from distill.store import read_tagged
+
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if is_safetensors(head):
+            state, card = read_safetensors(path, "gtnkit generator", GeneratorError)
+            if card.get("format") != GENERATOR_FORMAT:
+                raise GeneratorError(f"{path} is not a gtnkit generator (card format "
+                                     f"{card.get('format')!r})")
+            if card.get("sha256") != content_hash(state):
+                raise GeneratorError(f"{path}: the tensors do not match the card's sha256 (the "
+                                     f"file was changed or damaged)")
+            if not isinstance(card.get("config"), dict) or "dataset" not in card or \
+                    "shape" not in card:
+                raise GeneratorError(f"{path}: its card lacks the config, data set or shape")
+            return {**card, "config": json.dumps(card["config"]), "state": state}
+    return read_tagged(path, GENERATOR_FORMAT, "gtnkit generator", GeneratorError,
+                       missing="no generator at {path}")
 
 
 def load_generator(path: str | Path, dataset: str | None = None
                    ) -> tuple[GeneratorTeacher, GTNConfig]:
-    """Read :func:`save_generator`'s file; ``dataset`` checks it makes that data set's shape."""
-    from distill.data import get_info
-    from distill.store import read_tagged
+    """Read :func:`save_generator`'s file (either format; a run folder means its generator);
+    ``dataset`` checks it makes that data set's shape."""
+    from distill.data import DataError, get_info
+    from distill.store import find_run_file
 
-    obj = read_tagged(path, GENERATOR_FORMAT, "gtnkit generator", GeneratorError,
-                      missing="no generator at {path}")
-    info = get_info(obj["dataset"])
+    path = find_run_file(path, GENERATOR_FILES)
+    obj = _read_generator(path)
+    try:
+        info = get_info(obj["dataset"])
+    except DataError as exc:
+        raise GeneratorError(f"{path}: {exc}") from None
+    if list(obj["shape"]) != [info.channels, *info.im_size]:
+        raise GeneratorError(f"{path}: the card says images of shape {obj['shape']}; "
+                             f"{info.name} images are {[info.channels, *info.im_size]}")
     if dataset is not None:
         want = get_info(dataset)
         if (want.channels, *want.im_size) != tuple(obj["shape"]) or \

@@ -112,13 +112,13 @@ def test_main_job_on_mnist(tmp_path, data_root):
     assert len(results["indices"]) == 20 and config["method"] == "kcenter"
 
     ev = tmp_path / "ev"
-    r = run("-q", "evaluate", sel / "set.pt", "--model", "convnet:width=16", "--students", 2,
+    r = run("-q", "evaluate", sel, "--model", "convnet:width=16", "--students", 2,
             "--epochs", 20, "--test-limit", 500, "--data-root", data_root, "--out", ev)
     assert r.exit_code == 0, r.output
     res = json.loads((ev / "results.json").read_text())
     assert len(res["accuracies"]) == 2 and res["mean"] > 30.0  # 10 % is chance
 
-    r = run("show", sel / "set.pt", "--out", tmp_path / "show", "--per-class", 2)
+    r = run("show", sel / "set.safetensors", "--out", tmp_path / "show", "--per-class", 2)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "show" / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -144,7 +144,7 @@ def test_evaluate_resumes_after_a_kill(tmp_path, data_root, monkeypatch):
     sel = tmp_path / "sel"
     assert run("-q", "select", "--dataset", "mnist", "--method", "random", "--ipc", 1,
                "--pool-per-class", 5, "--data-root", data_root, "--out", sel).exit_code == 0
-    args = ["-q", "evaluate", sel / "set.pt", "--model", "mlp:width=16", "--students", 3,
+    args = ["-q", "evaluate", sel / "set.safetensors", "--model", "mlp:width=16", "--students", 3,
             "--epochs", 3, "--test-limit", 200, "--data-root", data_root]
     assert run(*args, "--out", tmp_path / "full").exit_code == 0
 

@@ -39,7 +39,7 @@ def test_bad_select_budget(tmp_path, args, needle):
     (["--fractions", "0.1,x"], "numbers"),
     (["--methods", "random,magic"], "herding"),
     (["--methods", "gradnorm:middle"], "hardest"),
-    (["--lr", "0"], "> 0"),
+    (["--lr", "0"], ">0"),
 ])
 def test_bad_curve_input(tmp_path, args, needle):
     out = tmp_path / "o"

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from .test_cli import assert_one_line_error, run
 
@@ -55,7 +56,7 @@ def test_distill_on_mnist_resume_and_compare(tmp_path, data_root, monkeypatch):
     assert config["meta"]["strategy_config"]["real_chunk"] == (
         16 if config["device"] == "cpu" else None)
     assert res["seconds_per_iteration"] > 0 and res["memory"]["saved_peak_bytes"] > 0
-    saved = torch.load(out / "set.pt", weights_only=True)
+    saved = load_file(out / "set.safetensors")
     assert saved["images"].shape == (10, 1, 28, 28)
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -80,7 +81,7 @@ def test_distill_on_mnist_resume_and_compare(tmp_path, data_root, monkeypatch):
     _, r = distill(tmp_path, data_root, "killed", "--method", "dc", "--checkpoint-every", 2,
                    "--resume")
     assert r.exit_code == 0, r.output
-    resumed = torch.load(killed / "set.pt", weights_only=True)
+    resumed = load_file(killed / "set.safetensors")
     assert torch.equal(resumed["images"], saved["images"])
 
     # an unreadable checkpoint is one line
@@ -111,4 +112,4 @@ def test_non_finite_loss_is_one_line_and_writes_no_results(tmp_path, data_root):
     out, r = distill(tmp_path, data_root, "nf", "--method", "dm", "--lr", "1e30",
                      "--iterations", 30)
     assert_one_line_error(r, "non-finite meta-loss", "iteration")
-    assert not (out / "results.json").exists() and not (out / "set.pt").exists()
+    assert not (out / "results.json").exists() and not (out / "set.safetensors").exists()

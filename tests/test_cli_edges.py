@@ -350,7 +350,7 @@ def test_offline_download_error_is_whole(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------- 4. noise
 def test_status_lines_off_a_terminal():
-    from cli import StatusTask
+    from distill.commandline import StatusTask
 
     now = [0.0]
     lines: list[str] = []

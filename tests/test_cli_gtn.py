@@ -67,14 +67,14 @@ def test_gtn_train_sample_evaluate(tmp_path, data_root):
         ("trajectory", True, 5e-3, "cosine", 20, 0.5, 5)
 
     s = tmp_path / "s"
-    r = run("gtn", "sample", out / "generator.pt", "--per-class", 3, "--out", s)
+    r = run("gtn", "sample", out / "generator.safetensors", "--per-class", 3, "--out", s)
     assert r.exit_code == 0, r.output
-    r = run("-q", "evaluate", s / "set.pt", "--model", "convnet:width=4,depth=2", "--students",
+    r = run("-q", "evaluate", s, "--model", "convnet:width=4,depth=2", "--students",
             1, "--epochs", 2, "--test-limit", 100, "--data-root", data_root, "--out",
             tmp_path / "e")
     assert r.exit_code == 0, r.output
 
-    r = run("gtn", "sample", out / "generator.pt", "--dataset", "cifar10", "--out",
+    r = run("gtn", "sample", out / "generator.safetensors", "--dataset", "cifar10", "--out",
             tmp_path / "bad")
     assert_one_line_error(r, "cifar10")
     assert not (tmp_path / "bad").exists()
@@ -130,10 +130,10 @@ def test_gtn_train_recompute_keeps_less_and_scores_the_same(tmp_path, data_root)
 
 
 def test_the_recipes_in_gtn_train_help_are_the_library_table():
-    from cli import RECIPES_HELP
     from gtn import RECIPES
+    from gtn.commands import RECIPES_HELP
 
-    text = RECIPES_HELP.split("section): ", 1)[1]
+    text = RECIPES_HELP.split("gtn.md): ", 1)[1]
     for method, options in RECIPES.items():
         start = text.index(f"{method}: ")
         chunk = text[start + len(method) + 2:].split(";")[0].rstrip(".")

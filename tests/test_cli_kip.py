@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+from distill.store import load_set
+
 from .test_cli import assert_one_line_error, run
 
 TINY = ["--ipc", 1, "--iterations", 3, "--students", 1, "--eval-model", "convnet:width=8,depth=2",
@@ -51,15 +53,14 @@ def test_kip_and_ls_on_mnist_scored_by_both_protocols(tmp_path, data_root):
 
     ls = tmp_path / "ls"  # label solve on the KIP set's images
     r = run("-q", "distill", "--dataset", "mnist", "--method", "ls", *TINY, "--support",
-            kip / "set.pt", "--ls-targets", 500, "--data-root", data_root, "--out", ls)
+            kip / "set.safetensors", "--ls-targets", 500, "--data-root", data_root, "--out", ls)
     assert r.exit_code == 0, r.output
-    saved = torch.load(ls / "set.pt", weights_only=True)
-    kip_saved = torch.load(kip / "set.pt", weights_only=True)
-    assert torch.equal(saved["images"], kip_saved["images"])
-    assert saved["labels"].shape == (10, 10) and saved["meta"]["label_kind"] == "krr"
+    saved, kip_saved = load_set(ls / "set.safetensors"), load_set(kip / "set.safetensors")
+    assert torch.equal(saved.images, kip_saved.images)
+    assert saved.labels.shape == (10, 10) and saved.meta["label_kind"] == "krr"
 
     ev = tmp_path / "ev"
-    r = run("-q", "evaluate", ls / "set.pt", "--model", "convnet:width=8,depth=2",
+    r = run("-q", "evaluate", ls / "set.safetensors", "--model", "convnet:width=8,depth=2",
             "--students", 1, "--epochs", 2, "--test-limit", 200, "--kernel", "nngp",
             "--kernel-depth", 2, "--data-root", data_root, "--out", ev)
     assert r.exit_code == 0, r.output

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import distill.data
 from distill.condense import condense, condense_config
@@ -65,7 +66,7 @@ def test_evaluate_and_select_on_cuda(tmp_path, tiny_mnist):
             "--pool-per-class", 10, "--signal-epochs", 1, "--device", DEVICE,
             "--data-root", tmp_path, "--out", sel)
     assert r.exit_code == 0, r.output
-    args = ["-q", "evaluate", sel / "set.pt", "--model", MODEL, "--students", 2, "--epochs", 3,
+    args = ["-q", "evaluate", sel, "--model", MODEL, "--students", 2, "--epochs", 3,
             "--device", DEVICE, "--data-root", tmp_path]
     assert run(*args, "--out", tmp_path / "a").exit_code == 0
     assert run(*args, "--out", tmp_path / "b").exit_code == 0
@@ -84,8 +85,8 @@ def test_distill_on_cuda_records_the_allocator_peak_and_repeats(tmp_path, tiny_m
         assert r.exit_code == 0, r.output
     a, b = _results(tmp_path / "a"), _results(tmp_path / "b")
     assert _cuda_peak(a) > 0 and a["accuracies"] == b["accuracies"]
-    sa = torch.load(tmp_path / "a" / "set.pt", weights_only=True)
-    sb = torch.load(tmp_path / "b" / "set.pt", weights_only=True)
+    sa = load_file(tmp_path / "a" / "set.safetensors")
+    sb = load_file(tmp_path / "b" / "set.safetensors")
     assert torch.equal(sa["images"], sb["images"])
 
 

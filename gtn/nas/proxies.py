@@ -118,9 +118,10 @@ def parse_proxies(texts: Sequence[str]) -> list[ProxySpec]:
     return specs
 
 
-def _run_file(arg: str, name: str) -> Path:
-    path = Path(arg)
-    return path / name if path.is_dir() else path
+def _run_file(arg: str, names: tuple[str, ...]) -> Path:
+    from distill.store import find_run_file
+
+    return find_run_file(arg, names)
 
 
 def resolve_proxy(spec: ProxySpec, dataset: str) -> Any:
@@ -135,17 +136,17 @@ def resolve_proxy(spec: ProxySpec, dataset: str) -> Any:
     want = get_info(dataset).name
     arg = spec.arg or ""  # parse_proxy: every kind read here has an argument
     if spec.kind in ("gtn", "gtn-steps"):
-        from ..train import load_generator
+        from ..train import GENERATOR_FILES, load_generator
 
-        path = _run_file(arg, "generator.pt")
+        path = _run_file(arg, GENERATOR_FILES)
         teacher, _ = load_generator(path, dataset)
         if teacher.info.name != want:
             raise NASError(f"{path} is a generator of {teacher.info.name}, not of {want}")
         return teacher
     if spec.kind == "dc":
-        from distill.store import load_set
+        from distill.store import SET_FILES, load_set
 
-        path = _run_file(arg, "set.pt")
+        path = _run_file(arg, SET_FILES)
         saved = load_set(path)
         if saved.dataset != want:
             raise NASError(f"{path} is a set of {saved.dataset}, not of {want}")
