@@ -14,14 +14,16 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ModelError", "available_models", "parse_model_spec", "build_model",
-           "init_parameters", "ConvNet"]
+           "init_parameters", "ConvNet", "AvgPool2x2", "InstanceNorm", "fast_path", "plain_path"]
 
 
 class ModelError(ValueError):
@@ -36,6 +38,139 @@ ACTS: dict[str, Callable[[], nn.Module]] = {
     "tanh": nn.Tanh, "gelu": nn.GELU, "elu": nn.ELU}
 POOLS = ("avg", "max", "none")
 
+# The fast path (the layers below, and the chunked real-data scoring of ``distill.inner``)
+# computes what the plain torch layers compute, up to float rounding; ``plain_path()`` turns
+# it off, so the benchmark (bench/metastep.py) and the equivalence tests
+# (tests/test_speed_equivalence.py) can run both in one process.
+_FAST = [True]
+
+
+def fast_path() -> bool:
+    """Whether the fast layers and the chunked scoring are on (default: yes)."""
+    return _FAST[0]
+
+
+@contextmanager
+def plain_path(plain: bool = True) -> Iterator[None]:
+    """Within the block, every module and scoring takes torch's plain path (``plain=False``:
+    the fast one). Restores the previous setting on exit."""
+    was = _FAST[0]
+    _FAST[0] = not plain
+    try:
+        yield
+    finally:
+        _FAST[0] = was
+
+
+class _Pool2x2(torch.autograd.Function):
+    """2x2 average pooling of an even-sized (N, C, H, W) tensor; backward: :class:`_Unpool2x2`.
+
+    ``F.avg_pool2d``'s CPU kernel (and its zero-filled backward) is a generic windowed loop:
+    on the DC ConvNet's first block it took a quarter of a GTN meta-step. Two strided adds
+    (columns, then rows) compute the same mean; the operator is linear, so its backward is
+    its transpose (spread and scale by 1/4) and the transpose's backward is the pooling again:
+    every order of derivative the inner loop takes stays in these two functions.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        cols = x[..., 0::2] + x[..., 1::2]
+        return (cols[..., 0::2, :] + cols[..., 1::2, :]).mul_(0.25)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return _Unpool2x2.apply(grad)
+
+
+class _Unpool2x2(torch.autograd.Function):
+    """The transpose of :class:`_Pool2x2`: each value / 4, spread over its 2x2 window."""
+
+    @staticmethod
+    def forward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = g.shape
+        wide = (g * 0.25).unsqueeze(-1).expand(n, c, h, w, 2).reshape(n, c, h, 2 * w)
+        return wide.unsqueeze(3).expand(n, c, h, 2, 2 * w).reshape(n, c, 2 * h, 2 * w)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return _Pool2x2.apply(grad)
+
+
+class _InstanceNorm(torch.autograd.Function):
+    """Instance norm with a per-channel affine (``GroupNorm(C, C)``), with a faster first
+    derivative.
+
+    The forward pass is torch's (``native_group_norm``). For the first derivative (a backward
+    pass that builds no graph: the real-data scoring, the real side of gradient matching),
+    the input gradient is written per (image, channel) as ``a · g + b · x + c`` with
+    coefficients from two reductions (Σg and Σg·x), two fused passes over the tensor where
+    ``native_group_norm_backward`` takes several. A backward pass that builds a graph (the
+    inner loop's ``create_graph``: its result is differentiated again) recomputes torch's
+    own layer and differentiates it, so every higher derivative is torch's.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                eps: float) -> torch.Tensor:
+        n, c = x.shape[:2]
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, x[0, 0].numel(), c, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # a graph is being built: torch's layer, differentiated
+            ins = [t for t, w in zip((x, weight, bias), need) if w]
+            with torch.enable_grad():
+                y = F.group_norm(x, x.shape[1], weight, bias, ctx.eps)
+                got = iter(torch.autograd.grad(y, ins, g, create_graph=True))
+            return (*[next(got) if w else None for w in need], None)
+        n, c = x.shape[:2]
+        hw = x[0, 0].numel()
+        g = g.contiguous()
+        s1 = g.sum((2, 3))                                                     # Σ g
+        s2 = torch.linalg.vecdot(g.reshape(n, c, hw), x.reshape(n, c, hw))   # Σ g·x
+        m, r = mean.view(n, c), rstd.view(n, c)
+        sgx = (s2 - m * s1) * r                                               # Σ g·x̂
+        dx = None
+        if need[0]:
+            a = weight * r
+            k = a * r * sgx / hw
+            shape = (n, c, 1, 1)
+            dx = torch.addcmul((k * m - a * s1 / hw).view(shape), x, (-k).view(shape))
+            dx.addcmul_(g, a.view(shape))
+        return (dx, sgx.sum(0) if need[1] else None, s1.sum(0) if need[2] else None, None)
+
+
+class InstanceNorm(nn.GroupNorm):
+    """``nn.GroupNorm(C, C, affine=True)`` (same module type, state and result up to float
+    rounding), the DC ConvNet's instance norm, with a faster first derivative
+    (:class:`_InstanceNorm`); :func:`plain_path` takes torch's."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _FAST[0] and x.dim() == 4 and x.shape[0] > 0:
+            return _InstanceNorm.apply(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+class AvgPool2x2(nn.AvgPool2d):
+    """``nn.AvgPool2d(2)`` (same module type, state and result up to float rounding), faster
+    on even-sized inputs (:class:`_Pool2x2`); odd sizes and :func:`plain_path` take torch's."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _FAST[0] and x.dim() == 4 and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0:
+            return _Pool2x2.apply(x)
+        return super().forward(x)
+
 
 def _norm(kind: str, channels: int, hw: tuple[int, int]) -> nn.Module:
     if kind == "none":
@@ -43,7 +178,7 @@ def _norm(kind: str, channels: int, hw: tuple[int, int]) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "instance":  # instance norm with a learnable affine, as the DC code does
-        return nn.GroupNorm(channels, channels, affine=True)
+        return InstanceNorm(channels)
     if kind == "group":
         return nn.GroupNorm(math.gcd(4, channels), channels, affine=True)
     if kind == "layer":
@@ -111,7 +246,7 @@ class ConvNet(_Student):
             if pool != "none":
                 if min(hw) < 2:
                     raise ModelError(f"depth {depth} pools {im_size} images below 1 pixel")
-                layers.append(nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2))
+                layers.append(AvgPool2x2() if pool == "avg" else nn.MaxPool2d(2))
                 hw = (hw[0] // 2, hw[1] // 2)
             ch = width
         self.features = nn.Sequential(*layers)
