@@ -22,7 +22,10 @@ path:
     OMP_NUM_THREADS=1 python bench/metastep.py                       # all settings, ~25 min
     OMP_NUM_THREADS=1 python bench/metastep.py --settings mnist-t10 --repeats 5
 
-Writes ``metastep.json``, ``metastep.md`` and ``metastep.png`` under ``--out``.
+Writes ``<tag>.json``, ``<tag>.md`` and ``<tag>.png`` under ``--out``. ``--allocator keep``
+runs the whole process (both paths) with :func:`distill.allocator.keep_freed_memory`; the
+default is glibc's own, as today's main runs, so "main" against "new" with the allocator
+setting compares the plain rows of a default run with the fast rows of a ``keep`` run.
 (Replaces ``bench/gtn_speed.py``, whose variants (implicit mixed-term samples, tails) are
 methods here.)
 """
@@ -45,6 +48,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import flop_registry  # noqa: E402
 
+from distill.allocator import keep_freed_memory  # noqa: E402
 from distill.data import load_dataset  # noqa: E402
 from distill.memory import SavedTensorMeter  # noqa: E402
 from distill.models import build_model, plain_path  # noqa: E402
@@ -177,7 +181,8 @@ def run_cell(setting: str, name: str, repeats: int, root: str | None, peak: floa
 
 
 def write(out: Path, rows: list[dict], meta: dict) -> None:
-    atomic_write_json(out / "metastep.json", {"setting": meta, "rows": rows})
+    tag = meta["tag"]
+    atomic_write_json(out / f"{tag}.json", {"setting": meta, "rows": rows})
     lines = [
         "# CPU seconds per meta-step, plain path against fast path (side by side, one process)",
         "", f"Command: `{meta['command']}`", "",
@@ -186,7 +191,8 @@ def write(out: Path, rows: list[dict], meta: dict) -> None:
         f"matrix product on the same thread, {meta['peak_gflops']:.1f} GFLOP/s. CPU s: median "
         f"of {meta['repeats']} meta-steps after a warm-up, the two paths alternating. "
         "FLOPs: `torch.utils.flop_counter`'s formulas (convolutions and matrix products). "
-        "Saved: peak bytes autograd keeps for backward in a meta-step.", "",
+        "Saved: peak bytes autograd keeps for backward in a meta-step. Allocator: "
+        f"{meta['allocator']} (`distill.allocator`).", "",
         "| setting | method | plain CPU s | fast CPU s | fast / plain | GFLOP plain / fast | "
         "plain % of peak | fast % of peak | floor at peak (s) | saved MiB plain / fast |",
         "|---|---|---|---|---|---|---|---|---|---|"]
@@ -196,7 +202,7 @@ def write(out: Path, rows: list[dict], meta: dict) -> None:
             f"| {r['ratio']:.2f} | {r['plain_gflop']:.1f} / {r['fast_gflop']:.1f} | "
             f"{100 * r['plain_of_peak']:.1f} | {100 * r['fast_of_peak']:.1f} | "
             f"{r['fast_floor_s']:.3f} | {r['plain_saved_mib']:.1f} / {r['fast_saved_mib']:.1f} |")
-    atomic_write_text(out / "metastep.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / f"{tag}.md", "\n".join(lines) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -221,7 +227,7 @@ def write(out: Path, rows: list[dict], meta: dict) -> None:
     axes[1].axvline(25, color="k", lw=0.8, ls="--")
     axes[0].legend()
     fig.tight_layout()
-    save_figure(fig, out / "metastep.png")
+    save_figure(fig, out / f"{tag}.png")
 
 
 def main() -> None:
@@ -232,7 +238,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "metastep"))
+    ap.add_argument("--allocator", choices=["default", "keep"], default="default",
+                    help="keep: distill.allocator.keep_freed_memory() for the whole process "
+                         "(both paths); default: glibc's, as today's main runs")
+    ap.add_argument("--tag", default="metastep", help="output file name stem")
     args = ap.parse_args()
+    if args.allocator == "keep" and not keep_freed_memory():
+        ap.error("--allocator keep needs glibc (Linux)")
     settings = [s for s in args.settings.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     for s in settings:
@@ -255,7 +267,8 @@ def main() -> None:
             r[f"{p}_floor_s"] = r[f"{p}_gflop"] / peak
     meta = {"threads": torch.get_num_threads(), "repeats": args.repeats,
             "peak_gflops": peak, "student": STUDENT, "torch": torch.__version__,
-            "generator": "noise 64, FC 256, 32 channels",
+            "generator": "noise 64, FC 256, 32 channels", "allocator": args.allocator,
+            "tag": args.tag,
             "command": "OMP_NUM_THREADS=1 python bench/metastep.py " + " ".join(sys.argv[1:])}
     write(Path(args.out), rows, meta)
 
