@@ -75,11 +75,13 @@ METHODS: dict[str, tuple[str, dict]] = {
     "implicit recipe": ("implicit", {}),
     "matching recipe": ("matching", {}),
     # bare variants, for the implicit default's cost (the peer comparison)
-    "implicit, all T mixed terms": ("implicit", {"mixed_at": "final", "step_size_grad": False,
-                                                 "grad_clip": None}),
-    "implicit, mixed term from 1 batch": ("implicit", {"mixed_at": "final",
-                                                       "step_size_grad": False,
-                                                       "grad_clip": None, "mixed_sample": 1}),
+    "implicit IFT (all T mixed terms)": ("implicit", {"mixed_at": "final",
+                                                      "step_size_grad": False,
+                                                      "grad_clip": None}),
+    "implicit IFT (mixed term from 1 batch)": ("implicit", {"mixed_at": "final",
+                                                            "step_size_grad": False,
+                                                            "grad_clip": None,
+                                                            "mixed_sample": 1}),
 }
 DEFAULT_METHODS = ("unrolled recipe", "unrolled recipe recomputed", "implicit recipe",
                    "matching recipe")
