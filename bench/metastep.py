@@ -26,8 +26,11 @@ Writes ``<tag>.json``, ``<tag>.md`` and ``<tag>.png`` under ``--out``. ``--alloc
 runs the whole process (both paths) with :func:`distill.allocator.keep_freed_memory`; the
 default is glibc's own, as today's main runs, so "main" against "new" with the allocator
 setting compares the plain rows of a default run with the fast rows of a ``keep`` run.
-(Replaces ``bench/gtn_speed.py``, whose variants (implicit mixed-term samples, tails) are
-methods here.)
+It replaces ``bench/gtn_speed.py``: its variants are the ``bare:`` methods (no recipe, real
+batch 512), its T sweep is ``--steps``, e.g. its recipe run::
+
+    OMP_NUM_THREADS=1 python bench/metastep.py --settings mnist-t32 --steps 8,16,32 \
+        --repeats 3 --tag gtn-speed-recipe --methods "bare: unrolled,bare: implicit recipe + tail 5"
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -68,7 +72,7 @@ SETTINGS = {
     "cifar10-t10": ("cifar10", 10, 32),
 }
 
-# name: (GTN method, recipe options over the method's recipe)
+# name: (GTN method, options over the method's recipe)
 METHODS: dict[str, tuple[str, dict]] = {
     "unrolled recipe": ("unrolled", {}),
     "unrolled recipe recomputed": ("unrolled", {"recompute": True}),
@@ -83,6 +87,34 @@ METHODS: dict[str, tuple[str, dict]] = {
                                                             "grad_clip": None,
                                                             "mixed_sample": 1}),
 }
+# The variants of the former bench/gtn_speed.py (cost and memory in T): bare configurations
+# (no recipe) with the student scored on 512 real images and meta-lr 5e-3, as it ran them.
+_TRAJ = {"mixed_at": "trajectory", "step_size_grad": True}
+BARE: dict[str, tuple[str, dict]] = {
+    "unrolled": ("unrolled", {}),
+    "implicit (all T mixed terms)": ("implicit", {}),
+    "implicit, mixed term from 4 batches": ("implicit", {"mixed_sample": 4}),
+    "implicit, mixed term from 1 batch": ("implicit", {"mixed_sample": 1}),
+    "implicit, trajectory (first-order)": ("implicit", {"mixed_at": "trajectory"}),
+    "implicit, trajectory from 4 batches": ("implicit", {"mixed_at": "trajectory",
+                                                         "mixed_sample": 4}),
+    "unrolled recipe (+ intermediate losses)": ("unrolled", {"intermediate_every": 1}),
+    "implicit recipe (trajectory + step sizes)": ("implicit", _TRAJ),
+    "implicit recipe + tail 2": ("implicit", {**_TRAJ, "unroll_tail": 2}),
+    "implicit recipe + tail 5": ("implicit", {**_TRAJ, "unroll_tail": 5}),
+    "implicit recipe + tail 10": ("implicit", {**_TRAJ, "unroll_tail": 10}),
+    "implicit recipe + tail 5 (head: 4 batches)": ("implicit", {**_TRAJ, "unroll_tail": 5,
+                                                                "mixed_sample": 4}),
+    "implicit recipe + tail 2 (head: 4 batches)": ("implicit", {**_TRAJ, "unroll_tail": 2,
+                                                                "mixed_sample": 4}),
+    "matching (DC rounds on fresh noise)": ("matching", {}),
+    "matching along the curriculum": ("matching", {"match_curriculum": True}),
+    "unrolled recomputed": ("unrolled", {"recompute": True}),
+    "unrolled recipe recomputed (bare + intermediate losses)": (
+        "unrolled", {"intermediate_every": 1, "recompute": True}),
+}
+BARE_BASE = {"real_batch": 512, "meta_lr": 5e-3}
+ALL_METHODS = {**METHODS, **{f"bare: {k}": v for k, v in BARE.items()}}
 DEFAULT_METHODS = ("unrolled recipe", "unrolled recipe recomputed", "implicit recipe",
                    "matching recipe")
 PATHS = ("plain", "fast")
@@ -117,20 +149,26 @@ def peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def config_for(method: str, options: dict, steps: int, batch: int) -> GTNConfig:
-    return recipe_config(method, **{"inner_steps": steps, "batch_size": batch,
-                                    "student": STUDENT, "generator": GENERATOR, **options})
+def config_for(name: str, steps: int, batch: int, generator: GeneratorConfig) -> GTNConfig:
+    """The GTN configuration of method ``name`` (a recipe, or a bare variant) at T, batch."""
+    method, options = ALL_METHODS[name]
+    shape = {"inner_steps": steps, "batch_size": batch, "student": STUDENT,
+             "generator": generator}
+    if name.startswith("bare: "):
+        return recipe_config(method, recipe=False, **{**shape, **BARE_BASE, **options})
+    return recipe_config(method, **{**shape, **options})
 
 
 def run_cell(setting: str, name: str, repeats: int, root: str | None, peak: float,
-             data_cache: dict) -> dict:
-    dataset, steps, batch = SETTINGS[setting]
+             data_cache: dict, steps: int | None = None, batch: int | None = None,
+             generator: GeneratorConfig = GENERATOR) -> dict:
+    dataset, default_steps, default_batch = SETTINGS[setting]
+    steps, batch = steps or default_steps, batch or default_batch
     if dataset not in data_cache:
         data_cache[dataset] = load_dataset(dataset, "train", root=root)
     data = data_cache[dataset]
     real = RealSampler(data)
-    method, options = METHODS[name]
-    cfg = config_for(method, options, steps, batch)
+    cfg = config_for(name, steps, batch, generator)
     info = data.info
 
     def student(gen: torch.Generator) -> torch.nn.Module:
@@ -175,7 +213,7 @@ def run_cell(setting: str, name: str, repeats: int, root: str | None, peak: floa
     out = {"setting": setting, "method": name, "dataset": dataset, "T": steps, "batch": batch,
            **{f"{p}_{k}": v for p in PATHS for k, v in rows[p].items()},
            "ratio": rows["fast"]["cpu_s"] / rows["plain"]["cpu_s"]}
-    print(f"{setting} {name}: plain {rows['plain']['cpu_s']:.3f} s "
+    print(f"{setting} T={steps} {name}: plain {rows['plain']['cpu_s']:.3f} s "
           f"({100 * rows['plain']['of_peak']:.1f} % of peak), fast {rows['fast']['cpu_s']:.3f} s "
           f"({100 * rows['fast']['of_peak']:.1f} % of peak), ratio {out['ratio']:.2f}; saved "
           f"{rows['plain']['saved_mib']:.1f} -> {rows['fast']['saved_mib']:.1f} MiB", flush=True)
@@ -188,20 +226,23 @@ def write(out: Path, rows: list[dict], meta: dict) -> None:
     lines = [
         "# CPU seconds per meta-step, plain path against fast path (side by side, one process)",
         "", f"Command: `{meta['command']}`", "",
-        f"{meta['threads']} thread; student `{STUDENT}`; generator noise 64, FC 256, 32 "
-        f"channels; each method's recipe (`gtn.train.RECIPES`). Peak: a 2048 x 2048 fp32 "
+        f"{meta['threads']} thread; student `{STUDENT}`; generator {meta['generator']}; "
+        "each method's recipe (`gtn.train.RECIPES`; `bare:` rows: no recipe, real batch 512, "
+        "as bench/gtn_speed.py ran them). Peak: a 2048 x 2048 fp32 "
         f"matrix product on the same thread, {meta['peak_gflops']:.1f} GFLOP/s. CPU s: median "
         f"of {meta['repeats']} meta-steps after a warm-up, the two paths alternating. "
         "FLOPs: `torch.utils.flop_counter`'s formulas (convolutions and matrix products). "
         "Saved: peak bytes autograd keeps for backward in a meta-step. Allocator: "
         f"{meta['allocator']} (`distill.allocator`).", "",
-        "| setting | method | plain CPU s | fast CPU s | fast / plain | GFLOP plain / fast | "
-        "plain % of peak | fast % of peak | floor at peak (s) | saved MiB plain / fast |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
+        "| setting | T | batch | method | plain CPU s | fast CPU s | fast / plain | "
+        "GFLOP plain / fast | plain % of peak | fast % of peak | floor at peak (s) | "
+        "saved MiB plain / fast |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['setting']} | {r['method']} | {r['plain_cpu_s']:.3f} | {r['fast_cpu_s']:.3f} "
-            f"| {r['ratio']:.2f} | {r['plain_gflop']:.1f} / {r['fast_gflop']:.1f} | "
+            f"| {r['setting']} | {r['T']} | {r['batch']} | {r['method']} | "
+            f"{r['plain_cpu_s']:.3f} | {r['fast_cpu_s']:.3f} | {r['ratio']:.2f} | "
+            f"{r['plain_gflop']:.1f} / {r['fast_gflop']:.1f} | "
             f"{100 * r['plain_of_peak']:.1f} | {100 * r['fast_of_peak']:.1f} | "
             f"{r['fast_floor_s']:.3f} | {r['plain_saved_mib']:.1f} / {r['fast_saved_mib']:.1f} |")
     atomic_write_text(out / f"{tag}.md", "\n".join(lines) + "\n")
@@ -212,7 +253,7 @@ def write(out: Path, rows: list[dict], meta: dict) -> None:
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [f"{r['setting']}\n{r['method']}" for r in rows]
+    labels = [f"{r['setting']} T={r['T']}\n{r['method']}" for r in rows]
     ys = range(len(rows))
     for off, path in ((-0.2, "plain"), (0.2, "fast")):
         axes[0].barh([y + off for y in ys], [r[f"{path}_cpu_s"] for r in rows], height=0.4,
@@ -236,7 +277,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                    help=f"comma-separated, from: {', '.join(METHODS)}")
+                    help=f"comma-separated, from: {', '.join(ALL_METHODS)}")
+    ap.add_argument("--steps", default=None,
+                    help="comma-separated T values replacing each setting's (a sweep in T)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="generated batch replacing each setting's")
+    ap.add_argument("--generator", choices=["small", "paper"], default="small",
+                    help="small: noise 64, FC 256, 32 channels; paper: Such et al.'s "
+                         "(noise 128, FC 1024, 128 channels)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "metastep"))
@@ -253,15 +301,19 @@ def main() -> None:
         if s not in SETTINGS:
             ap.error(f"unknown setting {s!r}; choose from {', '.join(SETTINGS)}")
     for m in methods:
-        if m not in METHODS:
-            ap.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in ALL_METHODS:
+            ap.error(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
     torch.set_num_threads(1)
     peak = peak_gflops()
     rows: list[dict] = []
     cache: dict = {}
+    gen = GENERATOR if args.generator == "small" else GeneratorConfig()
+    sweep = [int(t) for t in args.steps.split(",")] if args.steps else [None]
     for s in settings:
-        for m in methods:
-            rows.append(run_cell(s, m, args.repeats, args.data_root, peak, cache))
+        for t in sweep:
+            for m in methods:
+                rows.append(run_cell(s, m, args.repeats, args.data_root, peak, cache, t,
+                                     args.batch_size, gen))
     peak = max(peak, peak_gflops())
     for r in rows:  # against the best peak seen in this process
         for p in PATHS:
@@ -269,9 +321,11 @@ def main() -> None:
             r[f"{p}_floor_s"] = r[f"{p}_gflop"] / peak
     meta = {"threads": torch.get_num_threads(), "repeats": args.repeats,
             "peak_gflops": peak, "student": STUDENT, "torch": torch.__version__,
-            "generator": "noise 64, FC 256, 32 channels", "allocator": args.allocator,
+            "generator": "noise 64, FC 256, 32 channels" if args.generator == "small" else
+            "noise 128, FC 1024, 128 channels (the paper's)", "allocator": args.allocator,
             "tag": args.tag,
-            "command": "OMP_NUM_THREADS=1 python bench/metastep.py " + " ".join(sys.argv[1:])}
+            "command": "OMP_NUM_THREADS=1 python bench/metastep.py " + shlex.join(sys.argv[1:]),
+            "load_average": os.getloadavg()}
     write(Path(args.out), rows, meta)
 
 
