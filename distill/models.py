@@ -70,15 +70,22 @@ class _Pool2x2(torch.autograd.Function):
     against 1.8 ms). The operator is linear, so its backward is its transpose (spread and
     scale by 1/4: 1.3 ms against about 2.9 ms with the zero fill) and the transpose's
     backward is the pooling again: every order of derivative the inner loop takes stays in
-    these two functions.
+    these two functions. (Written with ``setup_context`` and a generated vmap rule, so
+    ``torch.func`` transforms - the NTK's ``vmap(jacrev)``, per-example gradients - work too.)
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         pairs = x.reshape(n, c, h // 2, 2 * w)       # rows 2i and 2i+1 side by side
         rows = pairs[..., :w] + pairs[..., w:]
-        return (rows[..., 0::2] + rows[..., 1::2]).mul_(0.25)
+        return (rows[..., 0::2] + rows[..., 1::2]) * 0.25
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        pass
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
@@ -88,11 +95,17 @@ class _Pool2x2(torch.autograd.Function):
 class _Unpool2x2(torch.autograd.Function):
     """The transpose of :class:`_Pool2x2`: each value / 4, spread over its 2x2 window."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+    def forward(g: torch.Tensor) -> torch.Tensor:
         n, c, h, w = g.shape
         wide = (g * 0.25).unsqueeze(-1).expand(n, c, h, w, 2).reshape(n, c, h, 2 * w)
         return wide.unsqueeze(3).expand(n, c, h, 2, 2 * w).reshape(n, c, 2 * h, 2 * w)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        pass
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:

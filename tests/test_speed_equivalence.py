@@ -199,3 +199,28 @@ def test_plain_meta_loss_value_is_the_forward_loss():
     with torch.no_grad():
         want = classification_loss(net(x), y)
     assert torch.allclose(real_loss(net, params, x, y).detach(), want, rtol=1e-12)
+
+
+def test_pool_under_torch_func_transforms():
+    """The NTK (``vmap(jacrev)``) and per-example gradients (``vmap(grad)``) of a ConvNet
+    see the same derivatives through the fast pooling."""
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    net = _student(spec="convnet:width=3,depth=2")
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    x = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(5), dtype=D)
+    y = torch.tensor([0, 1, 2, 0])
+
+    def f(p, xi):
+        return functional_call(net, p, (xi.unsqueeze(0),)).squeeze(0)
+
+    def loss(p, xi, yi):
+        return classification_loss(f(p, xi).unsqueeze(0), yi.unsqueeze(0))
+
+    out = []
+    for plain in (False, True):
+        with plain_path(plain):
+            j = vmap(jacrev(f), (None, 0))(params, x)
+            g = vmap(grad(loss), (None, 0, 0))(params, x, y)
+        out.append([*j.values(), *g.values()])
+    close(out[0], out[1])
