@@ -48,7 +48,7 @@ from .hypergrad import (
     trajectory_coefficients,
     trajectory_hypergradient,
 )
-from .inner import forward, load_params, rate_list, student_steps
+from .inner import load_params, rate_list, real_loss, student_steps
 from .matching import matching_loss
 from .store import ADDED_LATER
 from .synthetic import dc_loops
@@ -527,12 +527,12 @@ class _Stepwise(Strategy):
         bufs = [None if b is None else b.detach().requires_grad_() for b in head_bufs]
 
         def score(t: int, ps: list[torch.Tensor]) -> torch.Tensor | None:
-            return classification_loss(forward(net, ps, xr), yr) if h + t in scored else None
+            return real_loss(net, ps, xr, yr) if h + t in scored else None
 
         last = student_steps(net, w, (batch(t)() for t in range(h, t_count)),
                              tail_lr, mom, cfg.inner_weight_decay, differentiable=True,
                              buffers=bufs, after_step=score if scored else None)
-        outer = classification_loss(forward(net, last.params, xr), yr)
+        outer = real_loss(net, last.params, xr, yr)
         if last.losses:
             outer = outer + weight * torch.stack(last.losses).sum()
         hparams = [p for p in teacher.parameters() if p.requires_grad]
@@ -597,7 +597,7 @@ class _Stepwise(Strategy):
             if t in scores:
                 after = [p.detach().requires_grad_()
                          for p in (states[t + 1][0] if t + 1 < len(states) else end)]
-                loss = classification_loss(forward(net, after, real[0]), real[1])
+                loss = real_loss(net, after, real[0], real[1])
                 g = torch.autograd.grad(loss, after)
                 scored += scores[t] * float(loss.detach())
                 grad_w = [a + scores[t] * b for a, b in zip(grad_w, g)]
@@ -714,7 +714,7 @@ class Implicit(_Stepwise):
         v: list[torch.Tensor] | None = None  # dL_V/dw at the trained student, when needed
         if batch is not None:  # the trajectory gradient
             xr, yr = real.batch(cfg.real_batch, generator)
-            outer = classification_loss(net(xr), yr)
+            outer = real_loss(net, list(net.parameters()), xr, yr)
             v = list(torch.autograd.grad(outer, params, retain_graph=True))
             coeffs = trajectory_coefficients(lrs, momentum)
             scale = t_count / len(picks)
@@ -729,7 +729,7 @@ class Implicit(_Stepwise):
             if cfg.inner_weight_decay:
                 inner = inner + cfg.inner_weight_decay / 2 * sum((p ** 2).sum() for p in params)
             xr, yr = real.batch(cfg.real_batch, generator)
-            outer = classification_loss(net(xr), yr)
+            outer = real_loss(net, list(net.parameters()), xr, yr)
             mixed = None
             if teacher.has_curriculum:  # the student minimised the mean loss over all T
                 # batches, so each of them (its learned noise) gets its mixed term.
