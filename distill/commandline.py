@@ -44,8 +44,9 @@ from .strategies import ConfigError, NonFiniteError
 __all__ = ["ClickProgress", "StatusTask", "TableChoice", "TableHelpOption", "check_writable",
            "claim_out", "coreset_inits", "data_options", "datasets", "handle_errors",
            "int_list", "progress", "refuse_out_of_scope", "register_coreset_init",
-           "POSITIVE", "executor_config", "executor_options", "finite", "memory_check_option",
-           "register_usage_errors", "run_options", "set_argument", "write_run"]
+           "POSITIVE", "start_process", "executor_config", "executor_options", "finite",
+           "memory_check_option", "register_usage_errors", "run_options", "set_argument",
+           "write_run"]
 
 
 # ------------------------------------------------------------------ errors at the edge
@@ -54,6 +55,18 @@ __all__ = ["ClickProgress", "StatusTask", "TableChoice", "TableHelpOption", "che
 _USAGE_ERRORS: list[type[BaseException]] = [
     DataError, StoreError, ModelError, DeviceError, AugmentError, ConfigError, NonFiniteError,
     ExecutorError]
+
+
+def start_process() -> None:
+    """What a command-line process sets once, before any command runs: torch's CUDA_HOME
+    warning silenced (:func:`distill.devices.silence_cuda_home_warning`) and glibc told to
+    keep freed memory (:func:`distill.allocator.keep_freed_memory`: no page fault per large
+    tensor of a meta-step; nothing computed changes)."""
+    from .allocator import keep_freed_memory
+    from .devices import silence_cuda_home_warning
+
+    silence_cuda_home_warning()
+    keep_freed_memory()
 
 
 def register_usage_errors(*types: type[BaseException]) -> None:

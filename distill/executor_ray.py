@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 
-from .executor import (
+from .workitems import (
     _NOTHING,
     _WORKER,
     Executor,
