@@ -140,9 +140,9 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
         with contextlib.suppress(ValueError):  # only the main thread may set handlers
             signal.signal(signum, Signalled.raise_it)
     level = ctx.ensure_object(dict)["verbosity"] = verbose - quiet
-    from distill.devices import silence_cuda_home_warning
+    from distill.commandline import start_process
 
-    silence_cuda_home_warning()
+    start_process()
     logging.basicConfig(level={-1: logging.WARNING, 0: logging.INFO}.get(
         level, logging.DEBUG if level > 0 else logging.ERROR), format="%(message)s",
         stream=sys.stderr)

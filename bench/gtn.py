@@ -30,6 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # bench/gtn_long.py
 
+from sweep import add_executor_options, executor_config  # noqa: E402
+
 from distill.data import load_dataset  # noqa: E402
 from distill.devices import resolve_device  # noqa: E402
 from distill.engine import EvalProtocol, TrainConfig, evaluate_set, fixed_test_subset  # noqa: E402
@@ -229,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                              "README's short-budget GTN tables were measured this way).")
     parser.add_argument("--long-cells", default="all",
                         help="The long section's cells (see bench/gtn_long.py).")
-    parser.add_argument("--workers", type=int, default=1, help="long: parallel cells.")
+    add_executor_options(parser)
     args = parser.parse_args(argv)
+    executor = executor_config(args)
     args.curve_methods = args.curve_methods.split(",") if args.curve_methods else None
     budget, plan = BUDGETS[args.budget], PLANS[args.budget]
     datasets = tuple(args.datasets.split(",")) if args.datasets else plan.datasets
@@ -244,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         train, test = splits(name, args.data_root, device)
         state = run_comparison(train, test, ["unrolled", "first-order-tail", "matching"],
                                list(plan.steps), budget, root / name, device=device,
-                               resume=args.resume, recipe=args.recipe, log=print)
+                               resume=args.resume, recipe=args.recipe, log=print,
+                               executor=executor)
         summary["compare"][name] = state
         md += [comparison_table(state), *ratios(state, plan.steps), "",
                f"Plot: `{shown(root / name / 'gtn-compare.png')}`", ""]
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             state = run_comparison(train, test, ["unrolled"], [plan.curriculum_steps], budget,
                                    root / f"curriculum-{cur}", device=device,
                                    resume=args.resume, curriculum=cur, recipe=args.recipe,
-                                   log=print)
+                                   log=print, executor=executor)
             c = state["cells"][f"unrolled/T={plan.curriculum_steps}"]
             summary["curriculum"][cur] = c
             md.append(f"| {cur} | {c['few_step_mean']:.1f} ± {c['few_step_std']:.1f} | "
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         import gtn_long
 
         md += [gtn_long.run(gtn_long.cells_of(args.long_cells),
-                            Path(args.out) / "gtn-long", args.workers, args.data_root,
+                            Path(args.out) / "gtn-long", executor, args.data_root,
                             args.device, 0, args.resume, None)]
     atomic_write_json(Path(args.out) / f"gtn-{budget.name}.json", summary)
     atomic_write_text(Path(args.out) / f"gtn-{budget.name}.md", "\n".join(md) + "\n")

@@ -1,10 +1,11 @@
 """GTN long benchmark: each meta-gradient (unrolled, implicit, matching) trained long enough to
 see where it plateaus, with accuracy against meta-iterations and against seconds.
 
-Cells are ``SETTING/VARIANT`` (see ``SETTINGS`` and ``VARIANTS``); every cell is one process
-(``--workers``), checkpoints every 100 meta-iterations and writes ``OUT/cells/SETTING--VARIANT
-.json`` after every evaluation, so a killed run continues with ``--resume`` and shards can run
-on different machines. Every 100 meta-iterations: few-step accuracy of one student on the
+Cells are ``SETTING/VARIANT`` (see ``SETTINGS`` and ``VARIANTS``); every cell is one work item
+of :mod:`distill.executor` (``--executor local|ray``, ``--workers``: a local pool or a Ray
+cluster), checkpoints every 100 meta-iterations and writes ``OUT/cells/SETTING--VARIANT.json``
+after every evaluation, so a killed run continues with ``--resume``; ``--cell`` runs one cell
+here (a shard by hand). Every 100 meta-iterations: few-step accuracy of one student on the
 10 000 held-out training images (validation) and of three students on the test set (the GTN
 paper's protocol: T steps on the learned curriculum at the learned lr and momentum); the
 headline is the test accuracy at the last meta-iteration, never the best one.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,9 +31,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from sweep import add_executor_options, executor_config  # noqa: E402
 
 from distill.data import load_dataset  # noqa: E402
 from distill.devices import resolve_device  # noqa: E402
+from distill.executor import ExecutorConfig, SweepError, WorkItem, run_items  # noqa: E402
 from distill.store import atomic_write_json, atomic_write_text, save_figure  # noqa: E402
 from gtn import GeneratorConfig, GTNConfig, few_step_accuracy, train_gtn  # noqa: E402
 from gtn.train import split_validation  # noqa: E402
@@ -306,20 +308,18 @@ def report(out: Path) -> str:
     return text
 
 
-def run(cells: list[str], out: Path, workers: int, root: str | None, device: str, seed: int,
-        resume: bool, iterations: int | None) -> str:
-    """Run ``cells`` in ``workers`` processes, then rebuild the report."""
-    pending, procs = list(cells), []
-    while pending or procs:
-        while pending and len(procs) < workers:
-            cmd = [sys.executable, __file__, "--cell", pending.pop(0), "--out", str(out),
-                   "--device", device, "--seed", str(seed)]
-            cmd += ["--data-root", root] if root else []
-            cmd += ["--resume"] if resume else []
-            cmd += ["--iterations", str(iterations)] if iterations else []
-            procs.append(subprocess.Popen(cmd))
-        time.sleep(1)
-        procs = [p for p in procs if p.poll() is None]
+def run(cells: list[str], out: Path, executor: ExecutorConfig | int, root: str | None,
+        device: str, seed: int, resume: bool, iterations: int | None) -> str:
+    """Run ``cells`` as work items of ``executor`` (an int: that many local processes), then
+    rebuild the report. A cell that fails is named at the end; the others finish."""
+    if isinstance(executor, int):
+        executor = ExecutorConfig(workers=executor)
+    items = [WorkItem(cell, run_cell, (cell, out, root, device, seed, resume, iterations))
+             for cell in cells]
+    try:
+        run_items(items, executor)
+    except SweepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
     return report(out)
 
 
@@ -327,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default="", help="all, or SETTING/VARIANT,... "
                     f"(settings: {', '.join(SETTINGS)}; variants: {', '.join(VARIANTS)})")
-    ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # one cell, in a worker
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--cell", default=None, help="Run this one cell here (a shard by hand).")
+    add_executor_options(ap)
     ap.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gtn-long"))
     ap.add_argument("--device", default="auto")
@@ -350,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report or args.real:
         print(report(out))
         return 0
-    print(run(cells_of(args.cells or "all"), out, args.workers, args.data_root, args.device,
-              args.seed, args.resume, args.iterations))
+    print(run(cells_of(args.cells or "all"), out, executor_config(args), args.data_root,
+              args.device, args.seed, args.resume, args.iterations))
     return 0
 
 

@@ -3,7 +3,8 @@
 Every run trains a generator on MNIST (training split minus a 10 000-image validation part)
 for ``--iterations`` meta-iterations, scores one student on the validation part every 100
 (the GTN few-step protocol: T steps on the learned curriculum at the learned lr and momentum)
-and three students on the test set at the end. Runs are independent processes (``--workers``);
+and three students on the test set at the end. Runs are work items of :mod:`distill.executor`
+(``--executor local|ray``, ``--workers``);
 each writes ``OUT/cells/NAME.json`` as it goes, so a killed sweep keeps what it had and
 ``--report`` rebuilds the tables from whatever finished.
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,8 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from sweep import add_executor_options, executor_config  # noqa: E402
 
 from distill.data import load_dataset  # noqa: E402
+from distill.executor import SweepError, WorkItem, run_items  # noqa: E402
 from distill.store import atomic_write_json, atomic_write_text, save_figure  # noqa: E402
 from gtn import GeneratorConfig, GTNConfig, few_step_accuracy, train_gtn  # noqa: E402
 from gtn.train import split_validation  # noqa: E402
@@ -198,8 +200,8 @@ def report(out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="", help=f"comma-separated, from: {', '.join(RUNS)}")
-    ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # one run, in a worker
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--run", default=None, help="Train this one run here (a shard by hand).")
+    add_executor_options(ap, "runs")
     ap.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gtn-recipe"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -215,19 +217,12 @@ def main() -> None:
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         ap.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
-    pending = list(names)
-    procs: list[subprocess.Popen] = []
-    while pending or procs:
-        while pending and len(procs) < args.workers:
-            cmd = [sys.executable, __file__, "--run", pending.pop(0), "--out", str(out),
-                   "--device", args.device, "--seed", str(args.seed)]
-            if args.data_root:
-                cmd += ["--data-root", args.data_root]
-            if args.iterations:
-                cmd += ["--iterations", str(args.iterations)]
-            procs.append(subprocess.Popen(cmd))
-        time.sleep(1)
-        procs = [p for p in procs if p.poll() is None]
+    items = [WorkItem(n, run_one, (n, args.data_root, out, args.device, args.iterations,
+                                   args.seed)) for n in names]
+    try:
+        run_items(items, executor_config(args))
+    except SweepError as exc:  # the others finished: report them
+        print(f"error: {exc}", file=sys.stderr)
     report(out)
 
 

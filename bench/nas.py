@@ -24,6 +24,7 @@ caches are keyed by the generated data, so only the GTN proxies are retrained.
 
     python bench/nas.py --budget smoke    # a minute: proves the path
     python bench/nas.py --budget short --workers 2   # the README tables (2-core CPU)
+    python bench/nas.py --budget short --executor ray --ray-address auto   # on a Ray cluster
     python bench/nas.py --budget paper    # CIFAR-10, every family (wants a GPU)
 
 Published (Such et al., ICML 2020, via DESIGN.md): as a NAS proxy, the GTN's Spearman
@@ -44,6 +45,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sweep import add_executor_options, executor_config
 
 from distill.condense import condense, condense_config
 from distill.data import load_dataset
@@ -173,13 +176,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="Independent draws of candidates (default: the plan's).")
     parser.add_argument("--dc", default=None, help="Use this condensed set instead.")
     parser.add_argument("--coreset", default="herding", help="Selection rule of the coreset.")
-    parser.add_argument("--workers", type=int, default=1)
+    add_executor_options(parser, "students")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    executor = executor_config(args)
     plan, budget = PLANS[args.budget], NAS_BUDGETS[args.budget]
     if args.gtn_set:
         from dataclasses import replace
@@ -250,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                       + "; condensed from the training images outside the validation split.")
         md += [(f"Coreset: {args.coreset} from {budget.pool_per_class} per class, signals of "
                 f"{budget.signal_model} ({budget.signal_epochs} epoch(s))."),
-               (f"Device {report['device']}, {report['threads']} thread(s), {args.workers} "
-                f"worker(s); whole bench {report['wall_seconds'] / 60:.1f} min (this "
+               (f"Device {report['device']}, {report['threads']} thread(s), "
+                f"{args.workers or 1} {args.executor} worker(s); whole bench "
+                f"{report['wall_seconds'] / 60:.1f} min (this "
                 f"invocation; cached students are read, not retrained)."), ""]
         if final and plot_scatter(report, out / f"nas-{args.budget}.png"):
             png = (out / f"nas-{args.budget}.png").resolve()
@@ -265,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(md))
 
     report = run_search(train, proxies, budget, args.n_candidates or plan.n_candidates,
-                        seed=args.seed, cache=out / "ckpt" / "nas-cache", workers=args.workers,
+                        seed=args.seed, cache=out / "ckpt" / "nas-cache", executor=executor,
                         device=device, log=lambda s: print(s, flush=True), draws=draws,
                         on_draw=lambda r: write(r, False))
     write(report, True)

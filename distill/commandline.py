@@ -34,6 +34,7 @@ from .augment import AugmentError
 from .data import DATASETS, DataError
 from .devices import DeviceError
 from .errors import ConfigError, NonFiniteError
+from .executor import KINDS, ExecutorConfig, ExecutorError, SweepError
 from .models import ModelError
 from .outdir import OutDirError, open_run_dir
 from .outdir import check_writable as probe_writable
@@ -43,15 +44,29 @@ from .store import StoreError, atomic_write_json
 __all__ = ["ClickProgress", "StatusTask", "TableChoice", "TableHelpOption", "check_writable",
            "claim_out", "coreset_inits", "data_options", "datasets", "handle_errors",
            "int_list", "progress", "refuse_out_of_scope", "register_coreset_init",
-           "POSITIVE", "finite", "memory_check_option",
-           "register_usage_errors", "run_options", "set_argument", "write_run"]
+           "POSITIVE", "start_process", "executor_config", "executor_options", "finite",
+           "memory_check_option", "register_usage_errors", "run_options", "set_argument",
+           "write_run"]
 
 
 # ------------------------------------------------------------------ errors at the edge
 #: The library's typed errors that mean "the input is wrong": one-line usage errors. The
 #: packages above distill add theirs (:func:`register_usage_errors`) where their commands live.
 _USAGE_ERRORS: list[type[BaseException]] = [
-    DataError, StoreError, ModelError, DeviceError, AugmentError, ConfigError, NonFiniteError]
+    DataError, StoreError, ModelError, DeviceError, AugmentError, ConfigError, NonFiniteError,
+    ExecutorError]
+
+
+def start_process() -> None:
+    """What a command-line process sets once, before any command runs: torch's CUDA_HOME
+    warning silenced (:func:`distill.devices.silence_cuda_home_warning`) and glibc told to
+    keep freed memory (:func:`distill.allocator.keep_freed_memory`: no page fault per large
+    tensor of a meta-step; nothing computed changes)."""
+    from .allocator import keep_freed_memory
+    from .devices import silence_cuda_home_warning
+
+    silence_cuda_home_warning()
+    keep_freed_memory()
 
 
 def register_usage_errors(*types: type[BaseException]) -> None:
@@ -66,7 +81,7 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except OutDirError as exc:  # not a usage mistake: no usage block, just the line
+        except (OutDirError, SweepError) as exc:  # not a usage mistake: just the line
             raise click.ClickException(str(exc)) from None
         except tuple(_USAGE_ERRORS) as exc:
             raise click.UsageError(str(exc)) from None
@@ -314,6 +329,44 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
     except DeviceError as exc:
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
     return value
+
+
+def executor_options(fn: Callable) -> Callable:
+    """Where a sweep's independent items run (:class:`distill.executor.ExecutorConfig`);
+    :func:`executor_config` builds the config from them."""
+    fn = click.option("--gpus-per-item", type=finite(min=0.0), default=0.0, show_default=True,
+                      help="ray: GPUs each item holds (0.25: four items share a GPU); needs "
+                           "--device cuda.")(fn)
+    fn = click.option("--cpus-per-item", type=POSITIVE, default=1.0, show_default=True,
+                      help="ray: CPUs each item holds; also its torch thread count.")(fn)
+    fn = click.option("--ray-address", default=None,
+                      help="ray: a running cluster (HOST:6379, ray://HOST:10001 or auto); "
+                           "default $RAY_ADDRESS, else a local Ray runtime for this run.")(fn)
+    fn = click.option("--workers", type=click.IntRange(min=1), default=None,
+                      help="local: processes (default 1: in this process; same results when "
+                           "every process runs the same number of threads); ray: items in "
+                           "flight at most (default: what the cluster's free CPUs/GPUs "
+                           "allow).")(fn)
+    fn = click.option("--executor", type=click.Choice(KINDS), default="local",
+                      show_default=True,
+                      help="Where the sweep's items run: local (this machine) or ray (a Ray "
+                           "cluster; pip install 'gtnkit[ray]'). Same seeds: same numbers.")(fn)
+    return fn
+
+
+def executor_config(ctx: click.Context, executor: str, workers: int | None,
+                    ray_address: str | None, cpus_per_item: float,
+                    gpus_per_item: float) -> ExecutorConfig:
+    """The :class:`~distill.executor.ExecutorConfig` of :func:`executor_options`; the Ray-only
+    options given with ``--executor local`` are refused in one line."""
+    if executor == "local":
+        given = [f"--{name.replace('_', '-')}" for name in
+                 ("ray_address", "cpus_per_item", "gpus_per_item")
+                 if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} applies to --executor ray only")
+    return ExecutorConfig(kind=executor, workers=workers, ray_address=ray_address,  # type: ignore[arg-type]
+                          cpus_per_item=cpus_per_item, gpus_per_item=gpus_per_item)
 
 
 def memory_check_option(fn: Callable) -> Callable:

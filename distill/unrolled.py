@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .engine import classification_loss
-from .inner import Rate, forward, rate_list, student_steps
+from .inner import Rate, forward, rate_list, real_loss, student_steps
 from .teacher import Batch
 
 __all__ = ["unrolled_loss"]
@@ -95,12 +95,12 @@ def unrolled_loss(model: nn.Module, batches: Sequence[Batch], real_images: torch
 
     def score(t: int, p: list[torch.Tensor]) -> torch.Tensor | None:
         if (t + 1) % score_every == 0 and t + 1 < n:
-            return classification_loss(forward(model, p, real_images), real_labels)
+            return real_loss(model, p, real_images, real_labels)
         return None
 
     state = student_steps(model, params, batches, lrs, moms, weight_decay, differentiable=True,
                           buffers=bufs, after_step=score if score_every else None)
-    final = classification_loss(forward(model, state.params, real_images), real_labels)
+    final = real_loss(model, state.params, real_images, real_labels)
     if state.losses:
         final = final + score_weight * torch.stack(state.losses).mean()
     return final

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import click
 import torch
 
@@ -15,6 +17,8 @@ from distill.commandline import (
     claim_out,
     data_options,
     datasets,
+    executor_config,
+    executor_options,
     finite,
     handle_errors,
     int_list,
@@ -28,6 +32,7 @@ from distill.commandline import (
 from distill.data import get_info
 from distill.devices import resolve_device
 from distill.engine import mean_std
+from distill.executor import make_executor
 from distill.grid import write_grid
 from distill.rng import generator
 from distill.store import SET_FILES, SavedSet, save_set
@@ -330,12 +335,14 @@ def gtn_sample(generator_path, per_class, curriculum, dataset, out, seed, device
               help="Train each method with its measured recipe (see `gtn train --help`); "
                    "--no-recipe: the bare defaults.")
 @click.option("--resume", is_flag=True, help="Keep finished cells; continue the running one.")
+@executor_options
 @data_options
 @run_options
 @click.pass_context
 @handle_errors
 def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, recipe, resume,
-                data_root, download, out, seed, device, force) -> None:
+                executor, workers, ray_address, cpus_per_item, gpus_per_item, data_root,
+                download, out, seed, device, force) -> None:
     """Peak memory, seconds per meta-step and student accuracy of every method and T:
     OUT/gtn-compare.{json,md,png}."""
     from distill.data import load_dataset
@@ -348,13 +355,17 @@ def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, recipe, 
                                  f"{', '.join(COMPARE_METHODS)}", param_hint="--methods")
     steps = int_list(inner_steps, "--inner-steps")
     dev = resolve_device(device)
-    train_set = load_dataset(dataset, "train", root=data_root, download=download).to(dev)
-    test_set = load_dataset(dataset, "test", root=data_root, download=download).to(dev)
-    state = run_comparison(train_set, test_set, names, steps, BUDGETS[budget], out_dir,
-                           seed=seed, device=dev, resume=resume, curriculum=curriculum,
-                           recipe=recipe, progress=progress(ctx), log=click.echo)
+    sweep = executor_config(ctx, executor, workers, ray_address, cpus_per_item, gpus_per_item)
+    with make_executor(sweep) as ex:  # before the data: a missing Ray is one line up front
+        train_set = load_dataset(dataset, "train", root=data_root, download=download).to(dev)
+        test_set = load_dataset(dataset, "test", root=data_root, download=download).to(dev)
+        state = run_comparison(train_set, test_set, names, steps, BUDGETS[budget], out_dir,
+                               seed=seed, device=dev, resume=resume, curriculum=curriculum,
+                               recipe=recipe, progress=progress(ctx), log=click.echo,
+                               executor=ex)
     write_run(out_dir, "gtn compare", {"dataset": dataset, "methods": names, "inner_steps": steps,
                                        "budget": budget, "curriculum": curriculum,
-                                       "recipe": recipe, "seed": seed, "device": str(dev)},
+                                       "recipe": recipe, "seed": seed, "device": str(dev),
+                                       "executor": asdict(sweep)},
               {"cells": state["cells"], "table": str(out_dir / "gtn-compare.md")})
     click.echo(comparison_table(state), nl=False)

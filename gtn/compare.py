@@ -18,7 +18,16 @@ import torch
 
 from distill.data import DatasetInfo, ImageSet
 from distill.engine import EvalProtocol, TrainConfig, fixed_test_subset, mean_std
-from distill.progress import Progress
+from distill.executor import (
+    Executor,
+    ExecutorConfig,
+    WorkItem,
+    executor_scope,
+    item_device,
+    move_tensors,
+    shared_on,
+)
+from distill.progress import Progress, Task, task
 from distill.store import atomic_write_json, atomic_write_text, save_figure, to_jsonable
 
 from .generator import GeneratorConfig, GeneratorError, GeneratorTeacher
@@ -144,8 +153,15 @@ def run_comparison(train_set: ImageSet, test_set: ImageSet, methods: list[str], 
                    budget: Budget, out: Path, seed: int = 0, device: torch.device | str = "cpu",
                    resume: bool = False, curriculum: str = "full", recipe: bool = True,
                    progress: Progress | None = None,
-                   log: Callable[[str], None] = lambda s: None) -> dict:
-    """Run every (method, T) cell; returns the state written to ``out/gtn-compare.json``."""
+                   log: Callable[[str], None] = lambda s: None,
+                   executor: Executor | ExecutorConfig | None = None) -> dict:
+    """Run every (method, T) cell; returns the state written to ``out/gtn-compare.json``.
+
+    Every cell is one work item of :mod:`distill.executor` (``executor``: in this process by
+    default, a local pool or Ray tasks): the cells train in parallel, and the state is
+    written atomically after each finished cell, so ``resume`` reruns only the cells
+    missing from it (a cell's checkpoint resumes its meta-training).
+    """
     if any(t < 1 for t in steps):
         raise GeneratorError(f"inner steps T must be >= 1, got {min(steps)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -164,39 +180,62 @@ def run_comparison(train_set: ImageSet, test_set: ImageSet, methods: list[str], 
     test_x, test_y = test_set.images, test_set.labels
     if subset is not None:
         test_x, test_y = test_x[subset.to(test_x.device)], test_y[subset.to(test_y.device)]
-    protocol = EvalProtocol(model=budget.student, n_students=budget.students,
-                            train=TrainConfig(epochs=budget.fixed_epochs))
-    for method in methods:
-        for t in steps:
-            key = cell_key(method, t)
-            if key in state["cells"]:
-                continue
-            config = cell_config(budget, method, t, curriculum, recipe)
-            ckpt = cell_checkpoint(out, method, t)
-            ckpt.parent.mkdir(exist_ok=True)
-            t0 = time.perf_counter()
-            teacher, meta, _ = train_gtn(train_set, config, seed=seed, device=device,
-                                         checkpoint=ckpt, resume=resume and ckpt.exists(),
-                                         progress=progress)
-            few = few_step_accuracy(teacher, budget.student, test_x, test_y, seed,
-                                    budget.students)
-            fixed = fixed_set_accuracy(teacher, protocol, test_x, test_y, seed)
-            few_mean, few_std = mean_std(few)
-            state["cells"][key] = {
-                "method": method, "T": t, "meta_iterations": meta.iterations,
-                "seconds_per_meta_step": meta.seconds_per_iteration, "memory": meta.memory,
-                "final_meta_loss": meta.losses[-1], "few_step": few, "few_step_mean": few_mean,
-                "few_step_std": few_std, "fixed_set": list(fixed.accuracies),
-                "fixed_set_mean": fixed.mean, "fixed_set_std": fixed.std,
-                "wall_seconds": time.perf_counter() - t0}
+    order = [cell_key(m, t) for m in methods for t in steps]
+    previous_cells = state["cells"]
+    with executor_scope(executor) as ex:
+        shared: dict = {"train": train_set, "test_x": test_x, "test_y": test_y}
+        if not ex.in_process:
+            shared = move_tensors(shared, "cpu")  # each worker moves them to its device
+        where = item_device(ex.config, device)
+        items = [WorkItem(cell_key(m, t), _run_cell,
+                          (m, t, budget, curriculum, recipe, seed, where, out, resume,
+                           progress if ex.in_process else None))
+                 for m in methods for t in steps if cell_key(m, t) not in previous_cells]
+
+        def finish(key: str, cell: dict, bar: Task) -> None:
+            done = {**state["cells"], key: cell}  # the table's order, whatever finished first
+            state["cells"] = {k: done[k] for k in [*previous_cells, *order] if k in done}
             atomic_write_json(json_path, state)
-            mem = meta.memory.get("cuda_peak_bytes") or meta.memory["saved_peak_bytes"]
-            log(f"{method:<18} T={t:<3} {mem / 2**20:8.1f} MiB  "
-                f"{meta.seconds_per_iteration:6.2f} s/step  few-step {few_mean:5.1f} %  "
-                f"fixed set {fixed.mean:5.1f} %")
+            mem = cell["memory"].get("cuda_peak_bytes") or cell["memory"]["saved_peak_bytes"]
+            log(f"{cell['method']:<18} T={cell['T']:<3} {mem / 2**20:8.1f} MiB  "
+                f"{cell['seconds_per_meta_step']:6.2f} s/step  few-step "
+                f"{cell['few_step_mean']:5.1f} %  fixed set {cell['fixed_set_mean']:5.1f} %")
+            bar.update(1)
+
+        # in this process, each cell's meta-training reports its own progress
+        with task(None if ex.in_process else progress, "cells", len(items)) as bar:
+            ex.run(items, shared=shared, on_result=lambda k, c: finish(k, c, bar))
     atomic_write_text(out / "gtn-compare.md", comparison_table(state))
     plot(state, out / "gtn-compare.png")
     return state
+
+
+def _run_cell(shared: dict, method: str, steps: int, budget: Budget, curriculum: str,
+              recipe: bool, seed: int, device: str, out: Path, resume: bool,
+              progress: Progress | None) -> dict:
+    """One (method, T) cell, a work item of :mod:`distill.executor`: the GTN trained on the
+    shared training set (checkpointed under ``out/ckpt``), scored on the shared test subset
+    by few-step students and by students trained on a fixed generated set."""
+    on = shared_on(shared, device)
+    config = cell_config(budget, method, steps, curriculum, recipe)
+    ckpt = cell_checkpoint(out, method, steps)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    teacher, meta, _ = train_gtn(on["train"], config, seed=seed, device=device,
+                                 checkpoint=ckpt, resume=resume and ckpt.exists(),
+                                 progress=progress)
+    protocol = EvalProtocol(model=budget.student, n_students=budget.students,
+                            train=TrainConfig(epochs=budget.fixed_epochs))
+    few = few_step_accuracy(teacher, budget.student, on["test_x"], on["test_y"], seed,
+                            budget.students)
+    fixed = fixed_set_accuracy(teacher, protocol, on["test_x"], on["test_y"], seed)
+    few_mean, few_std = mean_std(few)
+    return {"method": method, "T": steps, "meta_iterations": meta.iterations,
+            "seconds_per_meta_step": meta.seconds_per_iteration, "memory": meta.memory,
+            "final_meta_loss": meta.losses[-1], "few_step": few, "few_step_mean": few_mean,
+            "few_step_std": few_std, "fixed_set": list(fixed.accuracies),
+            "fixed_set_mean": fixed.mean, "fixed_set_std": fixed.std,
+            "wall_seconds": time.perf_counter() - t0}
 
 
 def _peak(cell: dict) -> int:

@@ -19,7 +19,7 @@ from ..hypergrad import (
     trajectory_coefficients,
     trajectory_hypergradient,
 )
-from ..inner import load_params, student_steps
+from ..inner import load_params, real_loss, student_steps
 from ..teacher import StepChoice, Teacher
 from .base import RealSampler, StudentFactory, register_strategy
 from .stepwise import _no_graph, _plain_rates, _replayable, _Stepwise
@@ -95,7 +95,7 @@ class Implicit(_Stepwise):
         v: list[torch.Tensor] | None = None  # dL_V/dw at the trained student, when needed
         if batch is not None:  # the trajectory gradient
             xr, yr = real.batch(cfg.real_batch, generator)
-            outer = classification_loss(net(xr), yr)
+            outer = real_loss(net, list(net.parameters()), xr, yr)
             v = list(torch.autograd.grad(outer, params, retain_graph=True))
             coeffs = trajectory_coefficients(lrs, momentum)
             scale = t_count / len(picks)
@@ -110,7 +110,7 @@ class Implicit(_Stepwise):
             if cfg.inner_weight_decay:
                 inner = inner + cfg.inner_weight_decay / 2 * sum((p ** 2).sum() for p in params)
             xr, yr = real.batch(cfg.real_batch, generator)
-            outer = classification_loss(net(xr), yr)
+            outer = real_loss(net, list(net.parameters()), xr, yr)
             mixed = None
             if teacher.has_curriculum:  # the student minimised the mean loss over all T
                 # batches, so each of them (its learned noise) gets its mixed term.

@@ -19,7 +19,7 @@ from ..hypergrad import (
     trajectory_coefficients,
     trajectory_hypergradient,
 )
-from ..inner import forward, student_steps
+from ..inner import real_loss, student_steps
 from ..teacher import Batch, StepChoice, Teacher
 from .base import RealSampler, Strategy
 
@@ -82,12 +82,12 @@ class _Stepwise(Strategy):
         bufs = [None if b is None else b.detach().requires_grad_() for b in head_bufs]
 
         def score(t: int, ps: list[torch.Tensor]) -> torch.Tensor | None:
-            return classification_loss(forward(net, ps, xr), yr) if h + t in scored else None
+            return real_loss(net, ps, xr, yr) if h + t in scored else None
 
         last = student_steps(net, w, (batch(t)() for t in range(h, t_count)),
                              tail_lr, mom, cfg.inner_weight_decay, differentiable=True,
                              buffers=bufs, after_step=score if scored else None)
-        outer = classification_loss(forward(net, last.params, xr), yr)
+        outer = real_loss(net, last.params, xr, yr)
         if last.losses:
             outer = outer + weight * torch.stack(last.losses).sum()
         hparams = [p for p in teacher.parameters() if p.requires_grad]
@@ -152,7 +152,7 @@ class _Stepwise(Strategy):
             if t in scores:
                 after = [p.detach().requires_grad_()
                          for p in (states[t + 1][0] if t + 1 < len(states) else end)]
-                loss = classification_loss(forward(net, after, real[0]), real[1])
+                loss = real_loss(net, after, real[0], real[1])
                 g = torch.autograd.grad(loss, after)
                 scored += scores[t] * float(loss.detach())
                 grad_w = [a + scores[t] * b for a, b in zip(grad_w, g)]

@@ -31,7 +31,9 @@ proxy, one concept per module:
 
 Every student trains through :func:`distill.engine.train`. A candidate's initialisation and
 batch order come from ``child_seed(seed, "nas", candidate id)`` and never from the order of
-evaluation, so ``workers=K`` (spawned processes) gives the numbers of ``workers=1``.
+evaluation, so every (set, candidate) student is a work item of :mod:`distill.executor`, and
+``workers=K`` (spawned processes) or Ray tasks (``executor=ExecutorConfig(kind="ray")``) give
+the numbers of ``workers=1`` (with the same threads per item).
 """
 
 from .budgets import NAS_BUDGETS, NASBudget

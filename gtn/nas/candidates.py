@@ -1,25 +1,34 @@
 """Training the candidates: one fresh student per (candidate, training set), seeded by the
-candidate alone, cached one JSON file per result, optionally in a pool of spawned workers."""
+candidate alone, cached one JSON file per result; each pair is a work item of
+:mod:`distill.executor` (in-process, a local pool or Ray tasks)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
 from distill.data import ImageSet
 from distill.engine import accuracy, train
+from distill.executor import (
+    Executor,
+    ExecutorConfig,
+    WorkItem,
+    executor_scope,
+    item_device,
+    move_tensors,
+    shared_on,
+)
 from distill.models import build_model
 from distill.progress import Progress, task
 from distill.rng import generator as make_generator
-from distill.store import atomic_write_json, to_jsonable
+from distill.store import to_jsonable
 
 from .errors import NASError
 from .proxies import TrainSet, tensor_digest
@@ -46,24 +55,18 @@ def _safe(label: str) -> str:
     return keep[:40]
 
 
-def _cache_path(cache: Path, dataset: str, label: str, fp: str, cand: Candidate, seed: int
-                ) -> Path:
-    return cache / dataset / f"{_safe(label)}-{fp}" / f"{cand.id}-s{seed}.json"
+def _cache_key(dataset: str, label: str, fp: str, cand: Candidate, seed: int) -> str:
+    """The work item's key: its cache file is ``CACHE/KEY.json``."""
+    return f"{dataset}/{_safe(label)}-{fp}/{cand.id}-s{seed}"
 
 
-def _read_cached(path: Path, cand: Candidate, fp: str) -> dict | None:
-    """A finished entry, or None when missing, unreadable, partial or for another key."""
-    try:
-        entry = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def _valid_entry(cand: Candidate, fp: str, entry: object) -> bool:
+    """A finished entry for this key (not partial, not another candidate or fingerprint)."""
     if not isinstance(entry, dict) or entry.get("spec") != cand.spec or \
             entry.get("fingerprint") != fp:
-        return None
-    if not all(isinstance(entry.get(k), (int, float))
-               for k in ("accuracy", "seconds", "train_seconds", "steps")):
-        return None
-    return entry
+        return False
+    return all(isinstance(entry.get(k), (int, float))
+               for k in ("accuracy", "seconds", "train_seconds", "steps"))
 
 
 def train_candidate(spec: str, ts: TrainSet, val_x: torch.Tensor, val_y: torch.Tensor,
@@ -108,31 +111,24 @@ def _few_steps(model: torch.nn.Module, ts: TrainSet) -> tuple[float, int, float]
     return time.perf_counter() - t0, len(ts.step_lrs), float(state.step_losses[-1])
 
 
-_WORKER: dict = {}
-
-
-def _worker_init(sets: dict, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
-                 threads: int) -> None:
-    import signal
-
-    # Ctrl-C reaches the whole process group: the parent stops the pool (no traceback from
-    # every worker); the finished candidates are in the cache already
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(max(1, threads))
-    _WORKER.update(sets=sets, val_x=val_x, val_y=val_y, num_classes=num_classes)
-
-
-def _worker_job(label: str, spec: str, seed: int, cand_id: str) -> dict:
-    w = _WORKER
-    return train_candidate(spec, w["sets"][label], w["val_x"], w["val_y"], w["num_classes"],
-                           seed, cand_id)
+def _train_item(shared: dict, label: str, spec: str, seed: int, cand_id: str, device: str,
+                entry: dict) -> dict:
+    """One work item: candidate ``spec`` trained on the set ``label`` of the sweep's shared
+    inputs (moved to ``device`` once per worker process); the cache entry."""
+    on = shared_on(shared, device)
+    out = train_candidate(spec, on["sets"][label], on["val_x"], on["val_y"],
+                          on["num_classes"], seed, cand_id)
+    return {**entry, **out}
 
 
 def evaluate_candidates(candidates: Sequence[Candidate], sets: Sequence[TrainSet],
                         val: ImageSet, seed: int, cache: str | os.PathLike | None = None,
                         workers: int = 1, progress: Progress | None = None,
-                        log: Callable[[str], None] = lambda s: None) -> dict[str, dict]:
+                        log: Callable[[str], None] = lambda s: None,
+                        executor: Executor | ExecutorConfig | None = None) -> dict[str, dict]:
     """Accuracy of every candidate trained on every set, reading and filling the cache.
+
+    Every (set, candidate) pair is one work item of :mod:`distill.executor`.
 
     Args:
         candidates: from :func:`sample_candidates`.
@@ -140,73 +136,64 @@ def evaluate_candidates(candidates: Sequence[Candidate], sets: Sequence[TrainSet
             ``val``.
         cache: folder of finished entries (one JSON file per data set / kind fingerprint /
             candidate / seed, written atomically as each finishes). ``None``: no cache.
-        workers: processes (spawned; each trains whole candidates on the sets' device with
-            ``torch.get_num_threads() // workers`` threads); 1 trains in-process. Results
-            equal those of 1 worker when the thread counts match (float reductions may
-            otherwise differ in the last bits).
+        workers: local processes when ``executor`` is not given (spawned; each trains whole
+            candidates on the sets' device with ``torch.get_num_threads() // workers``
+            threads); 1 trains in-process.
+        executor: where the items run (:class:`~distill.executor.ExecutorConfig`, or an open
+            executor shared by several calls); overrides ``workers``. Results equal those of
+            1 worker when the thread counts match (float reductions may otherwise differ in
+            the last bits).
 
     Returns:
         ``{set label: {candidate id: {"accuracy", "seconds", "steps", "cached", ...}}}``.
     """
-    if workers < 1:
-        raise NASError(f"workers must be >= 1, got {workers}")
+    if executor is None:
+        if workers < 1:
+            raise NASError(f"workers must be >= 1, got {workers}")
+        executor = ExecutorConfig(workers=workers)
     labels = [ts.label for ts in sets]
     if len(set(labels)) != len(labels):
         raise NASError(f"a proxy is given twice: {', '.join(labels)}")
     dataset = val.info.name
-    cache_dir = Path(cache) if cache is not None else None
     results: dict[str, dict] = {ts.label: {} for ts in sets}
-    jobs: list[tuple[TrainSet, Candidate, Path | None, str, dict]] = []
-    for ts in sets:
-        fp, fp_dict = _fingerprint(ts, val, dataset)
-        for cand in candidates:
-            # folder: the kind (gtn, dc, ...) and the fingerprint, which holds the full label
-            path = (_cache_path(cache_dir, dataset, ts.meta.get("kind") or ts.label, fp, cand,
-                                seed) if cache_dir else None)
-            entry = _read_cached(path, cand, fp) if path is not None else None
-            if entry is not None:
-                results[ts.label][cand.id] = {**entry, "cached": True}
-            else:
-                jobs.append((ts, cand, path, fp, fp_dict))
-    if jobs:
-        log(f"training {len(jobs)} student(s) ({sum(len(r) for r in results.values())} cached)"
-            f" with {workers} worker(s)")
-
-    def finish(ts: TrainSet, cand: Candidate, path: Path | None, fp: str, fp_dict: dict,
-               out: dict) -> None:
-        entry = {"id": cand.id, "spec": cand.spec, "kind": ts.label, "seed": seed,
-                 "fingerprint": fp, "budget": fp_dict, **out}
-        if path is not None:
-            atomic_write_json(path, entry)
-        results[ts.label][cand.id] = {**entry, "cached": False}
-        log(f"{ts.label:<14} {cand.spec:<48} {out['accuracy']:6.2f} %  {out['seconds']:6.1f} s")
-
-    num_classes = val.info.num_classes
-    with task(progress, "candidates", len(jobs)) as bar:
-        if workers == 1 or len(jobs) <= 1:
-            for ts, cand, path, fp, fp_dict in jobs:
-                out = train_candidate(cand.spec, ts, val.images, val.labels, num_classes, seed,
-                                      cand.id)
-                finish(ts, cand, path, fp, fp_dict, out)
+    items: list[WorkItem] = []
+    where: dict[str, tuple[TrainSet, Candidate]] = {}
+    with executor_scope(executor) as ex:
+        device = item_device(ex.config, val.images.device)
+        for ts in sets:
+            fp, fp_dict = _fingerprint(ts, val, dataset)
+            for cand in candidates:
+                # folder: the kind (gtn, dc, ...) and the fingerprint, which holds the label
+                key = _cache_key(dataset, ts.meta.get("kind") or ts.label, fp, cand, seed)
+                entry = {"id": cand.id, "spec": cand.spec, "kind": ts.label, "seed": seed,
+                         "fingerprint": fp, "budget": fp_dict}
+                items.append(WorkItem(key, _train_item,
+                                      (ts.label, cand.spec, seed, cand.id, device, entry),
+                                      accept=functools.partial(_valid_entry, cand, fp)))
+                where[key] = ts, cand
+        shared = {"sets": {ts.label: ts for ts in sets}, "val_x": val.images,
+                  "val_y": val.labels, "num_classes": val.info.num_classes}
+        if not ex.in_process:
+            shared = move_tensors(shared, "cpu")  # each worker moves them to its device
+        todo = ex.missing(items, cache)
+        if todo:
+            log(f"training {len(todo)} student(s) ({len(items) - len(todo)} cached) with "
+                f"{_describe(ex.config)}")
+        with task(progress, "candidates", len(todo)) as bar:
+            def finish(key: str, entry: dict) -> None:
+                ts, cand = where[key]
+                log(f"{ts.label:<14} {cand.spec:<48} {entry['accuracy']:6.2f} %  "
+                    f"{entry['seconds']:6.1f} s")
                 bar.update(1)
-        elif jobs:
-            import multiprocessing as mp
 
-            threads = max(1, torch.get_num_threads() // workers)
-            payload = {ts.label: ts for ts in sets}
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                     initializer=_worker_init,
-                                     initargs=(payload, val.images, val.labels, num_classes,
-                                               threads)) as pool:
-                futures = {pool.submit(_worker_job, ts.label, cand.spec, seed, cand.id):
-                           (ts, cand, path, fp, fp_dict) for ts, cand, path, fp, fp_dict in jobs}
-                try:
-                    for fut in as_completed(futures):
-                        finish(*futures[fut], fut.result())
-                        bar.update(1)
-                except KeyboardInterrupt:  # stop now, not after the running candidates
-                    for proc in list(getattr(pool, "_processes", {}).values()):
-                        proc.terminate()
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
+            sweep = ex.run(items, shared=shared, cache=cache, on_result=finish)
+    for key, entry in sweep.values.items():
+        ts, cand = where[key]
+        results[ts.label][cand.id] = {**entry, "cached": key in sweep.cached}
     return results
+
+
+def _describe(config: ExecutorConfig) -> str:
+    if config.kind == "ray":
+        return f"Ray ({config.workers or 'all free'} worker(s))"
+    return f"{config.workers or 1} worker(s)"

@@ -16,6 +16,8 @@ from distill.commandline import (
     claim_out,
     data_options,
     datasets,
+    executor_config,
+    executor_options,
     handle_errors,
     progress,
     register_usage_errors,
@@ -24,6 +26,7 @@ from distill.commandline import (
 )
 from distill.data import get_info
 from distill.devices import resolve_device
+from distill.executor import make_executor
 from distill.store import atomic_write_text
 
 from ..generator import GeneratorError
@@ -68,10 +71,6 @@ register_usage_errors(GeneratorError, NASError)
               help="Largest candidate, in parameters (default: the budget's).")
 @click.option("--top-k", type=click.IntRange(min=1), default=None,
               help="k of the top-k overlap (default: a quarter of the candidates).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes that train candidates in parallel (spawned, each on --device);"
-                   " same results as 1 when every process runs the same number of threads "
-                   "(e.g. OMP_NUM_THREADS=1).")
 @click.option("--cache", type=click.Path(file_okay=False), default=None,
               help="Folder of finished per-candidate results, reused by any later run "
                    "(default: OUT/cache). A killed run resumes by running it again.")
@@ -80,12 +79,14 @@ register_usage_errors(GeneratorError, NASError)
                    "students seeded by SEED alone, so a candidate in two draws is trained "
                    "once): per-draw, mean and pooled figures and a paired comparison of the "
                    "proxies.")
+@executor_options
 @data_options
 @run_options
 @click.pass_context
 @handle_errors
-def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k, workers,
-        cache, draws, data_root, download, out, seed, device, force) -> None:
+def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k, cache, draws,
+        executor, workers, ray_address, cpus_per_item, gpus_per_item, data_root, download, out,
+        seed, device, force) -> None:
     """Rank N sampled architectures by short proxy trainings and compare with the ranking of
     longer real training (validation split of the training set): Spearman / Kendall with
     bootstrap intervals (all and top half), top-k overlap, picked accuracy, speed-up, and a
@@ -105,11 +106,13 @@ def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k
     space = plan.search_space(families, max_params)
     resolved = [(s, resolve_proxy(s, info.name)) for s in specs]
     dev = resolve_device(device)
-    data = load_dataset(info.name, "train", root=data_root, download=download)
-    report = run_search(data, resolved, plan, n_candidates, seed=seed,
-                        cache=Path(cache) if cache else out_dir / "cache", workers=workers,
-                        device=dev, space=space, top_k=top_k, progress=progress(ctx),
-                        log=log.info, draws=draws)
+    sweep = executor_config(ctx, executor, workers, ray_address, cpus_per_item, gpus_per_item)
+    with make_executor(sweep) as ex:  # before the data: a missing Ray is one line up front
+        data = load_dataset(info.name, "train", root=data_root, download=download)
+        report = run_search(data, resolved, plan, n_candidates, seed=seed,
+                            cache=Path(cache) if cache else out_dir / "cache", device=dev,
+                            space=space, top_k=top_k, progress=progress(ctx), log=log.info,
+                            draws=draws, executor=ex)
     text = report_markdown(report) + "\n" + draws_markdown(report)
     atomic_write_text(out_dir / "nas.md", text)
     plotted = plot_scatter(report, out_dir / "nas.png")
@@ -118,7 +121,7 @@ def nas(ctx, dataset, n_candidates, proxies, budget, families, max_params, top_k
     report["png"] = str(out_dir / "nas.png") if plotted else None
     write_run(out_dir, "nas", {"dataset": info.name, "n_candidates": n_candidates,
                                "proxies": labels, "budget": budget, "space": asdict(space),
-                               "top_k": top_k, "workers": workers, "seed": seed,
+                               "top_k": top_k, "executor": asdict(sweep), "seed": seed,
                                "draws": draws,
                                "device": str(dev)}, report)
     click.echo(text, nl=False)

@@ -12,6 +12,7 @@ from dataclasses import asdict
 import torch
 
 from distill.data import ImageSet
+from distill.executor import Executor, ExecutorConfig, executor_scope, item_device
 from distill.progress import Progress
 from distill.store import to_jsonable
 
@@ -121,7 +122,8 @@ def run_search(train_set: ImageSet, proxies: Sequence[tuple[ProxySpec, object]],
                device: torch.device | str = "cpu", space: SearchSpace | None = None,
                top_k: int | None = None, progress: Progress | None = None,
                log: Callable[[str], None] = lambda s: None, draws: int = 1,
-               on_draw: Callable[[dict], None] | None = None, alpha: float = 0.05) -> dict:
+               on_draw: Callable[[dict], None] | None = None, alpha: float = 0.05,
+               executor: Executor | ExecutorConfig | None = None) -> dict:
     """Sample candidates, compute the ground truth and every proxy, compare the rankings.
 
     With ``draws = K``, draw d samples its own ``n_candidates`` with seed ``seed + d``
@@ -139,6 +141,10 @@ def run_search(train_set: ImageSet, proxies: Sequence[tuple[ProxySpec, object]],
         on_draw: called with the report so far after every finished draw (to write
             partial results).
         alpha: family-wise error of the paired comparison (Holm).
+        workers, executor: where every (set, candidate) student trains
+            (:func:`evaluate_candidates`): ``workers`` local processes, or the
+            :class:`~distill.executor.ExecutorConfig` (local pool or Ray; one executor for
+            every draw), which overrides ``workers``.
 
     Returns:
         The report. Its top level is the **pooled** search over the distinct candidates of
@@ -152,6 +158,23 @@ def run_search(train_set: ImageSet, proxies: Sequence[tuple[ProxySpec, object]],
     """
     if draws < 1:
         raise NASError(f"draws must be >= 1, got {draws}")
+    if executor is None:
+        if workers < 1:
+            raise NASError(f"workers must be >= 1, got {workers}")
+        executor = ExecutorConfig(workers=workers)
+    with executor_scope(executor) as ex:
+        return _search(train_set, proxies, budget, n_candidates, seed, cache, ex, device,
+                       space, top_k, progress, log, draws, on_draw, alpha)
+
+
+def _search(train_set: ImageSet, proxies: Sequence[tuple[ProxySpec, object]],
+            budget: NASBudget, n_candidates: int, seed: int,
+            cache: str | os.PathLike | None, ex: Executor, device: torch.device | str,
+            space: SearchSpace | None, top_k: int | None, progress: Progress | None,
+            log: Callable[[str], None], draws: int,
+            on_draw: Callable[[dict], None] | None, alpha: float) -> dict:
+    workers = ex.config.workers or 1
+    item_device(ex.config, device)  # a CUDA device Ray would hide: refused before any work
     device = torch.device(device)
     space = space or budget.space
     samples = [sample_candidates(n_candidates, seed + d, train_set.info, space)
@@ -176,7 +199,8 @@ def run_search(train_set: ImageSet, proxies: Sequence[tuple[ProxySpec, object]],
             log(f"draw {d + 1}/{draws} (seed {seed + d}): {len(cands)} candidates, "
                 f"{len(cands) - len(new)} already in an earlier draw")
         if new:
-            got = evaluate_candidates(new, sets, val, seed, cache, workers, progress, log)
+            got = evaluate_candidates(new, sets, val, seed, cache, progress=progress, log=log,
+                                      executor=ex)
             for label, entries in got.items():
                 results[label].update(entries)
                 for entry in entries.values():
@@ -191,6 +215,7 @@ def run_search(train_set: ImageSet, proxies: Sequence[tuple[ProxySpec, object]],
                              "winner": _winner(quality) if quality else None})
         report = _report(train_set, budget, seed, workers, device, val, sets, results,
                          list(pool.values()), draw_reports, labels, top_k, alpha)
+        report["executor"] = ex.config.kind
         report["training"] = {"distinct": len(pool), "trained": dict(trained),
                               "cached": dict(reused),
                               "draw_sizes": [len(s) for s in samples[:d + 1]],
