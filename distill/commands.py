@@ -48,6 +48,7 @@ from .data import available_datasets, dataset_status, resolve_root
 from .devices import real_chunk_for, resolve_device
 from .engine import evaluate_set
 from .grid import write_grid
+from .hypergrad import SOLVERS
 from .kip import training_labels
 from .methods import METHODS
 from .models import parse_model_spec
@@ -56,6 +57,7 @@ from .stats import comparison_markdown
 from .store import SET_FILES, PartialResults, StoreError, atomic_write_text, save_set
 from .strategies import StrategyConfig
 from .synthetic import check_ipc
+from .trajectory import GRADIENTS, TrajectoryConfig
 
 log = logging.getLogger("gtnkit")
 
@@ -178,6 +180,7 @@ def evaluate(ctx, set_path, set_dataset, normalization, model, protocol, student
 # ------------------------------------------------------------------ distill
 #: The strategies' own defaults (StrategyConfig's): what the options show and fall back to.
 _BARE = StrategyConfig()
+_MTT = TrajectoryConfig()
 
 
 def _distill_methods() -> list[str]:
@@ -202,9 +205,13 @@ def _option_scopes() -> dict[str, tuple[str, ...]]:
         "real_batch": condensing,
         "outer_loop": _using("matching"), "inner_loop": _using("matching"),
         "distance": _using("matching"),
-        "inner_steps": _using("unrolled", "implicit"), "inner_lr": _using("unrolled", "implicit"),
+        "inner_steps": _using("unrolled", "implicit", "trajectory"),
+        "inner_lr": _using("unrolled", "implicit", "trajectory"),
         "truncate": _using("unrolled"), "checkpoint_steps": _using("unrolled"),
         "neumann_terms": _using("implicit"), "neumann_alpha": _using("implicit"),
+        "ift_solver": _using("implicit"), "experts_dir": _using("trajectory"),
+        "expert_epochs": _using("trajectory"), "max_start_epoch": _using("trajectory"),
+        "gradient": _using("trajectory"),
         "learn_lr": tuple(name for name, m in METHODS.items() if m.learns_lr),
         "fast": chunked, "real_chunk": chunked,
         "kernel": KIP_METHODS, "kernel_depth": KIP_METHODS, "reg": KIP_METHODS,
@@ -239,9 +246,9 @@ def _option_scopes() -> dict[str, tuple[str, ...]]:
 @click.option("--distance", type=click.Choice(["layerwise", "mse", "cosine"]),
               default=_BARE.distance, show_default=True, help="Gradient distance (dc/dsa).")
 @click.option("--inner-steps", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Student steps T of dd/ift.")
+              help="Student steps T of dd/ift; mtt: the synthetic steps N (MTT: 20 to 80).")
 @click.option("--inner-lr", type=POSITIVE, default=_BARE.inner_lr, show_default=True,
-              help="Student lr of dd/ift (initial value with --learn-lr).")
+              help="Student lr of dd/ift/mtt (initial value of a learned lr).")
 @click.option("--truncate", type=click.IntRange(min=1), default=None,
               help="dd: differentiate only the last K student steps.")
 @click.option("--checkpoint-steps", type=click.IntRange(min=1), default=None,
@@ -251,10 +258,26 @@ def _option_scopes() -> dict[str, tuple[str, ...]]:
               help="ift: terms K of the Neumann series for the inverse Hessian.")
 @click.option("--neumann-alpha", type=POSITIVE, default=_BARE.neumann_alpha, show_default=True,
               help="ift: step size alpha of the Neumann series.")
+@click.option("--ift-solver", type=click.Choice(SOLVERS), default=_BARE.ift_solver,
+              show_default=True,
+              help="ift: the linear solver of H^-1 v: neumann (--neumann-terms terms) or cg "
+                   "(conjugate gradient, --neumann-terms iterations).")
+@click.option("--experts", "experts_dir", type=click.Path(file_okay=False), default=None,
+              help="mtt: folder of expert trajectories (`gtnkit experts`); required.")
+@click.option("--expert-epochs", type=click.IntRange(min=1), default=_MTT.expert_epochs,
+              show_default=True,
+              help="mtt: M, the expert epochs the student's N steps must cover.")
+@click.option("--max-start-epoch", type=click.IntRange(min=1), default=_MTT.max_start_epoch,
+              show_default=True, help="mtt: the start epoch is drawn below this.")
+@click.option("--gradient", type=click.Choice(GRADIENTS), default=_MTT.gradient,
+              show_default=True,
+              help="mtt: unrolled (memory grows with N) or tesla (TESLA's exact "
+                   "constant-memory form of the same gradient).")
 @click.option("--learn-labels", is_flag=True,
               help="Also learn the labels: soft labels (probabilities), or for kip free "
                    "real-valued label vectors as in the KIP paper.")
-@click.option("--learn-lr", is_flag=True, help="dd: also learn the student lr.")
+@click.option("--learn-lr", is_flag=True,
+              help="dd: also learn the student lr (mtt always learns it, as MTT does).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Write OUT/checkpoint.pt every N iterations (what --resume continues from).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
@@ -288,7 +311,8 @@ def _option_scopes() -> dict[str, tuple[str, ...]]:
 @handle_errors
 def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, real_batch,
                 outer_loop, inner_loop, distance, inner_steps, inner_lr, truncate,
-                checkpoint_steps, neumann_terms, neumann_alpha, learn_labels, learn_lr,
+                checkpoint_steps, neumann_terms, neumann_alpha, ift_solver, experts_dir,
+                expert_epochs, max_start_epoch, gradient, learn_labels, learn_lr,
                 checkpoint_every, eval_every, students, eval_model, eval_epochs, test_limit,
                 signal_epochs, pool_per_class, fast, real_chunk, resume, memory_check, data_root,
                 download, out, seed, device, force, kernel, kernel_depth, kernel_family, reg,
@@ -322,6 +346,16 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
     dev = resolve_device(device)
     if real_chunk is None and method in _option_scopes()["real_chunk"]:
         real_chunk = real_chunk_for(dev)
+    own: dict[str, Any] = {}
+    if METHODS[method].strategy == "implicit":
+        own = {"ift_solver": ift_solver}
+    if METHODS[method].strategy == "trajectory":
+        if not experts_dir:
+            raise click.UsageError(f"--method {method} needs --experts DIR (expert trajectories:"
+                                   f" `gtnkit experts --dataset {dataset} --out DIR`)")
+        own = {"experts": experts_dir, "expert_epochs": expert_epochs,
+               "max_start_epoch": max_start_epoch, "gradient": gradient}
+        learn_lr = True
     config = condense_config(
         method, iterations=iterations, lr=image_lr, dataset=dataset, real_batch=real_batch,
         outer_loop=outer_loop, inner_loop=inner_loop, distance=distance,
@@ -329,7 +363,7 @@ def distill_cmd(ctx, dataset, method, ipc, init, model, iterations, image_lr, re
         checkpoint_every=checkpoint_every, eval_every=eval_every,
         neumann_terms=neumann_terms, neumann_alpha=neumann_alpha,
         checkpoint_steps=checkpoint_steps, compile=fast, real_chunk=real_chunk or None,
-        memory_check=memory_check)
+        memory_check=memory_check, **own)
     data = load_dataset(dataset, "train", root=data_root, download=download)
     check_ipc(data, ipc)
     test = load_dataset(dataset, "test", root=data_root, download=download)

@@ -51,3 +51,34 @@ def test_bad_expert_options_are_one_line(tmp_path, extra, needle):
     r = run("experts", "--dataset", "mnist", *extra, "--data-root", tmp_path, "--out", out)
     assert_one_line_error(r, needle)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("gradient", ["unrolled", "tesla"])
+def test_distill_mtt_from_experts_on_the_command_line(tmp_path, tiny_mnist, gradient):
+    experts = tmp_path / "experts"
+    r = run("-q", "experts", "--dataset", "mnist", "--model", "mlp:width=8", "--experts", 2,
+            "--epochs", 3, "--batch-size", 16, "--augment", "", "--data-root", tmp_path,
+            "--out", experts)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / gradient
+    r = run("-q", "distill", "--dataset", "mnist", "--method", "mtt", "--ipc", 1, "--model",
+            "mlp:width=8", "--experts", experts, "--expert-epochs", 1, "--max-start-epoch", 2,
+            "--inner-steps", 3, "--gradient", gradient, "--iterations", 2, "--students", 1,
+            "--eval-epochs", 1, "--data-root", tmp_path, "--out", out)
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "config.json").read_text())
+    strategy = config["meta"]["strategy_config"]
+    assert (strategy["gradient"], strategy["expert_epochs"], config["learn_lr"]) == \
+        (gradient, 1, True)
+    assert len(json.loads((out / "results.json").read_text())["accuracies"]) == 1
+
+
+def test_ift_with_the_conjugate_gradient_solver(tmp_path, tiny_mnist):
+    out = tmp_path / "cg"
+    r = run("-q", "distill", "--dataset", "mnist", "--method", "ift", "--ipc", 1, "--model",
+            "mlp:width=8", "--ift-solver", "cg", "--neumann-terms", 3, "--inner-steps", 2,
+            "--iterations", 2, "--students", 1, "--eval-epochs", 1, "--data-root", tmp_path,
+            "--out", out)
+    assert r.exit_code == 0, r.output
+    strategy = json.loads((out / "config.json").read_text())["meta"]["strategy_config"]
+    assert strategy["ift_solver"] == "cg"
