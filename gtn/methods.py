@@ -6,7 +6,7 @@ that *define* what it computes (``defines``: kept with ``--no-recipe``) and the 
 measured for it (``recipe``: the meta-optimiser and batch sizes; ``--no-recipe`` drops them).
 Options given explicitly override both (:func:`gtn.config.recipe_config`).
 
-The recipes were measured on MNIST (bench/gtn_recipe.py, bench/gtn_long.py; readings in
+The recipes were measured on MNIST (bench/experiments/gtn_recipe.py, bench/gtn_long.py; readings in
 docs/results/gtn.md): Adam at 5e-3 with cosine decay to 10 % (the official GTN code: 0.02,
 cosine), the student scored on 512 real images; unrolled adds the official intermediate
 losses. ``implicit`` is the implicit function theorem as published (Neumann series at the

@@ -8,8 +8,8 @@ and three students on the test set at the end. Runs are work items of :mod:`dist
 each writes ``OUT/cells/NAME.json`` as it goes, so a killed sweep keeps what it had and
 ``--report`` rebuilds the tables from whatever finished.
 
-    python bench/gtn_recipe.py --runs u-base,u-rec --workers 2            # some runs
-    python bench/gtn_recipe.py --report                                   # md + json + png
+    python bench/experiments/gtn_recipe.py --runs u-base,u-rec --workers 2   # some runs
+    python bench/experiments/gtn_recipe.py --report   # md + json + png
 
 Setting (Done-means of the GTN-quality work): T = 10 inner steps of batch 32, full learned
 curriculum, generator noise 64 / FC 256 / 32 channels unless ``gen``, student
@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # bench/ (after the packages)
 
 import torch  # noqa: E402
 from sweep import add_executor_options, executor_config  # noqa: E402
@@ -203,7 +204,8 @@ def main() -> None:
     ap.add_argument("--run", default=None, help="Train this one run here (a shard by hand).")
     add_executor_options(ap, "runs")
     ap.add_argument("--data-root", default=os.environ.get("GTNKIT_DATA"))
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gtn-recipe"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"
+                                         / "gtn-recipe"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--iterations", type=int, default=None, help="override (smoke tests)")
     ap.add_argument("--seed", type=int, default=0)

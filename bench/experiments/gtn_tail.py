@@ -7,9 +7,10 @@ real batch), the cosine between the tail-K meta-gradient and the exact one (K = 
 whole teacher and for its parts (generator weights, learned noise and labels, step sizes), at
 generator states taken from the long benchmark's checkpoints and at initialisation.
 
-    OMP_NUM_THREADS=1 python bench/gtn_tail.py --setting mnist-t32 --tails 0,2,5,10,16,24 \
+    OMP_NUM_THREADS=1 python bench/experiments/gtn_tail.py --setting mnist-t32 \
+        --tails 0,2,5,10,16,24 \
         --states init,mnist-t32--implicit-tail5,mnist-t32--unrolled --draws 3 --resume
-    python bench/gtn_tail.py --report           # md + png from the json
+    python bench/experiments/gtn_tail.py --report           # md + png from the json
 
 The meta-gradient is the one the recipe's Adam step would receive (the recipe does not clip).
 ``--recomputed`` adds unrolled backprop with ``recompute`` (the steps rebuilt one at a time;
@@ -26,9 +27,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # bench/ (after the packages)
 
 import torch  # noqa: E402
+from gtn_long import SETTINGS, cell_config  # noqa: E402  (bench/, on the path above)
 
 from distill.data import load_dataset  # noqa: E402
 from distill.rng import generator as make_generator  # noqa: E402
@@ -36,11 +39,8 @@ from distill.store import atomic_write_json, atomic_write_text, save_figure  # n
 from distill.strategies import RealSampler, make_strategy  # noqa: E402
 from gtn.train import _student_factory, make_teacher, split_validation  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gtn_long import SETTINGS, cell_config  # noqa: E402
-
-OUT = Path(__file__).resolve().parent / "results" / "gtn-tail"
-CKPT = Path(__file__).resolve().parent / "results" / "gtn-long" / "ckpt"
+OUT = Path(__file__).resolve().parents[1] / "results" / "gtn-tail"
+CKPT = Path(__file__).resolve().parents[1] / "results" / "gtn-long" / "ckpt"
 
 
 def _parts(teacher) -> dict[str, list[int]]:
@@ -154,7 +154,7 @@ def report(out: Path, tag: str) -> None:
              f"T = {res['inner_steps']} steps (first-order head before it) and the exact "
              f"meta-gradient (K = T, unrolled backprop) on the same meta-step; mean over "
              f"draws (different students, batches and real batches). `norm` is the norm ratio. "
-             f"Command: `python bench/gtn_tail.py` (see its docstring).", "",
+             f"Command: `python bench/experiments/gtn_tail.py` (see its docstring).", "",
              "| generator state | variant | draws | " + " | ".join(keys) +
              " | norm | CPU s (exact: CPU s) |",
              "|---|---|---|" + "---|" * len(keys) + "---|---|"]

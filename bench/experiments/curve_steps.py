@@ -1,7 +1,7 @@
 """Diagnostic beside the data-budget curve: a random class-balanced 10 % trained for as many
 SGD steps as the whole set (10x the epochs), to separate the data lost from the steps lost.
 
-    python bench/curve_steps.py mnist 100      # LeNet, 100 epochs on 10 % = the whole set's steps
+    python bench/experiments/curve_steps.py mnist 100  # LeNet, 100 epochs on 10 %: the steps of all
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # bench/ (after the packages)
 
 from distill.data import load_dataset  # noqa: E402
 from distill.engine import TrainConfig, accuracy, train  # noqa: E402
