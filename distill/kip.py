@@ -1,17 +1,8 @@
 """Kernel Inducing Points (KIP) and Label Solve (LS): dataset distillation by kernel ridge
 regression (Nguyen, Chen & Lee, "Dataset Meta-Learning from Kernel Ridge-Regression", ICLR 2021).
 
-Kernel ridge regression (KRR) with support ``(X_s, y_s)`` (n_s points) predicts, for targets
-``X_t`` (n_t points),
-
-    y_hat(X_t) = K_ts (K_ss + lam * tr(K_ss) / n_s * I)^{-1} y_s          (n_t, K)
-
-with ``K_ts = k(X_t, X_s)`` (n_t, n_s) and ``K_ss = k(X_s, X_s)`` (n_s, n_s): the regulariser is
-scaled by the mean eigenvalue of ``K_ss`` as in the paper's released code, so one ``lam``
-(default 1e-6) suits every kernel, depth and support size. Labels are one-hot vectors, by
-default centred (``one_hot - 1/K``, rows summing to 0), which changes the loss but never the
-argmax of a prediction (a constant added to every support label adds the same number to every
-class of a prediction).
+The regression itself (its formula, regulariser scaling and centred labels) is in
+:mod:`distill.krr`.
 
 * **KIP** learns ``X_s`` (and optionally ``y_s``) to minimise the KRR loss on random real target
   batches, ``L = 1/2 * mean((y_hat(X_t) - y_t)^2)`` (Algorithm 1). It runs as the ``kip``
