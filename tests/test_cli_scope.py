@@ -41,7 +41,7 @@ def tiny_data(monkeypatch):
     ("dsa", ["--ls-targets", "5"], "--ls-targets applies to --method ls only"),
     ("kip", ["--distance", "mse"], "--distance applies to --method dc and dsa only, not to kip"),
     ("dm", ["--outer-loop", "2"], "--outer-loop applies to --method dc and dsa only, not to dm"),
-    ("dc", ["--inner-steps", "4"], "--inner-steps applies to --method dd and ift only"),
+    ("dc", ["--inner-steps", "4"], "--inner-steps applies to --method dd, ift and mtt only"),
     ("ls", ["--real-batch", "8"], "--real-batch applies to --method dc, dsa, dm, dd, ift"),
     ("dd", ["--neumann-alpha", "0.1"], "--neumann-alpha applies to --method ift only"),
     ("ift", ["--checkpoint-steps", "2"], "--checkpoint-steps applies to --method dd only"),
