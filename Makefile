@@ -44,7 +44,7 @@ test-gpu: install
 
 # The main job: a GTN trained by unrolled backprop, implicit differentiation and gradient
 # matching, compared by peak memory and seconds per meta-step at T = 8, 16, 32, 64 (2
-# meta-iterations each) and by student accuracy at T = 10 after 250 meta-iterations (demo
+# meta-iterations each) and by student accuracy at T = 10 after 300 meta-iterations (demo
 # budget); cells in 2 processes; about 10 min on 2 cores (MNIST), 15 (demo-cifar10).
 # Downloads the data through torchvision unless GTNKIT_DATA points at a root that holds it.
 DEMO_COMPARE := gtn compare --budget demo --methods unrolled,implicit,matching \

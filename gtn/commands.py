@@ -312,7 +312,7 @@ def gtn_sample(generator_path, per_class, curriculum, dataset, out, seed, device
               help="smoke: 2 meta-iterations, proves the path (accuracies mean nothing); "
                    "short: 20 meta-iterations, small generator and student, for a CPU; demo "
                    "(`make demo`, about 10 min on 2 cores with --workers 2): accuracy trained "
-                   "at T = 10 only, 250 meta-iterations, and memory and time at every "
+                   "at T = 10 only, 300 meta-iterations, and memory and time at every "
                    "--inner-steps from 2 meta-iterations each; paper: 2000 meta-iterations, "
                    "the paper's generator (wants a GPU).")
 @click.option("--meta-iterations", type=click.IntRange(min=1), default=None,

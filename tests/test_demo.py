@@ -68,7 +68,8 @@ def test_the_table_and_the_reading_say_where_accuracy_was_trained(demo_run):
     assert "trained at T = 3 only, for 3 meta-iterations" in table
     rows = [r for r in table.splitlines() if r.startswith("| ") and "|---" not in r][1:]
     assert len(rows) == 9
-    assert sum(r.endswith("| — | — |") for r in rows) == 6
+    assert sum(r.endswith("| — | — | 1 |") for r in rows) == 6
+    assert sum(r.endswith(" | 3 |") and "—" not in r for r in rows) == 3
     said = reading(state)
     assert said and said in table
     best = max((c for c in state["cells"].values() if c["scored"]),
