@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import click
 import torch
@@ -323,8 +323,14 @@ def gtn_sample(generator_path, per_class, curriculum, dataset, out, seed, device
               help="Comma-separated T values.")
 @click.option("--budget", type=TableChoice(lambda: BUDGETS), default="smoke", show_default=True,
               help="smoke: 2 meta-iterations, proves the path (accuracies mean nothing); "
-                   "short: 20 meta-iterations, small generator and student, for a CPU; paper: "
-                   "2000 meta-iterations, the paper's generator (wants a GPU).")
+                   "short: 20 meta-iterations, small generator and student, for a CPU; demo "
+                   "(`make demo`, about 10 min on 2 cores with --workers 2): accuracy trained "
+                   "at T = 10 only, 300 meta-iterations, and memory and time at every "
+                   "--inner-steps from 2 meta-iterations each; paper: 2000 meta-iterations, "
+                   "the paper's generator (wants a GPU).")
+@click.option("--meta-iterations", type=click.IntRange(min=1), default=None,
+              help="Meta-iterations of the cells trained for accuracy (the meta-lr schedule "
+                   "ends there) [default: the budget's].")
 @click.option("--curriculum", type=TableChoice(lambda: CURRICULA), default="full",
               show_default=True,
               help="Where the noise of inner step t comes from: none (fresh noise every step), "
@@ -340,8 +346,8 @@ def gtn_sample(generator_path, per_class, curriculum, dataset, out, seed, device
 @run_options
 @click.pass_context
 @handle_errors
-def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, recipe, resume,
-                executor, workers, ray_address, cpus_per_item, gpus_per_item, data_root,
+def gtn_compare(ctx, dataset, methods, inner_steps, budget, meta_iterations, curriculum, recipe,
+                resume, executor, workers, ray_address, cpus_per_item, gpus_per_item, data_root,
                 download, out, seed, device, force) -> None:
     """Peak memory, seconds per meta-step and student accuracy of every method and T:
     OUT/gtn-compare.{json,md,png}."""
@@ -354,17 +360,20 @@ def gtn_compare(ctx, dataset, methods, inner_steps, budget, curriculum, recipe, 
         raise click.BadParameter(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from "
                                  f"{', '.join(COMPARE_METHODS)}", param_hint="--methods")
     steps = int_list(inner_steps, "--inner-steps")
+    sizes = BUDGETS[budget] if meta_iterations is None else \
+        replace(BUDGETS[budget], meta_iterations=meta_iterations)
     dev = resolve_device(device)
     sweep = executor_config(ctx, executor, workers, ray_address, cpus_per_item, gpus_per_item)
     with make_executor(sweep) as ex:  # before the data: a missing Ray is one line up front
         train_set = load_dataset(dataset, "train", root=data_root, download=download).to(dev)
         test_set = load_dataset(dataset, "test", root=data_root, download=download).to(dev)
-        state = run_comparison(train_set, test_set, names, steps, BUDGETS[budget], out_dir,
+        state = run_comparison(train_set, test_set, names, steps, sizes, out_dir,
                                seed=seed, device=dev, resume=resume, curriculum=curriculum,
                                recipe=recipe, progress=progress(ctx), log=click.echo,
                                executor=ex)
     write_run(out_dir, "gtn compare", {"dataset": dataset, "methods": names, "inner_steps": steps,
-                                       "budget": budget, "curriculum": curriculum,
+                                       "budget": budget, "meta_iterations":
+                                       sizes.meta_iterations, "curriculum": curriculum,
                                        "recipe": recipe, "seed": seed, "device": str(dev),
                                        "executor": asdict(sweep)},
               {"cells": state["cells"], "table": str(out_dir / "gtn-compare.md")})
