@@ -420,9 +420,11 @@ def test_no_cuda_home_warning(tmp_path, monkeypatch):
 def test_demo_plot_log_memory_title_and_fixed_set(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import gtn.compare as compare
+    import gtn.compare_report as compare_report
 
     figures = []
-    monkeypatch.setattr(compare, "save_figure", lambda fig, path, dpi=100: figures.append(fig))
+    monkeypatch.setattr(compare_report, "save_figure",
+                        lambda fig, path, dpi=100: figures.append(fig))
     mib = {"unrolled": [53, 405], "implicit": [13.1, 13.1], "matching": [10.5, 10.5]}
     cells = {f"{m}-{t}": {"method": m, "T": t, "memory": {"saved_peak_bytes": mem * 2**20},
                           "few_step_mean": 50.0 + i, "few_step_std": 1.0,

@@ -83,9 +83,11 @@ def test_the_table_and_the_reading_say_where_accuracy_was_trained(demo_run):
 def test_the_demo_plot_names_the_accuracy_t(demo_run, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import gtn.compare as compare
+    import gtn.compare_report as compare_report
 
     figures = []
-    monkeypatch.setattr(compare, "save_figure", lambda fig, path, dpi=100: figures.append(fig))
+    monkeypatch.setattr(compare_report, "save_figure",
+                        lambda fig, path, dpi=100: figures.append(fig))
     state, _, _ = demo_run
     assert compare.plot(state, tmp_path / "p.png")
     (fig,) = figures
