@@ -81,6 +81,12 @@ VARIANTS: dict[str, tuple[dict, str]] = {
                              "0.5 (is the clipped tail of 10's gap the head's bias?)"),
     "implicit-ift": (dict(_ADAM, real_batch=512),
                      "implicit function theorem (Neumann), fixed step sizes"),
+    "implicit-ift-cg": (dict(_ADAM, real_batch=512, ift_solver="cg"),
+                        "implicit function theorem, conjugate gradient (5 iterations), fixed "
+                        "step sizes"),
+    "trajectory": (dict(_ADAM, trajectory_gradient="tesla", expert_epochs=1, online_experts=4),
+                   "trajectory matching (TESLA's gradient): students from 4 experts' "
+                   "initialisations match them 1 epoch on (experts trained in memory)"),
     "matching": (dict(_ADAM), "gradient matching: DC's rounds on fresh noise (earlier recipe)"),
     "matching-c": (dict(_ADAM, match_curriculum=True),
                    "gradient matching along the curriculum (students as scored)"),
@@ -90,7 +96,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "matching-s": (dict(_ADAM, inner_lr=0.05, inner_momentum=0.8),
                    "gradient matching, students at real data's best step sizes (0.05 / 0.8)"),
 }
-STYLE = {"unrolled": "-", "matching": ":"}
+STYLE = {"unrolled": "-", "matching": ":", "trajectory": "-."}
 
 
 def cells_of(spec: str) -> list[str]:
@@ -110,8 +116,8 @@ def cells_of(spec: str) -> list[str]:
 
 def method_of(variant: str) -> str:
     """The GTN method a variant trains with: its name's first word."""
-    return "unrolled" if variant.startswith("unrolled") else \
-        "implicit" if variant.startswith("implicit") else "matching"
+    return next(m for m in ("unrolled", "implicit", "trajectory", "matching")
+                if variant.startswith(m))
 
 
 def cell_config(cell: str, iterations: int | None = None) -> GTNConfig:
@@ -338,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="only rebuild the tables")
     ap.add_argument("--real", default=None, help="SETTING,...: the real-data reference rows")
     args = ap.parse_args(argv)
+    from distill.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the CLI does (and the pool workers take it)
     out = Path(args.out)
     if args.cell:
         run_cell(args.cell, out, args.data_root, args.device, args.seed, args.resume,

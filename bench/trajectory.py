@@ -7,14 +7,16 @@ Two parts, results under ``bench/results/trajectory/`` (JSON + Markdown):
   (width 128, depth 3) with MNIST-shaped learnable pixels (IPC 1 by default) and DSA
   augmentation, plus what TESLA keeps outside the graph (its N student states), the seconds
   of one gradient and how far the two gradients are apart (they are the same gradient).
-* ``mnist``: MTT on MNIST at IPC 1 on a CPU budget: experts trained first
+* ``condense``: MTT on MNIST or CIFAR-10 (``--dataset``) at IPC 1 or 10 (``--ipc``) on a CPU
+  budget: experts trained first
   (:mod:`distill.experts`, kept in ``--work``), then MTT through the one meta-training loop
   (:func:`distill.condense.condense`), the set scored with the DC protocol next to the random
   real images it started from (the same images, the same students).
 
     python bench/trajectory.py memory                    # a few minutes on a 2-core CPU
-    python bench/trajectory.py mnist --budget smoke      # a minute
-    python bench/trajectory.py mnist --budget short      # about 15 minutes on a 2-core CPU
+    python bench/trajectory.py condense --budget smoke                 # a minute
+    python bench/trajectory.py condense --budget short                 # MNIST IPC 1: ~1 hour
+    python bench/trajectory.py condense --dataset cifar10 --ipc 10 --budget short10
 """
 
 from __future__ import annotations
@@ -140,36 +142,41 @@ class Budget:
 BUDGETS = {
     "smoke": Budget("smoke", 1, 2, 2000, "convnet:width=8", 5, 1, 1, 5, 1, 20, 500),
     "short": Budget("short", 3, 4, None, "convnet:width=32", 20, 2, 3, 500, 3, None, None),
+    # IPC 10 on a CPU: the short budget's experts, MTT's N = 30 for IPC 10 on CIFAR-10 cut to
+    # 20, a tenth of its iterations again
+    "short10": Budget("short10", 3, 4, None, "convnet:width=32", 20, 2, 3, 200, 3, None,
+                      None),
     "paper": Budget("paper", 100, 50, None, "convnet", 20, 2, 20, 5000, 5, None, None),
 }
 
 
-def mnist(budget: Budget, work: Path, gradient: str) -> dict:
-    train_set = load_dataset("mnist", "train")
-    test = load_dataset("mnist", "test")
+def mtt(dataset: str, ipc: int, budget: Budget, work: Path, gradient: str) -> dict:
+    """Experts, then MTT at ``ipc``, scored with the DC protocol beside its start."""
+    train_set = load_dataset(dataset, "train")
+    test = load_dataset(dataset, "test")
     expert_set = train_set
     if budget.expert_subset:
         idx = torch.randperm(train_set.labels.numel(), generator=generator(0, "subset"))
         expert_set = train_set.subset(idx[:budget.expert_subset].sort().values)
-    folder = work / f"experts-{budget.name}"
-    conf = expert_config_for("mnist", model=budget.model, epochs=budget.expert_epochs)
+    folder = work / f"experts-{dataset}-{budget.model}-{budget.experts}x{budget.expert_epochs}"
+    conf = expert_config_for(dataset, model=budget.model, epochs=budget.expert_epochs)
     t0 = time.perf_counter()
     train_experts(expert_set, folder, budget.experts, conf, seed=0)
     expert_seconds = time.perf_counter() - t0
-    config = condense_config("mtt", iterations=budget.iterations, dataset="mnist",
+    config = condense_config("mtt", iterations=budget.iterations, dataset=dataset,
                              experts=str(folder), expert_epochs=budget.match_epochs,
                              max_start_epoch=budget.max_start_epoch, gradient=gradient,
                              checkpoint_every=50)
-    teacher, result = condense(train_set, config, ipc=1, init="real", model=budget.model,
+    ckpt = work / f"mtt-{dataset}-ipc{ipc}-{budget.name}-{gradient}.pt"
+    teacher, result = condense(train_set, config, ipc=ipc, init="real", model=budget.model,
                                seed=0, learn_lr=True, inner_steps=budget.syn_steps,
-                               checkpoint=work / f"mtt-{budget.name}-{gradient}.pt",
-                               resume=(work / f"mtt-{budget.name}-{gradient}.pt").exists())
-    init = SyntheticSet.from_real(train_set, 1, generator(0, "init"))
+                               checkpoint=ckpt, resume=ckpt.exists())
+    init = SyntheticSet.from_real(train_set, ipc, generator(0, "init"))
     over = {"epochs": budget.eval_epochs} if budget.eval_epochs else {}
-    protocol = make_protocol("dc", "mnist", model=budget.model, n_students=budget.students,
+    protocol = make_protocol("dc", dataset, model=budget.model, n_students=budget.students,
                              test_limit=budget.test_limit, **over)
     learned_lr = float(teacher.lr or 0.01)
-    at_lr = make_protocol("dc", "mnist", model=budget.model, n_students=budget.students,
+    at_lr = make_protocol("dc", dataset, model=budget.model, n_students=budget.students,
                           test_limit=budget.test_limit, lr=learned_lr, **over)
     scores = {}
     for name, images, prot in (("random real (the start)", init.images, protocol),
@@ -180,19 +187,21 @@ def mnist(budget: Budget, work: Path, gradient: str) -> dict:
         scores[name] = {"mean": res.mean, "std": res.std, "accuracies": res.accuracies,
                         "protocol": describe_protocol(prot)}
         print(f"{name}: {res.mean:.2f} ± {res.std:.2f}", flush=True)
-    return {"budget": asdict(budget), "gradient": gradient, "expert_seconds": expert_seconds,
+    return {"dataset": dataset, "ipc": ipc, "budget": asdict(budget), "gradient": gradient,
+            "expert_seconds": expert_seconds,
             "expert_config": asdict(conf), "meta": result.as_dict() | {"losses": None},
             "final_losses": result.losses[-10:], "learned_lr": learned_lr, "scores": scores,
             "threads": torch.get_num_threads()}
 
 
-def mnist_markdown(res: dict, command: str) -> str:
+def mtt_markdown(res: dict, command: str) -> str:
     b, m = res["budget"], res["meta"]
+    name = {"mnist": "MNIST", "cifar10": "CIFAR-10"}[res.get("dataset", "mnist")]
     lines = [
-        f"# MTT on MNIST, IPC 1, budget `{b['name']}`",
+        f"# MTT on {name}, IPC {res.get('ipc', 1)}, budget `{b['name']}`",
         "",
         f"`{command}`. Experts: {b['experts']} x {b['expert_epochs']} epochs of "
-        f"`{b['model']}` on {b['expert_subset'] or 'all 60 000'} MNIST training images "
+        f"`{b['model']}` on {b['expert_subset'] or 'all'} {name} training images "
         f"(SGD 0.01, batch 256, DSA), {res['expert_seconds']:.0f} s. MTT: {b['iterations']} "
         f"iterations, N = {b['syn_steps']} synthetic steps, M = {b['match_epochs']} expert "
         f"epochs, start epoch < {b['max_start_epoch']}, gradient `{res['gradient']}`, SGD 1000 "
@@ -212,7 +221,8 @@ def mnist_markdown(res: dict, command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=("memory", "mnist"))
+    parser.add_argument("part", choices=("memory", "condense"))
+    parser.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 40, 80])
     parser.add_argument("--model", default="convnet")
     parser.add_argument("--ipc", type=int, default=1)
@@ -231,11 +241,11 @@ def main() -> None:
         atomic_write_json(OUT / f"{stem}.json", res)
         atomic_write_text(OUT / f"{stem}.md", memory_markdown(res, command))
     else:
-        res = mnist(BUDGETS[args.budget], args.work, args.gradient)
+        res = mtt(args.dataset, args.ipc, BUDGETS[args.budget], args.work, args.gradient)
         res["command"] = command
-        stem = f"mnist-ipc1-{args.budget}-{args.gradient}"
+        stem = f"{args.dataset}-ipc{args.ipc}-{args.budget}-{args.gradient}"
         atomic_write_json(OUT / f"{stem}.json", res)
-        atomic_write_text(OUT / f"{stem}.md", mnist_markdown(res, command))
+        atomic_write_text(OUT / f"{stem}.md", mtt_markdown(res, command))
     print(json.dumps({"written": str(OUT)}), flush=True)
 
 

@@ -12,7 +12,9 @@ resident size until it exits (the peak itself does not grow); nothing that is co
 changes.
 
 It is a process-wide setting: the front end (the command line, a benchmark) calls it once,
-at start; library code never does.
+at start; library code never does, except that the executor's worker processes (a local pool,
+Ray tasks) take the setting of the process that started the sweep (:func:`kept`), since they
+run the same meta-steps.
 """
 
 from __future__ import annotations
@@ -21,10 +23,16 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "kept"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_STATE = {"kept": False}
+
+
+def kept() -> bool:
+    """Whether :func:`keep_freed_memory` took in this process."""
+    return _STATE["kept"]
 
 
 def keep_freed_memory() -> bool:
@@ -38,4 +46,6 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    _STATE["kept"] = bool(mallopt(_M_MMAP_MAX, 0)) and \
+        bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    return _STATE["kept"]

@@ -31,6 +31,7 @@ import os
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
+from . import allocator
 from .workitems import (
     _NOTHING,
     KINDS,
@@ -107,7 +108,8 @@ class LocalExecutor(Executor):
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                    initializer=_pool_init,
                                    initargs=(shared is not _NOTHING,
-                                             None if shared is _NOTHING else shared, threads))
+                                             None if shared is _NOTHING else shared, threads,
+                                             allocator.kept()))
         clean = False
         try:
             futures: dict[Future, WorkItem] = {

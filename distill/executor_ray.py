@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 
+from .allocator import kept as allocator_kept
 from .workitems import (
     _NOTHING,
     _WORKER,
@@ -36,9 +37,14 @@ __all__ = ["RayExecutor"]
 
 
 def _ray_item(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any],
-              threads: int, box: list) -> Any:
+              threads: int, box: list, keep_freed: bool = False) -> Any:
     """A Ray task: ``box`` holds the sweep's shared ObjectRef (not resolved by Ray, so this
-    worker process fetches it once per sweep, not once per item)."""
+    worker process fetches it once per sweep, not once per item); ``keep_freed``: the
+    driver's allocator setting (:mod:`distill.allocator`), taken by the worker process."""
+    from .allocator import keep_freed_memory, kept
+
+    if keep_freed and not kept():
+        keep_freed_memory()
     shared = _NOTHING
     if box:
         import ray
@@ -116,12 +122,13 @@ class RayExecutor(Executor):
         cap = c.workers or len(items)
         todo = list(items)
         inflight: dict[Any, WorkItem] = {}
+        keep = allocator_kept()
         try:
             while todo or inflight:
                 while todo and len(inflight) < cap:
                     it = todo.pop(0)
                     inflight[task.remote(it.fn, tuple(it.args), dict(it.kwargs), threads,
-                                         box)] = it
+                                         box, keep)] = it
                 ready, _ = ray.wait(list(inflight), num_returns=1)
                 for ref in ready:
                     it = inflight.pop(ref)

@@ -187,7 +187,7 @@ class TrajectoryConfig(StrategyConfig):
     Attributes:
         experts: folder of expert files (:mod:`distill.experts`); "" trains
             ``online_experts`` in memory at the first meta-iteration (from real data, on the
-            run's student architecture, ``max_start_epoch + expert_epochs`` epochs of
+            run's student architecture, ``max_start_epoch - 1 + expert_epochs`` epochs of
             :class:`~distill.experts.ExpertConfig`'s schedule): for tests and small runs.
         expert_epochs: M, how many expert epochs the student's N steps must cover.
         max_start_epoch: the start epoch t is drawn uniformly from ``0 .. max_start_epoch-1``
@@ -242,6 +242,10 @@ class Trajectory(Strategy):
             if traj.augment else None
         self._buffer: ExpertBuffer | None = None
 
+    def steps_held(self, steps: int) -> int:
+        """The unroll keeps every step's graph; TESLA one step's (and the states)."""
+        return steps if self.traj.gradient == "unrolled" else 1
+
     def buffer(self, real: RealSampler, make_student: StudentFactory) -> ExpertBuffer:
         """The experts: read from ``experts``, or trained once in memory (deterministic: their
         own seeds, never the run's stream, so a resumed run trains the same ones)."""
@@ -250,7 +254,7 @@ class Trajectory(Strategy):
             if cfg.experts:
                 self._buffer = ExpertBuffer.from_folder(cfg.experts)
             else:
-                epochs = cfg.max_start_epoch + cfg.expert_epochs
+                epochs = cfg.max_start_epoch - 1 + cfg.expert_epochs  # the last target
                 log.info("trajectory: training %d expert(s) of %d epochs in memory (no "
                          "experts folder given)", cfg.online_experts, epochs)
                 conf = ExpertConfig(epochs=epochs, augment="")

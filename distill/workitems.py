@@ -170,8 +170,13 @@ def _call(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
             torch.set_num_threads(before)
 
 
-def _pool_init(has_shared: bool, shared: Any, threads: int) -> None:
+def _pool_init(has_shared: bool, shared: Any, threads: int, keep_freed: bool = False) -> None:
     import signal
+
+    from .allocator import keep_freed_memory
+
+    if keep_freed:  # as the process that started the sweep (distill.allocator)
+        keep_freed_memory()
 
     # Ctrl-C reaches the whole process group: the driver stops the pool (no traceback from
     # every worker); finished items are in the cache already

@@ -34,8 +34,10 @@ from distill.devices import resolve_device
 from distill.engine import mean_std
 from distill.executor import make_executor
 from distill.grid import write_grid
+from distill.hypergrad import SOLVERS
 from distill.rng import generator
 from distill.store import SET_FILES, SavedSet, save_set
+from distill.trajectory import GRADIENTS
 
 from .compare import BUDGETS, COMPARE_METHODS, comparison_table, run_comparison
 from .config import GTNConfig
@@ -84,6 +86,10 @@ OPTION_SCOPES = {
     **{k: _using("implicit") for k in ("mixed_sample", "mixed_at", "step_size_grad",
                                        "unroll_tail", "neumann_terms", "neumann_alpha")},
     "checkpoint_steps": _using("unrolled"), "match_curriculum": _using("matching"),
+    "match_real_per_class": _using("matching"),
+    "ift_solver": ("implicit",),
+    **{k: _using("trajectory") for k in ("experts_dir", "expert_epochs", "online_experts",
+                                         "trajectory_gradient")},
 }
 
 
@@ -161,6 +167,9 @@ def _sample_generator(seed: int) -> torch.Generator:
 @click.option("--inner-momentum", type=finite(0.0, 1.0, max_open=True), default=None,
               help=f"The student's momentum, likewise [default: recipe, else "
                    f"{_BARE.inner_momentum:g}].")
+@click.option("--match-real-per-class", type=click.IntRange(min=1), default=None,
+              help="matching: real images of each class whose gradient each generated class "
+                   f"batch matches [default: {_BARE.match_real_per_class}].")
 @click.option("--match-curriculum/--match-fresh", default=None,
               help="matching: match the T curriculum batches in order at the states a student "
                    "trained on them visits, or DC's rounds on fresh noise with a plain SGD "
@@ -185,11 +194,29 @@ def _sample_generator(seed: int) -> torch.Generator:
               help="unrolled: keep only each inner step's student state and rebuild the steps "
                    "one at a time in the backward pass: the same meta-gradient (intermediate "
                    "losses included), memory of one step, flat in T.")
-@click.option("--neumann-terms", type=click.IntRange(min=0), default=_BARE.neumann_terms,
-              show_default=True,
-              help="implicit: terms K of the Neumann series for the inverse Hessian.")
+@click.option("--neumann-terms", "--ift-iterations", "neumann_terms",
+              type=click.IntRange(min=0), default=_BARE.neumann_terms, show_default=True,
+              help="implicit: terms K of the Neumann series for the inverse Hessian, or the "
+                   "conjugate-gradient iterations with --ift-solver cg.")
 @click.option("--neumann-alpha", type=POSITIVE, default=_BARE.neumann_alpha, show_default=True,
               help="implicit: step size alpha of the Neumann series.")
+@click.option("--ift-solver", type=click.Choice(SOLVERS), default=_BARE.ift_solver,
+              show_default=True,
+              help="implicit: the linear solver of H^-1 v: neumann (the series) or cg "
+                   "(conjugate gradient).")
+@click.option("--experts", "experts_dir", type=click.Path(file_okay=False), default=None,
+              help="trajectory: folder of expert trajectories of the student's model "
+                   "(`gtnkit experts --model SPEC`) [default: trained in memory on the "
+                   "meta-training split].")
+@click.option("--expert-epochs", type=click.IntRange(min=1), default=None,
+              help="trajectory: M, the expert epochs the T student steps must cover "
+                   "[default: recipe, else 3].")
+@click.option("--online-experts", type=click.IntRange(min=1), default=None,
+              help="trajectory without --experts: experts trained in memory "
+                   "[default: recipe, else 1].")
+@click.option("--trajectory-gradient", type=click.Choice(GRADIENTS), default=None,
+              help="trajectory: unrolled (memory grows with T) or tesla (the same gradient at "
+                   "constant memory) [default: tesla].")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=_BARE.checkpoint_every,
               show_default=True,
               help="Write OUT/checkpoint.pt every N meta-iterations (what --resume continues "
@@ -209,11 +236,12 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
               width_choices, meta_iterations, recipe, meta_lr, meta_schedule, meta_lr_floor,
               grad_clip,
               intermediate_every, intermediate_weight, mixed_sample, mixed_at, step_size_grad,
-              unroll_tail, real_batch, inner_lr, inner_momentum, match_curriculum, validation,
+              unroll_tail, real_batch, inner_lr, inner_momentum, match_real_per_class,
+              match_curriculum, validation,
               noise_dim, width_fc, width_conv, weight_norm, checkpoint_steps, recompute,
-              neumann_terms, neumann_alpha,
-              checkpoint_every, eval_every, students, resume, memory_check, data_root, download,
-              out, seed, device, force) -> None:
+              neumann_terms, neumann_alpha, ift_solver, experts_dir, expert_epochs,
+              online_experts, trajectory_gradient, checkpoint_every, eval_every, students,
+              resume, memory_check, data_root, download, out, seed, device, force) -> None:
     """Meta-train a generator teacher on DATASET; writes OUT/generator.safetensors, grid.png,
     config.json and results.json (few-step test accuracy, peak memory, s/meta-step)."""
     from distill.data import load_dataset
@@ -233,7 +261,11 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
                                    real_batch=real_batch, inner_lr=inner_lr,
                                    inner_momentum=inner_momentum,
                                    match_curriculum=match_curriculum, grad_clip=grad_clip,
-                                   unroll_tail=unroll_tail).items() if v is not None}
+                                   match_real_per_class=match_real_per_class,
+                                   unroll_tail=unroll_tail, experts=experts_dir,
+                                   expert_epochs=expert_epochs, online_experts=online_experts,
+                                   trajectory_gradient=trajectory_gradient).items()
+             if v is not None}
     if given.get("grad_clip") == 0:
         given["grad_clip"] = None  # 0 turns off a recipe's clip
     config = recipe_config(
@@ -245,8 +277,8 @@ def gtn_train(ctx, dataset, method, inner_steps, batch_size, curriculum, learn_l
         generator=GeneratorConfig(noise_dim=noise_dim, width_fc=width_fc, width_conv=width_conv,
                                   weight_norm=weight_norm),
         checkpoint_steps=checkpoint_steps, recompute=recompute, neumann_terms=neumann_terms,
-        neumann_alpha=neumann_alpha, checkpoint_every=checkpoint_every, eval_every=eval_every,
-        memory_check=memory_check)
+        neumann_alpha=neumann_alpha, ift_solver=ift_solver, checkpoint_every=checkpoint_every,
+        eval_every=eval_every, memory_check=memory_check)
     config.check(get_info(dataset))
     dev = resolve_device(device)
     data = load_dataset(dataset, "train", root=data_root, download=download)

@@ -182,7 +182,7 @@ def plain_step_bytes(info: DatasetInfo, budget: Budget, device: torch.device | s
 #: T = 10, one thread: unrolled 1.07, implicit 0.45, matching 1.73 s per meta-step): the
 #: cells are started longest first and the progress over cells is weighted by it.
 STEP_COST = {"unrolled": 1.0, "unrolled-recompute": 1.3, "first-order-tail": 0.45,
-             "implicit": 0.6, "matching": 1.6}
+             "implicit": 0.6, "matching": 1.6, "trajectory": 1.4}
 
 
 def scored_steps(budget: Budget, steps: list[int]) -> list[int]:

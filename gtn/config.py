@@ -20,6 +20,7 @@ from distill.metatrain import MetaConfig
 from distill.models import parse_model_spec
 from distill.store import ADDED_LATER, NOT_IN_RESULT
 from distill.strategies import StrategyConfig
+from distill.trajectory import TrajectoryConfig
 
 from .generator import GeneratorConfig, GeneratorError
 from .methods import DEFAULT_METHOD, GTN_METHODS
@@ -50,12 +51,29 @@ FLAT: dict[str, tuple[str, str]] = {
                                     "neumann_alpha")},
     **{k: ("meta", k) for k in ("checkpoint_every", "eval_every", "memory_iterations",
                                 "memory_check")},
+    "ift_solver": ("strategy", "ift_solver"),
+    # trajectory matching's (:class:`~distill.trajectory.TrajectoryConfig`)
+    "experts": ("strategy", "experts"), "expert_epochs": ("strategy", "expert_epochs"),
+    "online_experts": ("strategy", "online_experts"),
+    "trajectory_gradient": ("strategy", "gradient"),
 }
-_MARKS = {"recompute": ADDED_LATER, "memory_check": NOT_IN_RESULT}
+#: The GTN's trajectory matching: every student starts at the expert's initialisation (epoch 0,
+#: as the few-step protocol's students start fresh), and Adam steps the learned step sizes
+#: like every other generator parameter (no separate lr of the lr).
+GTN_TRAJECTORY = dict(max_start_epoch=1, lr_lr=None)
+#: Flat names only the trajectory strategy reads (with their values for the other methods).
+_TRAJECTORY_ONLY = {k: getattr(TrajectoryConfig(), FLAT[k][1])
+                    for k in ("experts", "expert_epochs", "online_experts",
+                              "trajectory_gradient")}
+_MARKS = {"recompute": ADDED_LATER, "memory_check": NOT_IN_RESULT, "ift_solver": ADDED_LATER,
+          **{k: ADDED_LATER for k in _TRAJECTORY_ONLY}}
 
 
 def _value(meta: MetaConfig, section: str, name: str) -> Any:
-    return getattr(meta if section == "meta" else meta.strategy_config, name)
+    holder = meta if section == "meta" else meta.strategy_config
+    if not hasattr(holder, name):  # a trajectory knob of another strategy's config
+        return getattr(TrajectoryConfig(), name)
+    return getattr(holder, name)
 
 
 @dataclass(frozen=True, init=False)
@@ -119,8 +137,21 @@ class GTNConfig:
         for name, value in flat.items():
             section, target = FLAT[name]
             changes[section][target] = value
-        strategy = replace(meta.strategy_config, **changes["strategy"]) \
-            if changes["strategy"] else meta.strategy_config
+        base = meta.strategy_config
+        if GTN_METHODS[method].strategy == "trajectory":
+            if not isinstance(base, TrajectoryConfig):
+                base = TrajectoryConfig(**{**{f.name: getattr(base, f.name)
+                                              for f in fields(StrategyConfig)},
+                                           **GTN_TRAJECTORY})
+        else:
+            own_knobs = sorted(k for k in flat if k in _TRAJECTORY_ONLY
+                               and flat[k] != _TRAJECTORY_ONLY[k])
+            if own_knobs:
+                raise GeneratorError(f"{', '.join(own_knobs)} belong to trajectory matching: "
+                                     f"they need method 'trajectory', not {method!r}")
+            for k in _TRAJECTORY_ONLY:
+                changes["strategy"].pop(FLAT[k][1], None)
+        strategy = replace(base, **changes["strategy"]) if changes["strategy"] else base
         meta = replace(meta, **changes["meta"], strategy=GTN_METHODS[method].strategy,
                        strategy_config=strategy)  # a ConfigError for a bad option
         own = dict(method=method, inner_steps=inner_steps, batch_size=batch_size,
@@ -157,6 +188,9 @@ class GTNConfig:
         if s.recompute and strategy != "unrolled":
             raise GeneratorError("--recompute rebuilds unrolled backprop's steps: it needs "
                                  "--method unrolled")
+        if s.ift_solver != "neumann" and (strategy != "implicit" or s.mixed_at != "final"):
+            raise GeneratorError("the implicit system's solver (--ift-solver) is the implicit "
+                                 "function theorem's: it needs --method implicit")
         if s.intermediate_every and s.checkpoint_steps is not None:
             raise GeneratorError("intermediate losses do not combine with gradient "
                                  "checkpointing (--checkpoint-steps); choose one")
@@ -217,7 +251,9 @@ _FLAT_ORDER = ["method", "inner_steps", "batch_size", "curriculum", "generator",
                "step_size_grad", "unroll_tail", "grad_clip", "intermediate_every",
                "intermediate_weight", "real_batch", "match_real_per_class", "match_curriculum",
                "validation", "checkpoint_steps", "recompute", "neumann_terms", "neumann_alpha",
-               "checkpoint_every", "eval_every", "memory_iterations", "memory_check"]
+               "checkpoint_every", "eval_every", "memory_iterations", "memory_check",
+               "ift_solver", "experts", "expert_epochs", "online_experts",
+               "trajectory_gradient"]
 _DEFAULTS = GTNConfig()
 # memory_check is no part of a fingerprint (NOT_IN_RESULT), the legacy form (a repr) included
 _Flat = make_dataclass("GTNConfig", [

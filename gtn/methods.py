@@ -19,7 +19,12 @@ meta-loss jumps that left the unclipped run 7 points behind, and at T = 10 it co
 (MNIST 94.4 against 94.1, CIFAR-10 36.3 against 36.0). Matching follows the curriculum at the
 step sizes real data trains best with (lr 0.05, momentum 0.8: the best of a 15-point grid for
 real batches at T = 10): 76.0 -> 85+ %; it imitates real gradients, so real balanced batches
-at those step sizes (87.7 %) bound it.
+at those step sizes (87.7 %) bound it. ``trajectory`` (trajectory matching, MTT's loss, with
+TESLA's exact constant-memory gradient) never scores the student on real data: real data
+reaches the generator only through the experts, trained on the meta-training split (in memory
+unless ``experts`` names a folder of ``gtnkit experts``). Its students start at an expert's
+initialisation, and the few-step protocol's at a fresh one: with a handful of experts the
+generator can fit their starts, and the benchmark reads how far that carries to fresh students.
 """
 
 from __future__ import annotations
@@ -87,6 +92,13 @@ GTN_METHODS: dict[str, GTNMethod] = {m.name: m for m in (
     GTNMethod("matching", "matching", "per-class gradient matching",
               "Medvedev & D'yakonov, AIST 2021", "O(1)",
               recipe=dict(_META, match_curriculum=True, inner_lr=0.05, inner_momentum=0.8)),
+    GTNMethod("trajectory", "trajectory",
+              "trajectory matching: the T steps on generated batches from an expert's "
+              "initialisation should land where the expert is M epochs on (TESLA's "
+              "constant-memory gradient)",
+              "Cazenavette et al., CVPR 2022; Cui et al., ICML 2023", "O(1) + T small states",
+              defines=dict(trajectory_gradient="tesla"),
+              recipe=dict(_META, expert_epochs=1, online_experts=4)),
 )}
 
 #: The method of a bare :class:`~gtn.config.GTNConfig` and of ``gtn train``.

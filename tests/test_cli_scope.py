@@ -58,7 +58,7 @@ def test_distill_refuses_an_option_of_another_method(tmp_path, method, extra, ne
 
 @pytest.mark.parametrize("method,extra,needle", [
     ("unrolled", ["--neumann-terms", "3"],
-     "--neumann-terms applies to --method implicit and first-order-tail only"),
+     "--neumann-terms/--ift-iterations applies to --method implicit and first-order-tail only"),
     ("matching", ["--mixed-at", "trajectory"],
      "--mixed-at applies to --method implicit and first-order-tail only"),
     ("unrolled", ["--no-step-size-grad"], "--step-size-grad/--no-step-size-grad applies to"),

@@ -82,6 +82,12 @@ def nas_on_node(shared: dict, label: str, spec: str, seed: int, cand_id: str) ->
     return {**out, "node": ray.get_runtime_context().get_node_id()}
 
 
+def allocator_kept(x: int) -> bool:
+    from distill.allocator import kept
+
+    return kept()
+
+
 def items_of(fn, xs, *first) -> list[WorkItem]:
     return [WorkItem(f"item/{x}", fn, (*first, x)) for x in xs]
 
@@ -158,6 +164,17 @@ def test_local_pool_gives_the_in_process_numbers_and_replaces_a_dead_worker(tmp_
                      ExecutorConfig(workers=2, threads=1))
     assert pool.values == one.values and {v["threads"] for v in pool.values.values()} == {1}
     assert [p.stem for p in tmp_path.glob("*.died")] == ["0"]  # item 0 killed a worker
+
+
+@pytest.mark.parametrize("driver", [False, True])
+def test_pool_workers_take_the_drivers_allocator_setting(monkeypatch, driver):
+    """A worker process keeps freed memory (distill.allocator) when the process that started
+    the sweep does: the demo's meta-steps run in workers."""
+    import distill.allocator
+
+    monkeypatch.setitem(distill.allocator._STATE, "kept", driver)
+    res = run_items(items_of(allocator_kept, range(2)), ExecutorConfig(workers=2, threads=1))
+    assert list(res.values.values()) == [driver, driver]
 
 
 def test_without_ray_the_ray_kind_says_how_to_install_it(monkeypatch):

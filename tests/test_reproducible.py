@@ -49,7 +49,8 @@ CONDENSE_CASES = {
     "ift_wd": ("ift", {"inner_weight_decay": 1e-3, "inner_momentum": 0.3}, {"learn_lr": True}),
 }
 GTN_CASES = [(m, c) for m in ("unrolled", "implicit", "matching")
-             for c in ("none", "all-shuffled", "shuffled-batch", "full")]
+             for c in ("none", "all-shuffled", "shuffled-batch", "full")] + \
+    [("trajectory", c) for c in ("none", "full")]
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -126,7 +126,10 @@ def test_gtn_methods_say_what_they_compute():
         ("implicit", "trajectory", 5, True)
     assert "Shaban" in GTN_METHODS["first-order-tail"].reference
     assert recipe_config("unrolled-recompute", recipe=False).recompute
-    assert "trajectory" not in GTN_METHODS  # the name MTT (trajectory matching) will take
+    traj = recipe_config("trajectory", recipe=False)
+    assert (traj.strategy, traj.trajectory_gradient, traj.strategy_config.max_start_epoch,
+            traj.strategy_config.lr_lr) == ("trajectory", "tesla", 1, None)
+    assert "Cazenavette" in GTN_METHODS["trajectory"].reference
 
 
 def test_gtn_train_scopes_and_defaults_come_from_the_tables():
