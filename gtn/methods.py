@@ -24,7 +24,9 @@ TESLA's exact constant-memory gradient) never scores the student on real data: r
 reaches the generator only through the experts, trained on the meta-training split (in memory
 unless ``experts`` names a folder of ``gtnkit experts``). Its students start at an expert's
 initialisation, and the few-step protocol's at a fresh one: with a handful of experts the
-generator can fit their starts, and the benchmark reads how far that carries to fresh students.
+generator can fit their starts, and the benchmark reads how far that carries to fresh students:
+MNIST T = 10, 1000 meta-iterations, 4 experts of 1 epoch (M = 1): 88.7 %, where the experts
+themselves score 90.7 % after that epoch (docs/results/gtn.md).
 """
 
 from __future__ import annotations
