@@ -197,12 +197,14 @@ def mtt(dataset: str, ipc: int, budget: Budget, work: Path, gradient: str) -> di
 def mtt_markdown(res: dict, command: str) -> str:
     b, m = res["budget"], res["meta"]
     name = {"mnist": "MNIST", "cifar10": "CIFAR-10"}[res.get("dataset", "mnist")]
+    spent = "trained before in --work, reused" if res["expert_seconds"] < 5 else \
+        f"{res['expert_seconds']:.0f} s"
     lines = [
         f"# MTT on {name}, IPC {res.get('ipc', 1)}, budget `{b['name']}`",
         "",
         f"`{command}`. Experts: {b['experts']} x {b['expert_epochs']} epochs of "
         f"`{b['model']}` on {b['expert_subset'] or 'all'} {name} training images "
-        f"(SGD 0.01, batch 256, DSA), {res['expert_seconds']:.0f} s. MTT: {b['iterations']} "
+        f"(SGD 0.01, batch 256, DSA), {spent}. MTT: {b['iterations']} "
         f"iterations, N = {b['syn_steps']} synthetic steps, M = {b['match_epochs']} expert "
         f"epochs, start epoch < {b['max_start_epoch']}, gradient `{res['gradient']}`, SGD 1000 "
         f"(momentum 0.5) on the pixels, lr_lr 1e-5; {m['seconds_per_iteration']:.2f} s per "
