@@ -1,7 +1,8 @@
 """Generative Teaching Networks (Such et al., ICML 2020): a generator teacher with a learned
 curriculum, trained through ``distill``'s one meta-training loop by each method of one table
 (:data:`GTN_METHODS`: unrolled backprop, stored or recomputed, the implicit function theorem,
-the first-order trajectory gradient with an exact tail, gradient matching); and their
+the first-order trajectory gradient with an exact tail, gradient matching, trajectory
+matching); and their
 comparison by peak memory and student accuracy; and the architecture-search proxy
 (:mod:`gtn.nas`) that ranks candidate students by short training on generated, condensed or
 selected data.

@@ -7,7 +7,10 @@ first-order trajectory hypergradient with an exact tail (``first-order-tail``), 
 per-class gradient matching of generated vs real batches (``matching``: Medvedev &
 D'yakonov, "New Properties of the Data Distillation Method When Working With Tabular Data" /
 "Learning to generate synthetic training data using gradient matching and generative
-teaching networks", AIST 2021), so they can be compared by peak memory and accuracy.
+teaching networks", AIST 2021), or by trajectory matching (``trajectory``: Cazenavette et
+al., CVPR 2022, with TESLA's constant-memory gradient, Cui et al., ICML 2023: students start at
+an expert's initialisation and should land where it is M epochs on), so they can be compared
+by peak memory and accuracy.
 
 The real training split is cut into a meta-training part and a held-out **validation** part
 (never the test set) on which periodic evaluations are made.
