@@ -45,7 +45,8 @@ __all__ = ["ClickProgress", "StatusTask", "TableChoice", "TableHelpOption", "che
            "claim_out", "coreset_inits", "data_options", "datasets", "handle_errors",
            "int_list", "progress", "refuse_out_of_scope", "register_coreset_init",
            "POSITIVE", "start_process", "executor_config", "executor_options", "finite",
-           "memory_check_option", "register_usage_errors", "run_options", "set_argument",
+           "memory_check_option", "implicit_options", "register_usage_errors", "run_options",
+           "set_argument",
            "write_run"]
 
 
@@ -375,6 +376,27 @@ def memory_check_option(fn: Callable) -> Callable:
                         help="Refuse, before any work, a run whose estimated peak memory (a "
                              "measured student step x the steps the meta-gradient holds, and "
                              "a learned curriculum) exceeds the memory free on the device.")(fn)
+
+
+def implicit_options(method: str, terms: int, alpha: float) -> Callable[[Callable], Callable]:
+    """``--neumann-terms/--ift-iterations``, ``--neumann-alpha`` and ``--ift-solver``: the
+    implicit function theorem's linear solve (:data:`distill.hypergrad.SOLVERS`), with the
+    command's defaults; ``method`` names who reads them in the help."""
+    from .hypergrad import SOLVERS
+
+    def apply(fn: Callable) -> Callable:
+        fn = click.option("--ift-solver", type=click.Choice(SOLVERS), default="neumann",
+                          show_default=True,
+                          help=f"{method}: the linear solver of H^-1 v: neumann (the series) "
+                               f"or cg (conjugate gradient).")(fn)
+        fn = click.option("--neumann-alpha", type=POSITIVE, default=alpha, show_default=True,
+                          help=f"{method}: step size alpha of the Neumann series.")(fn)
+        return click.option("--neumann-terms", "--ift-iterations", "neumann_terms",
+                            type=click.IntRange(min=0), default=terms, show_default=True,
+                            help=f"{method}: terms K of the Neumann series for the inverse "
+                                 f"Hessian, or the conjugate-gradient iterations with "
+                                 f"--ift-solver cg.")(fn)
+    return apply
 
 
 def set_argument(fn: Callable) -> Callable:

@@ -27,6 +27,7 @@ from .commandline import (
     data_options,
     datasets,
     handle_errors,
+    implicit_options,
     memory_check_option,
     progress,
     refuse_out_of_scope,
@@ -48,7 +49,6 @@ from .data import available_datasets, dataset_status, resolve_root
 from .devices import real_chunk_for, resolve_device
 from .engine import evaluate_set
 from .grid import write_grid
-from .hypergrad import SOLVERS
 from .kip import training_labels
 from .methods import METHODS
 from .models import parse_model_spec
@@ -253,16 +253,7 @@ def _option_scopes() -> dict[str, tuple[str, ...]]:
               help="dd: differentiate only the last K student steps.")
 @click.option("--checkpoint-steps", type=click.IntRange(min=1), default=None,
               help="dd: gradient checkpointing, segments of this many steps.")
-@click.option("--neumann-terms", "--ift-iterations", "neumann_terms",
-              type=click.IntRange(min=0), default=_BARE.neumann_terms, show_default=True,
-              help="ift: terms K of the Neumann series for the inverse Hessian, or the "
-                   "conjugate-gradient iterations with --ift-solver cg.")
-@click.option("--neumann-alpha", type=POSITIVE, default=_BARE.neumann_alpha, show_default=True,
-              help="ift: step size alpha of the Neumann series.")
-@click.option("--ift-solver", type=click.Choice(SOLVERS), default=_BARE.ift_solver,
-              show_default=True,
-              help="ift: the linear solver of H^-1 v: neumann (--neumann-terms terms) or cg "
-                   "(conjugate gradient, --ift-iterations iterations).")
+@implicit_options("ift", _BARE.neumann_terms, _BARE.neumann_alpha)
 @click.option("--experts", "experts_dir", type=click.Path(file_okay=False), default=None,
               help="mtt: folder of expert trajectories (`gtnkit experts`); required.")
 @click.option("--expert-epochs", type=click.IntRange(min=1), default=_MTT.expert_epochs,

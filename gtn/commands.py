@@ -11,7 +11,6 @@ import click
 import torch
 
 from distill.commandline import (
-    POSITIVE,
     TableChoice,
     TableHelpOption,
     claim_out,
@@ -21,6 +20,7 @@ from distill.commandline import (
     executor_options,
     finite,
     handle_errors,
+    implicit_options,
     int_list,
     memory_check_option,
     progress,
@@ -34,7 +34,6 @@ from distill.devices import resolve_device
 from distill.engine import mean_std
 from distill.executor import make_executor
 from distill.grid import write_grid
-from distill.hypergrad import SOLVERS
 from distill.rng import generator
 from distill.store import SET_FILES, SavedSet, save_set
 from distill.trajectory import GRADIENTS
@@ -194,16 +193,7 @@ def _sample_generator(seed: int) -> torch.Generator:
               help="unrolled: keep only each inner step's student state and rebuild the steps "
                    "one at a time in the backward pass: the same meta-gradient (intermediate "
                    "losses included), memory of one step, flat in T.")
-@click.option("--neumann-terms", "--ift-iterations", "neumann_terms",
-              type=click.IntRange(min=0), default=_BARE.neumann_terms, show_default=True,
-              help="implicit: terms K of the Neumann series for the inverse Hessian, or the "
-                   "conjugate-gradient iterations with --ift-solver cg.")
-@click.option("--neumann-alpha", type=POSITIVE, default=_BARE.neumann_alpha, show_default=True,
-              help="implicit: step size alpha of the Neumann series.")
-@click.option("--ift-solver", type=click.Choice(SOLVERS), default=_BARE.ift_solver,
-              show_default=True,
-              help="implicit: the linear solver of H^-1 v: neumann (the series) or cg "
-                   "(conjugate gradient).")
+@implicit_options("implicit", _BARE.neumann_terms, _BARE.neumann_alpha)
 @click.option("--experts", "experts_dir", type=click.Path(file_okay=False), default=None,
               help="trajectory: folder of expert trajectories of the student's model "
                    "(`gtnkit experts --model SPEC`) [default: trained in memory on the "
