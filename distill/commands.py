@@ -201,7 +201,12 @@ def _option_scopes() -> dict[str, tuple[str, ...]]:
     the others refuse it when given."""
     condensing = tuple(name for name, m in METHODS.items() if not m.kernel)
     chunked = _using("matching", "distribution")
+    # every method but label solve, which is one closed-form solve (nothing to iterate,
+    # checkpoint or resume)
+    iterative = tuple(name for name in METHODS if name != "ls")
     return {
+        "iterations": iterative, "image_lr": iterative, "checkpoint_every": iterative,
+        "eval_every": iterative, "resume": iterative, "target_batch": ("kip",),
         "real_batch": condensing,
         "outer_loop": _using("matching"), "inner_loop": _using("matching"),
         "distance": _using("matching"),

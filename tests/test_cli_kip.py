@@ -12,8 +12,10 @@ from distill.store import load_set
 
 from .test_cli import assert_one_line_error, run
 
-TINY = ["--ipc", 1, "--iterations", 3, "--students", 1, "--eval-model", "convnet:width=8,depth=2",
-        "--eval-epochs", 2, "--test-limit", 200, "--target-batch", 50]
+#: label solve's options: one closed-form solve (--iterations and --target-batch are refused)
+TINY_LS = ["--ipc", 1, "--students", 1, "--eval-model", "convnet:width=8,depth=2",
+           "--eval-epochs", 2, "--test-limit", 200]
+TINY = [*TINY_LS, "--iterations", 3, "--target-batch", 50]
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -52,7 +54,7 @@ def test_kip_and_ls_on_mnist_scored_by_both_protocols(tmp_path, data_root):
     assert (kip / "grid.png").exists()
 
     ls = tmp_path / "ls"  # label solve on the KIP set's images
-    r = run("-q", "distill", "--dataset", "mnist", "--method", "ls", *TINY, "--support",
+    r = run("-q", "distill", "--dataset", "mnist", "--method", "ls", *TINY_LS, "--support",
             kip / "set.safetensors", "--ls-targets", 500, "--data-root", data_root, "--out", ls)
     assert r.exit_code == 0, r.output
     saved, kip_saved = load_set(ls / "set.safetensors"), load_set(kip / "set.safetensors")

@@ -47,6 +47,12 @@ def tiny_data(monkeypatch):
     ("ift", ["--checkpoint-steps", "2"], "--checkpoint-steps applies to --method dd only"),
     ("kip", ["--eager"], "--fast/--eager applies to --method dc, dsa and dm only, not to kip"),
     ("ift", ["--real-chunk", "4"], "--real-chunk applies to --method dc, dsa and dm only"),
+    ("ls", ["--iterations", "5"], "--iterations applies to --method dc, dsa, dm, dd, ift"),
+    ("ls", ["--lr", "0.1"], "--lr applies to --method dc, dsa, dm, dd, ift, mtt and kip only"),
+    ("ls", ["--checkpoint-every", "5"], "--checkpoint-every applies to --method dc"),
+    ("ls", ["--eval-every", "5"], "--eval-every applies to --method dc"),
+    ("ls", ["--resume"], "--resume applies to --method dc"),
+    ("ls", ["--target-batch", "20"], "--target-batch applies to --method kip only, not to ls"),
 ])
 def test_distill_refuses_an_option_of_another_method(tmp_path, method, extra, needle):
     out = tmp_path / "o"
