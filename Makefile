@@ -11,18 +11,20 @@ DEMO   ?= runs/demo
 .PHONY: install install-run lint test test-kernels test-fast test-gpu demo demo-cifar10 demo-coreset bench-smoke clean
 
 # install: everything (the test tools and Ray too); install-run: what running gtnkit needs
-# (torch, gtnkit, matplotlib), the demos' dependency, about 25 s less to install.
+# (torch, gtnkit, matplotlib), the demos' dependency, about 25 s less to install. One pip call,
+# no byte-compiling of every installed file (Python compiles what it imports, once): on a
+# 2-core EPYC 78 s -> 55 s for install-run.
+PIP    := $(BIN)/python -m pip install -q --no-compile
 install: $(STAMP)
 install-run: $(RUN)
 
 $(RUN): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[plot]'
+	$(PIP) $(TORCH) -e '.[plot]'
 	touch $(RUN)
 
 $(STAMP): $(RUN)
-	$(BIN)/python -m pip install -q -e '.[test,plot,ray]'
+	$(PIP) -e '.[test,plot,ray]'
 	touch $(STAMP)
 
 # Lint (ruff: pyflakes, pycodestyle, isort, pyupgrade, bugbear, annotations) and type-check
