@@ -138,10 +138,11 @@ def batched_class_gradients(model: nn.Module, images: Sequence[torch.Tensor],
     :func:`class_gradient` with ``create_graph=True`` computes it, from one batched pass of
     per-image gradients. Valid for a model whose output for an image does not depend on the
     other images of the batch."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    everything = list(model.named_parameters())
+    named = [(n, p) for n, p in everything if p.requires_grad]
     params = {n: p.detach() for n, p in named}
-    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-    state = {**frozen, **dict(model.named_buffers())}
+    state = {**{n: p for n, p in everything if not p.requires_grad},
+             **dict(model.named_buffers())}
 
     def loss_of_one(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
                     ) -> torch.Tensor:
@@ -151,11 +152,8 @@ def batched_class_gradients(model: nn.Module, images: Sequence[torch.Tensor],
     per_image = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(params, x, y)
     sizes = [g.shape[0] for g in images]
     # the mean over each group as one (groups, images) matrix product
-    weights = torch.zeros(len(sizes), x.shape[0], dtype=x.dtype, device=x.device)
-    start = 0
-    for i, n in enumerate(sizes):
-        weights[i, start:start + n] = 1.0 / n
-        start += n
+    weights = torch.block_diag(*(torch.full((1, n), 1.0 / n, dtype=x.dtype, device=x.device)
+                                 for n in sizes))
     means = [(weights @ per_image[n].reshape(x.shape[0], -1)).reshape(len(sizes), *p.shape)
              for n, p in named]
     return [[m[i] for m in means] for i in range(len(sizes))]
