@@ -2,11 +2,12 @@
 path beside the plain one, in one process.
 
 For every setting (data set, T, generated batch) and method (each GTN recipe of
-``gtn.train.RECIPES``, unrolled recomputed, the bare variants below), two teachers with the
-same initial weights run the same meta-steps, one on torch's plain layers and scoring
-(:func:`distill.models.plain_path`) and one on the fast path, in alternation (plain step,
-fast step, plain step, ...), so machine noise falls on both alike. Reported per method and
-path:
+``gtn.train.RECIPES``, unrolled recomputed, the bare variants below), three teachers with the
+same initial weights run the same meta-steps: one on torch's plain layers and scoring
+(:func:`distill.models.plain_path`), one on the fast path, one on the fast path with the
+real-data side compiled (``--compile`` of ``gtn train``: :func:`distill.inner.compiled_scoring`
+and the strategy's compiled real gradients), in alternation (plain step, fast step, compiled
+step, plain step, ...), so machine noise falls on all alike. Reported per method and path:
 
 * CPU seconds of the process per meta-step (``time.process_time``; pin
   ``OMP_NUM_THREADS=1``: the run sets one torch thread), the median over the timed steps
@@ -20,7 +21,13 @@ path:
   product on the same thread, measured in the same process before and after (the best);
 * the peak bytes autograd saves during a meta-step (:class:`distill.memory.SavedTensorMeter`),
   from one more step, untimed (under the meter's hooks matching's synthetic side takes its
-  per-class path: ``torch.func`` refuses saved-tensor hooks).
+  per-class path and the scoring stays eager: ``torch.func`` and ``torch.compile`` refuse
+  saved-tensor hooks, so the compiled path's figure is the fast path's);
+* the **kernel floor**: every convolution and matrix product of one fast-path meta-step,
+  recorded with its shapes and replayed alone on random tensors of those shapes (warm
+  caches, the best of 5 calls each, on the same thread): the CPU seconds torch's own
+  kernels need for the meta-step's FLOP-counted work, with no normalisation, activation,
+  pooling, optimiser or Python in between. No path built on these kernels can go below it.
 
     OMP_NUM_THREADS=1 python bench/metastep.py                       # all settings, ~25 min
     OMP_NUM_THREADS=1 python bench/metastep.py --settings mnist-t10 --repeats 5
@@ -46,6 +53,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +65,7 @@ from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 from distill.allocator import keep_freed_memory  # noqa: E402
 from distill.data import load_dataset  # noqa: E402
+from distill.inner import compiled_scoring  # noqa: E402
 from distill.memory import SavedTensorMeter  # noqa: E402
 from distill.models import build_model, plain_path  # noqa: E402
 from distill.rng import generator as make_generator  # noqa: E402
@@ -120,7 +129,7 @@ BARE_BASE = {"real_batch": 512, "meta_lr": 5e-3}
 ALL_METHODS = {**METHODS, **{f"bare: {k}": v for k, v in BARE.items()}}
 DEFAULT_METHODS = ("unrolled recipe", "unrolled recipe recomputed", "implicit recipe",
                    "matching recipe")
-PATHS = ("plain", "fast")
+PATHS = ("plain", "fast", "compiled")
 
 
 class FlopCount(TorchDispatchMode):
@@ -138,6 +147,57 @@ class FlopCount(TorchDispatchMode):
         if formula is not None:
             self.flops += int(formula(*args, **kwargs, out_val=out))
         return out
+
+
+def _describe(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return ("tensor", tuple(a.shape), tuple(a.stride()), a.dtype)
+    if isinstance(a, (list, tuple)):
+        return tuple(_describe(x) for x in a)
+    return a
+
+
+def _build(d: Any) -> Any:
+    if isinstance(d, tuple) and len(d) == 4 and d[0] == "tensor":
+        shape, stride, dtype = d[1:]
+        size = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 1
+        return torch.randn(size, dtype=dtype).as_strided(shape, stride)
+    if isinstance(d, tuple):
+        return [_build(x) for x in d]
+    return d
+
+
+class KernelRecorder(TorchDispatchMode):
+    """Every call of an operator with a FLOP formula, by signature (operator, shapes,
+    strides, other arguments): how many times each was called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[tuple, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func._overloadpacket in flop_registry:
+            key = (func, _describe(args), tuple(sorted((k, _describe(v))
+                                                       for k, v in kwargs.items())))
+            self.calls[key] = self.calls.get(key, 0) + 1
+        return func(*args, **kwargs)
+
+    def floor_seconds(self, repeats: int = 5) -> float:
+        """CPU seconds of every recorded call replayed alone (best of ``repeats`` each)."""
+        total = 0.0
+        for (func, args, kwargs), count in self.calls.items():
+            a = [_build(x) for x in args]
+            kw = {k: _build(v) for k, v in kwargs}
+            func(*a, **kw)
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.thread_time()
+                func(*a, **kw)
+                best = min(best, time.thread_time() - t0)
+            total += count * best
+        return total
 
 
 def peak_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -182,7 +242,8 @@ def run_cell(setting: str, name: str, repeats: int, root: str | None, peak: floa
     base = make_teacher(info, cfg, seed=0)
     for path in PATHS:
         teacher = copy.deepcopy(base)
-        strategy = make_strategy(cfg.method, cfg.meta_config().strategy_config)
+        strategy = make_strategy(cfg.method, replace(cfg.meta_config().strategy_config,
+                                                     compile=path == "compiled"))
         opt = torch.optim.Adam([p for p in teacher.parameters() if p.requires_grad], 1e-3)
         runs[path] = {"teacher": teacher, "strategy": strategy, "opt": opt, "times": [],
                       "saved": 0, "flops": 0}
@@ -194,23 +255,30 @@ def run_cell(setting: str, name: str, repeats: int, root: str | None, peak: floa
 
     for rep in range(repeats + 1):
         for path in PATHS:
-            with plain_path(path == "plain"):
+            with plain_path(path == "plain"), compiled_scoring(path == "compiled"):
                 t0 = time.process_time()
                 step(path, rep)()
                 dt = time.process_time() - t0
-            if rep > 0:  # the first is a warm-up
+            if rep > 0:  # the first is a warm-up (and the compilation)
                 runs[path]["times"].append(dt)
     # memory from one more step each, not timed: the saved-tensor meter's hooks turn off
-    # matching's batched synthetic side (torch.func refuses them), as in a metered
-    # meta-iteration of a run, so the figure is the per-class path's
+    # matching's batched synthetic side and the compiled scoring (torch.func and
+    # torch.compile refuse them), as in a metered meta-iteration of a run
     for path in PATHS:
-        with plain_path(path == "plain"), SavedTensorMeter() as meter:
+        with plain_path(path == "plain"), compiled_scoring(path == "compiled"), \
+                SavedTensorMeter() as meter:
             step(path, repeats + 1)()
         runs[path]["saved"] = meter.peak
-    for path in PATHS:  # FLOPs of one more step (not timed: the mode slows every operator)
+    # FLOPs of one more step (not timed: the mode slows every operator); a dispatch mode
+    # cannot look inside compiled kernels, so the compiled path counts the fast path's
+    for path in ("plain", "fast"):
         with plain_path(path == "plain"), FlopCount() as counter:
             step(path, repeats + 2)()
         runs[path]["flops"] = counter.flops
+    runs["compiled"]["flops"] = runs["fast"]["flops"]
+    with KernelRecorder() as recorder:  # the fast path's kernels, replayed alone
+        step("fast", repeats + 3)()
+    floor = recorder.floor_seconds()
     rows = {}
     # the work of a meta-step is the plain path's FLOPs: a path that computes more (matching's
     # batched per-image gradients count about a third more) is not credited for the extra
@@ -223,10 +291,14 @@ def run_cell(setting: str, name: str, repeats: int, root: str | None, peak: floa
                       "floor_s": useful / peak, "saved_mib": r["saved"] / 2 ** 20}
     out = {"setting": setting, "method": name, "dataset": dataset, "T": steps, "batch": batch,
            **{f"{p}_{k}": v for p in PATHS for k, v in rows[p].items()},
-           "ratio": rows["fast"]["cpu_s"] / rows["plain"]["cpu_s"]}
+           "ratio": rows["fast"]["cpu_s"] / rows["plain"]["cpu_s"],
+           "compiled_ratio": rows["compiled"]["cpu_s"] / rows["plain"]["cpu_s"],
+           "kernel_floor_s": floor, "kernel_gflops": useful / floor}
     print(f"{setting} T={steps} {name}: plain {rows['plain']['cpu_s']:.3f} s "
           f"({100 * rows['plain']['of_peak']:.1f} % of peak), fast {rows['fast']['cpu_s']:.3f} s "
-          f"({100 * rows['fast']['of_peak']:.1f} % of peak), ratio {out['ratio']:.2f}; saved "
+          f"({100 * rows['fast']['of_peak']:.1f} %), compiled {rows['compiled']['cpu_s']:.3f} s "
+          f"({100 * rows['compiled']['of_peak']:.1f} %), compiled / plain "
+          f"{out['compiled_ratio']:.2f}; kernel floor {floor:.3f} s; saved "
           f"{rows['plain']['saved_mib']:.1f} -> {rows['fast']['saved_mib']:.1f} MiB", flush=True)
     return out
 
@@ -235,29 +307,39 @@ def write(out: Path, rows: list[dict], meta: dict) -> None:
     tag = meta["tag"]
     atomic_write_json(out / f"{tag}.json", {"setting": meta, "rows": rows})
     lines = [
-        "# CPU seconds per meta-step, plain path against fast path (side by side, one process)",
+        "# CPU seconds per meta-step: plain, fast and compiled paths side by side in one "
+        "process, against the machine's peak and its kernels' floor",
         "", f"Command: `{meta['command']}`", "",
         f"{meta['threads']} thread; student `{STUDENT}`; generator {meta['generator']}; "
         "each method's recipe (`gtn.train.RECIPES`; `bare:` rows: no recipe, real batch 512, "
         "as bench/gtn_speed.py ran them). Peak: a 2048 x 2048 fp32 "
         f"matrix product on the same thread, {meta['peak_gflops']:.1f} GFLOP/s. CPU s: median "
-        f"of {meta['repeats']} meta-steps after a warm-up, the two paths alternating. "
+        f"of {meta['repeats']} meta-steps after a warm-up (and, compiled, the compilation), "
+        "the three paths alternating. Compiled: the fast path with the real-data side "
+        "through torch.compile (`gtn train --compile`). "
         "FLOPs: `torch.utils.flop_counter`'s formulas (convolutions and matrix products); "
-        "% of peak for both paths from the plain path's FLOPs (the work itself). "
+        "% of peak for every path from the plain path's FLOPs (the work itself). Kernel "
+        "floor: the fast path's convolutions and matrix products replayed alone on their "
+        "shapes (best of 5 each): no path built on torch's kernels goes below it. "
         "Saved: peak bytes autograd keeps for backward in one more, untimed meta-step (under "
-        "its hooks matching takes the per-class synthetic side). Allocator: "
-        f"{meta['allocator']} (`distill.allocator`).", "",
-        "| setting | T | batch | method | plain CPU s | fast CPU s | fast / plain | "
-        "GFLOP plain / fast | plain % of peak | fast % of peak | floor at peak (s) | "
-        "saved MiB plain / fast |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "its hooks matching takes the per-class synthetic side and the scoring stays eager). "
+        f"Allocator: {meta['allocator']} (`distill.allocator`).", "",
+        "| setting | T | batch | method | plain CPU s | fast CPU s | compiled CPU s | "
+        "fast / plain | compiled / plain | GFLOP plain / fast | plain % of peak | "
+        "fast % of peak | compiled % of peak | kernel floor s (% of peak) | "
+        "compiled / floor | saved MiB plain / fast |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['setting']} | {r['T']} | {r['batch']} | {r['method']} | "
-            f"{r['plain_cpu_s']:.3f} | {r['fast_cpu_s']:.3f} | {r['ratio']:.2f} | "
+            f"{r['plain_cpu_s']:.3f} | {r['fast_cpu_s']:.3f} | {r['compiled_cpu_s']:.3f} | "
+            f"{r['ratio']:.2f} | {r['compiled_ratio']:.2f} | "
             f"{r['plain_gflop']:.1f} / {r['fast_gflop']:.1f} | "
             f"{100 * r['plain_of_peak']:.1f} | {100 * r['fast_of_peak']:.1f} | "
-            f"{r['fast_floor_s']:.3f} | {r['plain_saved_mib']:.1f} / {r['fast_saved_mib']:.1f} |")
+            f"{100 * r['compiled_of_peak']:.1f} | {r['kernel_floor_s']:.3f} "
+            f"({100 * r['kernel_of_peak']:.0f}) | "
+            f"{r['compiled_cpu_s'] / r['kernel_floor_s']:.2f} | "
+            f"{r['plain_saved_mib']:.1f} / {r['fast_saved_mib']:.1f} |")
     atomic_write_text(out / f"{tag}.md", "\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -268,11 +350,13 @@ def write(out: Path, rows: list[dict], meta: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [f"{r['setting']} T={r['T']}\n{r['method']}" for r in rows]
     ys = range(len(rows))
-    for off, path in ((-0.2, "plain"), (0.2, "fast")):
-        axes[0].barh([y + off for y in ys], [r[f"{path}_cpu_s"] for r in rows], height=0.4,
+    for off, path in ((-0.27, "plain"), (0, "fast"), (0.27, "compiled")):
+        axes[0].barh([y + off for y in ys], [r[f"{path}_cpu_s"] for r in rows], height=0.27,
                      label=path)
         axes[1].barh([y + off for y in ys], [100 * r[f"{path}_of_peak"] for r in rows],
-                     height=0.4, label=path)
+                     height=0.27, label=path)
+    axes[0].scatter([r["kernel_floor_s"] for r in rows], list(ys), marker="|", s=200,
+                    color="k", label="kernel floor", zorder=3)
     for ax in axes:
         ax.set_yticks(list(ys))
         ax.invert_yaxis()
@@ -332,6 +416,7 @@ def main() -> None:
         for p in PATHS:
             r[f"{p}_of_peak"] = r[f"{p}_gflops"] / peak
             r[f"{p}_floor_s"] = r[f"{p}_gflop"] / peak
+        r["kernel_of_peak"] = r["kernel_gflops"] / peak
     meta = {"threads": torch.get_num_threads(), "repeats": args.repeats,
             "peak_gflops": peak, "student": STUDENT, "torch": torch.__version__,
             "generator": "noise 64, FC 256, 32 channels" if args.generator == "small" else

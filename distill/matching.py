@@ -31,6 +31,7 @@ from torch.func import functional_call, grad, vmap
 from .augment import DiffAugment
 from .distances import gradient_distance
 from .engine import classification_loss
+from .memory import saved_tensor_hooks_active
 from .models import fast_path
 
 __all__ = ["BATCHED_FLOATS", "batched_class_gradients", "class_gradient", "matching_loss"]
@@ -115,7 +116,7 @@ def matching_loss(model: nn.Module, real: Sequence[torch.Tensor],
 def _can_batch(model: nn.Module, synthetic: Sequence[torch.Tensor]) -> bool:
     """Whether the batched synthetic side computes what the per-class calls compute (layers
     that treat images independently) at a modest memory (:data:`BATCHED_FLOATS`)."""
-    if not fast_path() or len(synthetic) < 2 or _saved_tensor_hooks_active():
+    if not fast_path() or len(synthetic) < 2 or saved_tensor_hooks_active():
         return False
     for m in model.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd) or (
@@ -123,13 +124,6 @@ def _can_batch(model: nn.Module, synthetic: Sequence[torch.Tensor]) -> bool:
             return False
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return sum(x.shape[0] for x in synthetic) * n_params <= BATCHED_FLOATS
-
-
-def _saved_tensor_hooks_active() -> bool:
-    """Whether saved-tensor hooks are set (e.g. :class:`distill.memory.SavedTensorMeter`):
-    ``torch.func.grad`` refuses to run under them, so the metered meta-steps take one call per
-    class (which saves the same activations: every class's graph lives until the update)."""
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def batched_class_gradients(model: nn.Module, images: Sequence[torch.Tensor],

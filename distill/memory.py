@@ -20,8 +20,8 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["SavedTensorMeter", "MemoryReport", "MemoryBudgetError", "available_bytes",
-           "check_fits", "peak_rss_bytes"]
+__all__ = ["SavedTensorMeter", "saved_tensor_hooks_active", "MemoryReport", "MemoryBudgetError",
+           "available_bytes", "check_fits", "peak_rss_bytes"]
 
 
 class MemoryBudgetError(ConfigError):
@@ -86,6 +86,13 @@ class _Saved:
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are set (e.g. :class:`SavedTensorMeter`'s): ``torch.func``
+    transforms and ``torch.compile`` refuse to run under them, so the metered meta-steps take
+    the eager, per-class paths (which save the same activations)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 class SavedTensorMeter:

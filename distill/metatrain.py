@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .engine import classification_loss
+from .inner import compiled_scoring
 from .memory import SavedTensorMeter, available_bytes, check_fits, peak_rss_bytes
 from .progress import Progress, task
 from .rng import generator as make_generator
@@ -340,12 +341,13 @@ def meta_train(
                 group["lr"] = scheduled_lr(config.lr, it, config.iterations, config.schedule,
                                            config.lr_floor)
             try:
-                if it < config.memory_iterations or (it == start_it and saved_peak == 0):
-                    with SavedTensorMeter() as meter:
+                with compiled_scoring(strategy.compiled):
+                    if it < config.memory_iterations or (it == start_it and saved_peak == 0):
+                        with SavedTensorMeter() as meter:
+                            stats = strategy.step(teacher, optimizer, real, make_student, gen)
+                        saved_peak = max(saved_peak, meter.peak)
+                    else:
                         stats = strategy.step(teacher, optimizer, real, make_student, gen)
-                    saved_peak = max(saved_peak, meter.peak)
-                else:
-                    stats = strategy.step(teacher, optimizer, real, make_student, gen)
             except NonFiniteError as exc:
                 kept = f"; the last good checkpoint is {path}" if path is not None and \
                     path.exists() else ""

@@ -37,8 +37,11 @@ def _accuracy_note(state: dict) -> str:
     rest = (f"; the other T ({', '.join(map(str, memory_only))}) ran "
             f"{b.get('memory_cell_iterations', 2)} meta-iterations to measure memory and time "
             f"only (— in the accuracy columns)") if memory_only else ""
+    compiled = (f". Seconds per meta-step: the T = {b['accuracy_steps']} cells with the "
+                f"real-data side compiled (torch.compile), the others eager") \
+        if b.get("compile") and memory_only else ""
     return (f"Accuracy: trained at T = {b['accuracy_steps']} only, for {its_text} "
-            f"meta-iterations{rest}")
+            f"meta-iterations{rest}{compiled}")
 
 
 def comparison_table(state: dict) -> str:

@@ -52,6 +52,7 @@ FLAT: dict[str, tuple[str, str]] = {
     **{k: ("meta", k) for k in ("checkpoint_every", "eval_every", "memory_iterations",
                                 "memory_check")},
     "ift_solver": ("strategy", "ift_solver"),
+    "compile": ("strategy", "compile"),
     # trajectory matching's (:class:`~distill.trajectory.TrajectoryConfig`)
     "experts": ("strategy", "experts"), "expert_epochs": ("strategy", "expert_epochs"),
     "online_experts": ("strategy", "online_experts"),
@@ -66,6 +67,7 @@ _TRAJECTORY_ONLY = {k: getattr(TrajectoryConfig(), FLAT[k][1])
                     for k in ("experts", "expert_epochs", "online_experts",
                               "trajectory_gradient")}
 _MARKS = {"recompute": ADDED_LATER, "memory_check": NOT_IN_RESULT, "ift_solver": ADDED_LATER,
+          "compile": ADDED_LATER,
           **{k: ADDED_LATER for k in _TRAJECTORY_ONLY}}
 
 
@@ -253,7 +255,7 @@ _FLAT_ORDER = ["method", "inner_steps", "batch_size", "curriculum", "generator",
                "validation", "checkpoint_steps", "recompute", "neumann_terms", "neumann_alpha",
                "checkpoint_every", "eval_every", "memory_iterations", "memory_check",
                "ift_solver", "experts", "expert_epochs", "online_experts",
-               "trajectory_gradient"]
+               "trajectory_gradient", "compile"]
 _DEFAULTS = GTNConfig()
 # memory_check is no part of a fingerprint (NOT_IN_RESULT), the legacy form (a repr) included
 _Flat = make_dataclass("GTNConfig", [

@@ -280,7 +280,7 @@ def test_checkpoints_from_before_an_added_option_still_resume(tmp_path):
     assert "recompute=False, " in flat
     # the flat record's options added later still (the implicit solver, trajectory matching's)
     flat_later = ("ift_solver", "experts", "expert_epochs", "online_experts",
-                  "trajectory_gradient")
+                  "trajectory_gradient", "compile")
     pattern = ", (" + "|".join(flat_later) + ")=[^,)]*"
     flat_before = re.sub(pattern, "", flat)
     assert "ift_solver" in flat and "ift_solver" not in flat_before

@@ -1,0 +1,154 @@
+"""The compiled real-data side (``gtn train --compile``): the scoring of unrolled and implicit
+through ``torch.compile`` gives the eager (plain-path) loss and gradients, one compilation
+serves every fresh student of an architecture, and whatever cannot be compiled stays eager."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+
+import pytest
+import torch
+
+import distill.inner as inner
+from distill.inner import compiled_scoring, real_loss
+from distill.memory import SavedTensorMeter
+from distill.models import build_model, plain_path
+from distill.rng import generator as make_generator
+from distill.strategies import RealSampler, make_strategy
+from gtn import GeneratorConfig
+from gtn.compare import BUDGETS, cell_config
+from gtn.train import make_teacher, recipe_config
+
+from .conftest import make_tiny_set
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("cc") is None,
+    reason="torch.compile on CPU needs a C++ compiler")
+
+D = torch.float64
+SPEC = "convnet:width=3,depth=2,first_pad=1"
+
+
+def _student(seed: int = 0, spec: str = SPEC) -> torch.nn.Module:
+    return build_model(spec, 1, 3, (12, 12), generator=make_generator(seed, "s")).to(D)
+
+
+def _batch(n: int = 32):
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(n, 1, 12, 12, generator=g, dtype=D), torch.randint(3, (n,), generator=g)
+
+
+def _scored(net, x, y, compiled: bool, plain: bool = False):
+    params = [p.detach().clone().requires_grad_() for p in net.parameters()]
+    with plain_path(plain), compiled_scoring(compiled):
+        loss = real_loss(net, params, x, y)
+        grads = torch.autograd.grad(loss, params)
+    return [loss.detach(), *grads]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(monkeypatch):
+    monkeypatch.setattr(inner, "_SCORERS", {})
+    monkeypatch.setattr(inner, "SCORE_PIECE_BYTES", 1)  # pieces of 8 images
+
+
+@needs_compiler
+def test_compiled_scoring_is_the_plain_scoring_and_compiles_once(monkeypatch):
+    compiles = []
+    real_compile = torch.compile
+
+    def counting(fn, **kw):
+        compiles.append(fn)
+        return real_compile(fn, **kw)
+
+    monkeypatch.setattr(torch, "compile", counting)
+    x, y = _batch()
+    for seed in (0, 1):  # two fresh students of one architecture: one compilation
+        net = _student(seed)
+        got = _scored(net, x, y, compiled=True)
+        want = _scored(net, x, y, compiled=False, plain=True)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert len(compiles) == 1
+    assert [v is not None for v in inner._SCORERS.values()] == [True]
+
+
+def test_a_failing_compilation_warns_once_and_scores_eagerly(monkeypatch, caplog):
+    def broken(fn, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("no compiler here")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    net = _student()
+    x, y = _batch()
+    want = _scored(net, x, y, compiled=False)
+    with caplog.at_level(logging.WARNING, logger="distill.inner"):
+        got = _scored(net, x, y, compiled=True)
+        again = _scored(net, x, y, compiled=True)
+    for a, b, c in zip(got, want, again, strict=True):
+        assert torch.equal(a, b) and torch.equal(c, b)
+    assert [r.getMessage() for r in caplog.records if "no compiler here" in r.getMessage()] \
+        and len(caplog.records) == 1
+    assert list(inner._SCORERS.values()) == [None]
+
+
+def test_what_stays_eager(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: pytest.fail("compiled"))
+    net, loss = _student(), inner.classification_loss
+    with compiled_scoring(True):
+        # batch norm (the statistics are buffers), the memory meter's hooks
+        assert inner._compiled_scorer(_student(spec="convnet:width=3,norm=batch"), loss,
+                                      torch.device("cpu")) is None
+        with SavedTensorMeter():
+            assert inner._compiled_scorer(net, loss, torch.device("cpu")) is None
+    assert inner._compiled_scorer(net, loss, torch.device("cpu")) is None  # switched off
+
+
+@needs_compiler
+@pytest.mark.parametrize("method", ["unrolled", "matching"])
+def test_compiled_meta_gradient_matches_plain_path(method):
+    """One meta-step of the recipe with the real-data side compiled (the scoring for
+    unrolled, the real class gradients for matching): the teacher's gradients are the
+    plain path's to float tolerance."""
+    data = make_tiny_set(per_class=6)
+    data.images = data.images.to(D)
+    real = RealSampler(data)
+    cfg = recipe_config(method, inner_steps=3, batch_size=20, real_batch=30,
+                        match_real_per_class=4, student="convnet:width=3,depth=2,first_pad=1",
+                        generator=GeneratorConfig(noise_dim=3, width_fc=6, width_conv=4),
+                        compile=True)
+    assert cfg.meta_config().strategy_config.compile
+    base = make_teacher(data.info, cfg, seed=0).to(D)
+    seen = []
+    for plain in (False, True):
+        teacher = copy.deepcopy(base)
+        strategy = make_strategy(cfg.method, cfg.meta_config().strategy_config)
+        for p in teacher.parameters():
+            p.grad = None
+        params = [p for p in teacher.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.0)  # keeps the gradients, moves nothing
+
+        def student(gen):
+            return build_model(cfg.student, 1, 10, (28, 28), generator=gen).to(D)
+
+        with plain_path(plain), compiled_scoring(not plain):
+            strategy.step(teacher, opt, real, student, make_generator(0, "compiled-test"))
+        seen.append([p.grad.clone() for p in params if p.grad is not None])
+        if not plain:
+            assert strategy.compiled  # it did not fall back
+    assert len(seen[0]) == len(seen[1]) > 0
+    for fast, plain in zip(*seen, strict=True):
+        torch.testing.assert_close(fast, plain, rtol=1e-7, atol=1e-10)
+    if method == "unrolled":
+        assert any(v is not None for v in inner._SCORERS.values())
+
+
+def test_the_demo_compiles_its_scored_cells_only():
+    demo = BUDGETS["demo"]
+    assert demo.compile and demo.accuracy_steps == 10
+    assert cell_config(demo, "unrolled", 10).compile
+    assert not cell_config(demo, "unrolled", 8).compile  # a memory-only cell
+    assert not cell_config(BUDGETS["smoke"], "unrolled", 8).compile
