@@ -152,3 +152,15 @@ def test_the_demo_compiles_its_scored_cells_only():
     assert cell_config(demo, "unrolled", 10).compile
     assert not cell_config(demo, "unrolled", 8).compile  # a memory-only cell
     assert not cell_config(BUDGETS["smoke"], "unrolled", 8).compile
+
+
+def test_the_metered_step_takes_the_eager_real_side(monkeypatch):
+    """Under the memory meter's hooks a compiling strategy hands its real side the module
+    itself: the meter measures the eager path (a compiled graph saves other tensors)."""
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: ("compiled", module))
+    cfg = recipe_config("matching", inner_steps=2, batch_size=20, compile=True)
+    strategy = make_strategy(cfg.method, cfg.meta_config().strategy_config)
+    net = _student()
+    with SavedTensorMeter():
+        assert strategy._fast(lambda m: m, net) is net
+    assert strategy._fast(lambda m: m, net) == ("compiled", net)

@@ -26,6 +26,7 @@ from ..augment import AugmentConfig, DiffAugment
 from ..data import ImageSet
 from ..errors import ConfigError, NonFiniteError
 from ..hypergrad import SOLVERS
+from ..memory import saved_tensor_hooks_active
 from ..store import ADDED_LATER
 from ..teacher import Teacher
 
@@ -244,9 +245,11 @@ class Strategy:
         self.compiled = config.compile  # becomes False if compilation fails
 
     def _fast(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(compiled_or_eager, *args)``: try the compiled path, fall back to eager once."""
+        """``fn(compiled_or_eager, *args)``: try the compiled path, fall back to eager once.
+        Under saved-tensor hooks (the memory meter's) it runs eagerly: the compiled graph
+        saves other tensors than the eager one, and the meter measures the eager path."""
         module = args[0]
-        if self.compiled:
+        if self.compiled and not saved_tensor_hooks_active():
             from ..devices import silence_cuda_home_warning
 
             silence_cuda_home_warning()
