@@ -120,20 +120,20 @@ def method_of(variant: str) -> str:
                 if variant.startswith(m))
 
 
-def cell_config(cell: str, iterations: int | None = None) -> GTNConfig:
+def cell_config(cell: str, iterations: int | None = None, compile_: bool = False) -> GTNConfig:
     setting, variant = cell.split("/")
     _, its, kw, _ = SETTINGS[setting]
     method = method_of(variant)
     its = iterations or its
     return GTNConfig(method=method, curriculum="full", meta_iterations=its,
                      eval_every=min(100, its), checkpoint_every=min(100, its), **kw,
-                     **VARIANTS[variant][0])
+                     **VARIANTS[variant][0], compile=compile_)
 
 
 def run_cell(cell: str, out: Path, root: str | None, device: str, seed: int, resume: bool,
-             iterations: int | None) -> None:
+             iterations: int | None, compile_: bool = False) -> None:
     """Train one cell, writing its JSON after every evaluation (atomically)."""
-    config = cell_config(cell, iterations)
+    config = cell_config(cell, iterations, compile_)
     setting, variant = cell.split("/")
     dev = resolve_device(device)
     data = load_dataset(SETTINGS[setting][0], "train", root=root)
@@ -315,13 +315,14 @@ def report(out: Path) -> str:
 
 
 def run(cells: list[str], out: Path, executor: ExecutorConfig | int, root: str | None,
-        device: str, seed: int, resume: bool, iterations: int | None) -> str:
+        device: str, seed: int, resume: bool, iterations: int | None,
+        compile_: bool = False) -> str:
     """Run ``cells`` as work items of ``executor`` (an int: that many local processes), then
     rebuild the report. A cell that fails is named at the end; the others finish."""
     if isinstance(executor, int):
         executor = ExecutorConfig(workers=executor)
-    items = [WorkItem(cell, run_cell, (cell, out, root, device, seed, resume, iterations))
-             for cell in cells]
+    items = [WorkItem(cell, run_cell, (cell, out, root, device, seed, resume, iterations,
+                                       compile_)) for cell in cells]
     try:
         run_items(items, executor)
     except SweepError as exc:
@@ -343,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--report", action="store_true", help="only rebuild the tables")
     ap.add_argument("--real", default=None, help="SETTING,...: the real-data reference rows")
+    ap.add_argument("--compile", action="store_true",
+                    help="the real-data side through torch.compile (gtn train --compile)")
     args = ap.parse_args(argv)
     from distill.allocator import keep_freed_memory
 
@@ -350,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.cell:
         run_cell(args.cell, out, args.data_root, args.device, args.seed, args.resume,
-                 args.iterations)
+                 args.iterations, args.compile)
         return 0
     if args.real:
         for setting in args.real.split(","):
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report(out))
         return 0
     print(run(cells_of(args.cells or "all"), out, executor_config(args), args.data_root,
-              args.device, args.seed, args.resume, args.iterations))
+              args.device, args.seed, args.resume, args.iterations, args.compile))
     return 0
 
 
