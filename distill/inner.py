@@ -133,15 +133,21 @@ def compiled_scoring(on: bool = True) -> Iterator[None]:
         _COMPILE[0] = was
 
 
-def _compiled_scorer(model: nn.Module, loss_fn: LossFn,
-                     device: torch.device) -> Callable[..., torch.Tensor] | None:
+def _scorer_key(model: nn.Module, loss_fn: LossFn, device: torch.device) -> tuple:
+    """What one compiled scorer serves: the architecture, its mode, the loss and the device."""
+    return (type(model), repr(model), model.training, loss_fn, str(device))
+
+
+def _compiled_scorer(model: nn.Module, loss_fn: LossFn, device: torch.device,
+                     key: tuple | None = None) -> Callable[..., torch.Tensor] | None:
     """The compiled ``score(params, x, y) = loss_fn(model with params (x), y)`` of ``model``'s
     architecture (a private copy of the module supplies it, so every fresh student of one
-    architecture shares one compilation), or ``None`` where it cannot be used."""
+    architecture shares one compilation), or ``None`` where it cannot be used. ``key``:
+    :func:`_scorer_key`'s, where the caller has it."""
     if not _COMPILE[0] or next(model.buffers(), None) is not None or \
             saved_tensor_hooks_active():
         return None
-    key = (type(model), repr(model), model.training, loss_fn, str(device))
+    key = key or _scorer_key(model, loss_fn, device)
     if key not in _SCORERS:
         from .devices import silence_cuda_home_warning
 
@@ -157,28 +163,11 @@ def _compiled_scorer(model: nn.Module, loss_fn: LossFn,
     return _SCORERS[key]
 
 
-def _score_piece(model: nn.Module, names: list[str], leaves: list[torch.Tensor],
-                 x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, wanted: list[bool],
-                 scale: float | None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """``scale`` x the loss of one piece and its gradient to the ``wanted`` leaves (compiled
-    where :func:`compiled_scoring` is on and the student allows it; eager otherwise)."""
-    scorer = _compiled_scorer(model, loss_fn, x.device)
-    if scorer is not None:
-        try:
-            loss = scorer(leaves, x, y)
-            if scale is not None:
-                loss = loss * scale
-            got = torch.autograd.grad(loss, [q for q, w in zip(leaves, wanted) if w]) \
-                if any(wanted) else ()
-            return loss, got
-        except Exception as exc:  # noqa: BLE001 - any compiler failure means "stay eager"
-            log.warning("torch.compile of the real-data scoring failed (%s); continuing "
-                        "eagerly", str(exc).splitlines()[0][:200] if str(exc) else
-                        type(exc).__name__)
-            for k, v in list(_SCORERS.items()):
-                if v is scorer:
-                    _SCORERS[k] = None
-    loss = loss_fn(functional_call(model, dict(zip(names, leaves)), (x,)), y)
+def _score_piece(score: Callable[..., torch.Tensor], leaves: list[torch.Tensor],
+                 x: torch.Tensor, y: torch.Tensor, wanted: list[bool], scale: float | None
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``scale`` x ``score(leaves, x, y)`` and its gradient to the ``wanted`` leaves."""
+    loss = score(leaves, x, y)
     if scale is not None:
         loss = loss * scale
     got = torch.autograd.grad(loss, [q for q, w in zip(leaves, wanted) if w]) \
@@ -200,12 +189,30 @@ class _ScoredLoss(torch.autograd.Function):
         step = n if chunk is None else chunk
         total: torch.Tensor | None = None
         grads: list[torch.Tensor] | None = None
+
+        def eager(ps: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return loss_fn(functional_call(model, dict(zip(names, ps)), (x,)), y)
+
+        key = _scorer_key(model, loss_fn, images.device) if _COMPILE[0] else None
+        compiled = _compiled_scorer(model, loss_fn, images.device, key)
         with torch.enable_grad():
             for i in range(0, n, step):
                 x, y = images[i:i + step], labels[i:i + step]
                 leaves = [p.detach().requires_grad_(w) for p, w in zip(params, wanted)]
-                loss, got = _score_piece(model, names, leaves, x, y, loss_fn, wanted,
-                                         x.shape[0] / n if step < n else None)
+                scale = x.shape[0] / n if step < n else None
+                if compiled is not None:
+                    try:
+                        loss, got = _score_piece(compiled, leaves, x, y, wanted, scale)
+                    except Exception as exc:  # noqa: BLE001 - a compiler failure: stay eager
+                        log.warning("torch.compile of the real-data scoring failed (%s); "
+                                    "continuing eagerly",
+                                    str(exc).splitlines()[0][:200] if str(exc) else
+                                    type(exc).__name__)
+                        compiled = None
+                        if key is not None:  # always, where a scorer was compiled
+                            _SCORERS[key] = None
+                if compiled is None:
+                    loss, got = _score_piece(eager, leaves, x, y, wanted, scale)
                 total = loss.detach() if total is None else total + loss.detach()
                 grads = list(got) if grads is None else [a + b for a, b in zip(grads, got)]
         ctx.save_for_backward(*(grads or []))
