@@ -81,6 +81,12 @@ VARIANTS: dict[str, tuple[dict, str]] = {
                              "0.5 (is the clipped tail of 10's gap the head's bias?)"),
     "implicit-ift": (dict(_ADAM, real_batch=512),
                      "implicit function theorem (Neumann), fixed step sizes"),
+    "implicit-ift-s1": (dict(_ADAM, real_batch=512, mixed_sample=1),
+                        "implicit function theorem (Neumann), mixed term from 1 of the T "
+                        "batches (the AIST 2021 code's estimate)"),
+    "implicit-ift-s2": (dict(_ADAM, real_batch=512, mixed_sample=2),
+                        "implicit function theorem (Neumann), mixed term from 2 of the T "
+                        "batches"),
     "implicit-ift-cg": (dict(_ADAM, real_batch=512, ift_solver="cg"),
                         "implicit function theorem, conjugate gradient (5 iterations), fixed "
                         "step sizes"),

@@ -60,8 +60,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils.flop_counter import flop_registry  # noqa: E402
+from flops import FlopCount, KernelRecorder  # noqa: E402
 
 from distill.allocator import keep_freed_memory  # noqa: E402
 from distill.data import load_dataset  # noqa: E402
@@ -93,7 +92,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     # bare variants, for the implicit default's cost (the issue's peer comparison)
     "implicit IFT (all T mixed terms)": ("implicit", {"mixed_at": "final",
                                                       "step_size_grad": False,
-                                                      "grad_clip": None}),
+                                                      "grad_clip": None,
+                                                      "mixed_sample": None}),
     "implicit IFT (mixed term from 1 batch)": ("implicit", {"mixed_at": "final",
                                                             "step_size_grad": False,
                                                             "grad_clip": None,
@@ -130,74 +130,6 @@ ALL_METHODS = {**METHODS, **{f"bare: {k}": v for k, v in BARE.items()}}
 DEFAULT_METHODS = ("unrolled recipe", "unrolled recipe recomputed", "implicit recipe",
                    "matching recipe")
 PATHS = ("plain", "fast", "compiled")
-
-
-class FlopCount(TorchDispatchMode):
-    """FLOPs of every operator ``torch.utils.flop_counter`` has a formula for."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flops = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.flops += int(formula(*args, **kwargs, out_val=out))
-        return out
-
-
-def _describe(a: Any) -> Any:
-    if isinstance(a, torch.Tensor):
-        return ("tensor", tuple(a.shape), tuple(a.stride()), a.dtype)
-    if isinstance(a, (list, tuple)):
-        return tuple(_describe(x) for x in a)
-    return a
-
-
-def _build(d: Any) -> Any:
-    if isinstance(d, tuple) and len(d) == 4 and d[0] == "tensor":
-        shape, stride, dtype = d[1:]
-        size = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 1
-        return torch.randn(size, dtype=dtype).as_strided(shape, stride)
-    if isinstance(d, tuple):
-        return [_build(x) for x in d]
-    return d
-
-
-class KernelRecorder(TorchDispatchMode):
-    """Every call of an operator with a FLOP formula, by signature (operator, shapes,
-    strides, other arguments): how many times each was called."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: dict[tuple, int] = {}
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func._overloadpacket in flop_registry:
-            key = (func, _describe(args), tuple(sorted((k, _describe(v))
-                                                       for k, v in kwargs.items())))
-            self.calls[key] = self.calls.get(key, 0) + 1
-        return func(*args, **kwargs)
-
-    def floor_seconds(self, repeats: int = 5) -> float:
-        """CPU seconds of every recorded call replayed alone (best of ``repeats`` each)."""
-        total = 0.0
-        for (func, args, kwargs), count in self.calls.items():
-            a = [_build(x) for x in args]
-            kw = {k: _build(v) for k, v in kwargs}
-            func(*a, **kw)
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.thread_time()
-                func(*a, **kw)
-                best = min(best, time.thread_time() - t0)
-            total += count * best
-        return total
 
 
 def peak_gflops(n: int = 2048, repeats: int = 5) -> float:

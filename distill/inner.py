@@ -44,7 +44,7 @@ from torch.func import functional_call
 
 from .engine import classification_loss
 from .memory import saved_tensor_hooks_active
-from .models import fast_path
+from .models import fast_path, fused_norm_derivatives
 from .teacher import Batch
 
 __all__ = ["InnerState", "Rate", "compiled_scoring", "forward", "load_params", "per_step",
@@ -124,11 +124,14 @@ def compiled_scoring(on: bool = True) -> Iterator[None]:
     piece shape per process (about 25 s on a 2-core CPU, less from inductor's on-disk cache
     after the first). Students with buffers (batch norm) and steps under saved-tensor hooks
     (the memory meter: ``torch.compile`` refuses them) stay eager; a compilation that fails
-    logs one warning and that architecture stays eager."""
+    logs one warning and that architecture stays eager. Instance norm's second derivative
+    (the inner loop's double backward) is compiled too (:func:`distill.models.
+    fused_norm_derivatives`)."""
     was = _COMPILE[0]
     _COMPILE[0] = on
     try:
-        yield
+        with fused_norm_derivatives(on):
+            yield
     finally:
         _COMPILE[0] = was
 

@@ -142,8 +142,8 @@ def _sample_generator(seed: int) -> torch.Generator:
 @click.option("--intermediate-weight", type=finite(min=0.0), default=_BARE.intermediate_weight,
               show_default=True, help="Weight of the mean intermediate loss in the meta-loss.")
 @click.option("--mixed-sample", type=click.IntRange(min=1), default=None,
-              help="implicit: the mixed term from this many of the T batches (unbiased "
-                   "estimate; default all).")
+              help="implicit: the mixed term from this many of the T batches (an unbiased "
+                   "estimate) [default: recipe (implicit: 1), else all].")
 @click.option("--mixed-at", type=click.Choice(["final", "trajectory"]), default=None,
               help="implicit: the implicit function theorem at the trained student, or "
                    "first-order along the trajectory [default: recipe, else final].")
