@@ -188,7 +188,7 @@ def gtnkit_worker(method: str, steps: int, repeats: int, root: str, compiled: bo
     info = data.info
     teacher = make_teacher(info, cfg, seed=0)
     from distill.strategies import make_strategy
-    strategy = make_strategy(cfg.method, cfg.meta_config().strategy_config)
+    strategy = make_strategy(cfg.meta_config().strategy, cfg.meta_config().strategy_config)
     opt = torch.optim.Adam([p for p in teacher.parameters() if p.requires_grad], META_LR)
 
     def student(gen: torch.Generator) -> torch.nn.Module:

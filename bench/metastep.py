@@ -88,6 +88,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "unrolled recipe": ("unrolled", {}),
     "unrolled recipe recomputed": ("unrolled", {"recompute": True}),
     "implicit recipe": ("implicit", {}),
+    "first-order-tail recipe": ("first-order-tail", {}),
     "matching recipe": ("matching", {}),
     # bare variants, for the implicit default's cost (the peer comparison)
     "implicit IFT (all T mixed terms)": ("implicit", {"mixed_at": "final",
@@ -174,8 +175,9 @@ def run_cell(setting: str, name: str, repeats: int, root: str | None, peak: floa
     base = make_teacher(info, cfg, seed=0)
     for path in PATHS:
         teacher = copy.deepcopy(base)
-        strategy = make_strategy(cfg.method, replace(cfg.meta_config().strategy_config,
-                                                     compile=path == "compiled"))
+        meta = cfg.meta_config()
+        strategy = make_strategy(meta.strategy, replace(meta.strategy_config,
+                                                        compile=path == "compiled"))
         opt = torch.optim.Adam([p for p in teacher.parameters() if p.requires_grad], 1e-3)
         runs[path] = {"teacher": teacher, "strategy": strategy, "opt": opt, "times": [],
                       "saved": 0, "flops": 0}

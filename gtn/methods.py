@@ -12,7 +12,8 @@ cosine), the student scored on 512 real images; unrolled adds the official inter
 losses. ``implicit`` is the implicit function theorem as published (Neumann series at the
 trained student): 79.8 % (MNIST, T = 10, 1000 meta-iterations) where unrolled reaches 94.4;
 its mixed term comes from one of the T batches (an unbiased estimate, as the AIST 2021 code
-takes it): 79.4 % against 79.4 % from all T, at 0.65 of the time per meta-step;
+takes it): 79.4 % against 79.4 % from all T (and from 2), at about half the CPU time per
+meta-step (0.46 against 0.88 s, side by side, docs/results/speed.md);
 the Hessian-free ``first-order-tail`` takes the first-order trajectory gradient with an exact
 tail of 5 steps and learns the step sizes (the implicit gradient does not reach them, and the
 theorem's fixed point is far from a 10-step student): 94.1 % against unrolled's 94.8 %.
