@@ -261,12 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--tag", default="gtn-reference")
+    ap.add_argument("--report", action="store_true",
+                    help="only rebuild OUT/TAG.md from OUT/TAG.json")
     # worker mode (internal)
     ap.add_argument("--worker", choices=("reference", "gtnkit", "gtnkit-compiled"))
     ap.add_argument("--method")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
-    if not a.data_root:
+    if not a.data_root and not a.report:
         ap.error("no data root: pass --data-root or set GTNKIT_DATA")
     if a.worker:
         t = int(a.steps)
@@ -277,11 +279,16 @@ def main(argv: list[str] | None = None) -> int:
                                 a.worker == "gtnkit-compiled")
         a.json.write_text(json.dumps(res))
         return 0
-    if a.reference is None or not (a.reference / "my_experiments" / "learning_loop.py").exists():
-        ap.error("--reference must be a checkout of dm-medvedev/EfficientDistillation")
     sys.path.insert(0, str(REPO))
     from distill.store import atomic_write_json, atomic_write_text
 
+    if a.report:  # rebuild the tables from the JSON's per-worker times
+        saved = json.loads((a.out / f"{a.tag}.json").read_text())
+        _write(a.out, a.tag, saved["meta"], _summarise(saved["rows"]),
+               atomic_write_json, atomic_write_text)
+        return 0
+    if a.reference is None or not (a.reference / "my_experiments" / "learning_loop.py").exists():
+        ap.error("--reference must be a checkout of dm-medvedev/EfficientDistillation")
     steps = [int(s) for s in a.steps.split(",")]
     methods = [m.strip() for m in a.methods.split(",")]
     programs: list[tuple[str, str, str]] = []  # (worker, method, row method)
@@ -297,51 +304,68 @@ def main(argv: list[str] | None = None) -> int:
                                    "--repeats", str(a.repeats), "--data-root", a.data_root,
                                    *(["--reference", str(a.reference)] if a.reference else [])],
                                   a.threads)
-                r = results.setdefault((t, worker, wm), {"times": [], **res})
-                r["times"] = r["times"] + res["times"][1:]
+                # every worker's own times, its first step (warm-up, compilation) included
+                r = results.setdefault((t, worker, wm), {**res, "times": None, "rounds": []})
+                r["rounds"].append(res["times"])
                 print(f"T={t} {worker} {wm}: {[round(x, 3) for x in res['times']]}",
                       flush=True)
-    rows = []
-    for t in steps:
-        for worker, wm, m in programs:
-            r = results[(t, worker, wm)]
-            ref = results[(t, "reference", m)]
-            med, ref_med = statistics.median(r["times"]), statistics.median(ref["times"])
-            rows.append({"T": t, "program": worker, "method": wm,
-                         "what": ROWS["reference" if worker == "reference" else "gtnkit"][wm],
-                         "cpu_s": med, "cpu_s_all": r["times"], "gflop": r["flops"] / 1e9,
-                         "kernel_floor_s": r["floor_s"],
-                         "student_params": r["student_params"],
-                         "teacher_params": r["teacher_params"],
-                         "reference_over": ref_med / med})
+    rows = [{"T": t, "program": worker, "method": wm, "reference_method": m,
+             "what": ROWS["reference" if worker == "reference" else "gtnkit"][wm],
+             "cpu_s_rounds": results[(t, worker, wm)]["rounds"],
+             "gflop": results[(t, worker, wm)]["flops"] / 1e9,
+             "kernel_floor_s": results[(t, worker, wm)]["floor_s"],
+             "student_params": results[(t, worker, wm)]["student_params"],
+             "teacher_params": results[(t, worker, wm)]["teacher_params"]}
+            for t in steps for worker, wm, m in programs]
     cmd = (f"OMP_NUM_THREADS={a.threads} python bench/gtn_reference.py --reference REF "
            f"--data-root ROOT --steps {a.steps} --methods {a.methods} --repeats {a.repeats} "
            f"--rounds {a.rounds}")
-    meta = {"command": cmd, "threads": a.threads, "cpu": _cpu_name(),
+    meta = {"command": cmd, "threads": a.threads, "cpu": _cpu_name(), "repeats": a.repeats,
+            "rounds": a.rounds,
             "setting": {"batch": BATCH, "generator": [NOISE, FC, CHANNELS],
                         "student_width": WIDTH,
                         "inner_lr": INNER_LR, "inner_momentum": INNER_MOMENTUM,
                         "real_batch": REAL_BATCH, "real_per_class": REAL_PER_CLASS,
                         "neumann_terms": NEUMANN, "neumann_alpha": ALPHA}}
     a.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(a.out / f"{a.tag}.json", {"meta": meta, "rows": rows})
+    _write(a.out, a.tag, meta, _summarise(rows), atomic_write_json, atomic_write_text)
+    return 0
+
+
+def _summarise(rows: list[dict]) -> list[dict]:
+    """Each row's median CPU s over every round's steps after the first (the warm-up), and
+    the reference's median over this row's."""
+    for r in rows:
+        r["cpu_s"] = statistics.median([x for times in r["cpu_s_rounds"] for x in times[1:]])
+    by = {(r["T"], r["program"], r["method"]): r for r in rows}
+    for r in rows:
+        r["reference_over"] = by[(r["T"], "reference", r["reference_method"])]["cpu_s"] \
+            / r["cpu_s"]
+    return rows
+
+
+def _write(out: Path, tag: str, meta: dict, rows: list[dict], write_json: Any,
+           write_text: Any) -> None:
+    write_json(out / f"{tag}.json", {"meta": meta, "rows": rows})
     lines = [
         "# GTN meta-steps: gtnkit against the AIST 2021 authors' code, side by side", "",
-        f"Command: `{cmd}` (REF: a checkout of github.com/dm-medvedev/EfficientDistillation, "
-        "outside this repository). CPU: " + meta["cpu"] + ".", "",
+        f"Command: `{meta['command']}` (REF: a checkout of "
+        "github.com/dm-medvedev/EfficientDistillation, outside this repository). CPU: "
+        f"{meta['cpu']}.", "",
         f"MNIST; {BATCH} generated images per inner step from fresh noise; student DC's "
         f"ConvNet of width {WIDTH} (depth 3, instance norm, average pooling) at lr "
         f"{INNER_LR}, momentum {INNER_MOMENTUM}; real batch {REAL_BATCH} (unrolled, implicit), "
         f"{REAL_PER_CLASS} real images per class (matching), {NEUMANN} Neumann terms. "
-        f"{a.threads} thread. CPU s: the median of {a.repeats} meta-steps after a warm-up in "
-        f"each of {a.rounds} interleaved worker processes. GFLOP: convolutions and matrix "
-        "products of one meta-step (`bench/flops.py`; the two teachers differ: the "
-        "reference's makes 32 x 28 x 28 maps by its FC layer and convolves at 28 px, "
+        f"{meta['threads']} thread. CPU s: the median of the {meta['repeats']} meta-steps "
+        f"after a warm-up (the first, and the compilation) of each of {meta['rounds']} "
+        "interleaved worker processes (every step's time: the JSON). GFLOP: convolutions "
+        "and matrix products of one meta-step (`bench/flops.py`; the two teachers differ: "
+        "the reference's makes 32 x 28 x 28 maps by its FC layer and convolves at 28 px, "
         "gtnkit's convolves at 14 and 28 px from 32 x 7 x 7). Kernel floor: those "
         "convolutions and matrix products replayed alone on their shapes (best of 5 each, "
         "`bench/flops.py`): what torch's kernels need for the step's work with nothing "
         "else; for compiled rows, the eager step's. Compiled: `--compile` (the real-data "
-        "side through torch.compile).", "",
+        "side and instance norm's second derivative through torch.compile).", "",
         "| T | program | meta-step | CPU s | GFLOP | kernel floor s | student / teacher "
         "parameters | reference / this |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -349,9 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['gflop']:.1f} | {r['kernel_floor_s']:.3f} | "
                      f"{r['student_params']:,} / {r['teacher_params']:,} | "
                      f"{r['reference_over']:.2f}x |")
-    atomic_write_text(a.out / f"{a.tag}.md", "\n".join(lines) + "\n")
+    write_text(out / f"{tag}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 def _cpu_name() -> str:
