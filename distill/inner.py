@@ -110,12 +110,13 @@ def score_chunk(model: nn.Module, images: torch.Tensor) -> int | None:
 
 
 _COMPILE = [False]
+_COMPILE_STEPS = [True]  # compiled_scoring(steps=...): the student's steps without a graph
 #: (architecture, loss, device) -> compiled ``score(params, x, y)``; ``None``: it failed once
 _SCORERS: dict[tuple, Callable[..., torch.Tensor] | None] = {}
 
 
 @contextmanager
-def compiled_scoring(on: bool = True) -> Iterator[None]:
+def compiled_scoring(on: bool = True, steps: bool = True) -> Iterator[None]:
     """Within the block, :func:`real_loss` on the fast path computes each piece's forward
     and gradient with ``torch.compile`` (inductor's fused kernels: the student's
     normalisation, activation and pooling in a few passes over memory instead of one per
@@ -124,16 +125,20 @@ def compiled_scoring(on: bool = True) -> Iterator[None]:
     piece shape per process (about 25 s on a 2-core CPU, less from inductor's on-disk cache
     after the first). Students with buffers (batch norm) and steps under saved-tensor hooks
     (the memory meter: ``torch.compile`` refuses them) stay eager; a compilation that fails
-    logs one warning and that architecture stays eager. Instance norm's second derivative
-    (the inner loop's double backward) is compiled too (:func:`distill.models.
-    fused_norm_derivatives`)."""
-    was = _COMPILE[0]
-    _COMPILE[0] = on
+    logs one warning and that architecture stays eager. The student's steps without a graph
+    (:func:`student_steps` with ``differentiable=False``: implicit's T steps, the
+    first-order-tail head, matching's student step, the recomputing forward pass) take the
+    same compiled loss and gradient (width-32 ConvNet, 100 MNIST images, 1 thread: 77 -> 42
+    ms); ``steps=False`` keeps them eager (``bench/compiled_steps.py`` compares the two).
+    Instance norm's second derivative (the inner loop's double backward) is compiled too
+    (:func:`distill.models.fused_norm_derivatives`)."""
+    was, was_steps = _COMPILE[0], _COMPILE_STEPS[0]
+    _COMPILE[0], _COMPILE_STEPS[0] = on, steps
     try:
         with fused_norm_derivatives(on):
             yield
     finally:
-        _COMPILE[0] = was
+        _COMPILE[0], _COMPILE_STEPS[0] = was, was_steps
 
 
 def _scorer_key(model: nn.Module, loss_fn: LossFn, device: torch.device) -> tuple:
@@ -164,6 +169,14 @@ def _compiled_scorer(model: nn.Module, loss_fn: LossFn, device: torch.device,
 
         _SCORERS[key] = torch.compile(score, dynamic=False)
     return _SCORERS[key]
+
+
+def _compile_failed(key: tuple | None, exc: Exception) -> None:
+    """Log one warning for a failed compilation and keep that architecture eager."""
+    log.warning("torch.compile of the student's loss and gradient failed (%s); continuing "
+                "eagerly", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+    if key is not None:
+        _SCORERS[key] = None
 
 
 def _score_piece(score: Callable[..., torch.Tensor], leaves: list[torch.Tensor],
@@ -207,13 +220,8 @@ class _ScoredLoss(torch.autograd.Function):
                     try:
                         loss, got = _score_piece(compiled, leaves, x, y, wanted, scale)
                     except Exception as exc:  # noqa: BLE001 - a compiler failure: stay eager
-                        log.warning("torch.compile of the real-data scoring failed (%s); "
-                                    "continuing eagerly",
-                                    str(exc).splitlines()[0][:200] if str(exc) else
-                                    type(exc).__name__)
+                        _compile_failed(key, exc)
                         compiled = None
-                        if key is not None:  # always, where a scorer was compiled
-                            _SCORERS[key] = None
                 if compiled is None:
                     loss, got = _score_piece(eager, leaves, x, y, wanted, scale)
                 total = loss.detach() if total is None else total + loss.detach()
@@ -333,11 +341,25 @@ def student_steps(model: nn.Module, params: Sequence[torch.Tensor], batches: Ite
         params = [p if p.requires_grad else p.detach().requires_grad_() for p in params]
     losses: list[torch.Tensor] = []
     step_losses: list[torch.Tensor] = []
+    # steps without a graph take the compiled loss and gradient within compiled_scoring()
+    key = _scorer_key(model, loss_fn, params[0].device) \
+        if _COMPILE[0] and _COMPILE_STEPS[0] and fast_path() and not differentiable and params \
+        else None
+    compiled = _compiled_scorer(model, loss_fn, params[0].device, key) if key else None
     for t, ((x, y), lr, mu) in enumerate(zip(batches, per_step(lrs), per_step(momentum))):
         leaves = params if differentiable else [p.detach().requires_grad_() for p in params]
         with torch.enable_grad():
-            loss = loss_fn(functional_call(model, dict(zip(names, leaves)), (x,)), y)
-            grads = torch.autograd.grad(loss, leaves, create_graph=differentiable)
+            loss = None
+            if compiled is not None:
+                try:
+                    loss, grads = _score_piece(compiled, leaves, x.detach(), y.detach(),
+                                               [True] * len(leaves), None)
+                except Exception as exc:  # noqa: BLE001 - a compiler failure: stay eager
+                    _compile_failed(key, exc)
+                    compiled = None
+            if loss is None:
+                loss = loss_fn(functional_call(model, dict(zip(names, leaves)), (x,)), y)
+                grads = torch.autograd.grad(loss, leaves, create_graph=differentiable)
         step_losses.append(loss.detach())
         # torch.optim.SGD's fused arithmetic for float rates without a graph; else written out
         fused = not differentiable and not torch.is_tensor(lr)

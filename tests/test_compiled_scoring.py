@@ -54,9 +54,9 @@ def _fresh_cache(monkeypatch):
     monkeypatch.setattr(inner, "SCORE_PIECE_BYTES", 1)  # pieces of 8 images
 
 
-@needs_compiler
-def test_compiled_scoring_is_the_plain_scoring_and_compiles_once(monkeypatch):
-    compiles = []
+def _count_compiles(monkeypatch) -> list:
+    """torch.compile, recording each function it is asked to compile."""
+    compiles: list = []
     real_compile = torch.compile
 
     def counting(fn, **kw):
@@ -64,6 +64,12 @@ def test_compiled_scoring_is_the_plain_scoring_and_compiles_once(monkeypatch):
         return real_compile(fn, **kw)
 
     monkeypatch.setattr(torch, "compile", counting)
+    return compiles
+
+
+@needs_compiler
+def test_compiled_scoring_is_the_plain_scoring_and_compiles_once(monkeypatch):
+    compiles = _count_compiles(monkeypatch)
     x, y = _batch()
     for seed in (0, 1):  # two fresh students of one architecture: one compilation
         net = _student(seed)
@@ -108,11 +114,43 @@ def test_what_stays_eager(monkeypatch):
 
 
 @needs_compiler
-@pytest.mark.parametrize("method", ["unrolled", "matching"])
+def test_steps_without_a_graph_take_the_compiled_gradient(monkeypatch):
+    """student_steps(differentiable=False) within compiled_scoring: the same parameters and
+    momentum buffers after T steps as the plain path's, one compilation for two fresh
+    students (the scorer of real_loss: one architecture, one compilation per batch shape);
+    differentiable steps (the unrolled graph) never take it."""
+    compiles = _count_compiles(monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(10, 1, 12, 12, generator=g, dtype=D),
+                torch.randint(3, (10,), generator=g)) for _ in range(3)]
+    for seed in (0, 1):
+        net = _student(seed)
+        params = [p.detach() for p in net.parameters()]
+        runs = []
+        for compiled, plain in ((True, False), (False, True)):
+            with plain_path(plain), compiled_scoring(compiled):
+                runs.append(inner.student_steps(net, params, batches, 0.1, 0.5))
+        got, want = runs
+        for a, b in zip(got.params + got.buffers + got.step_losses,
+                        want.params + want.buffers + want.step_losses, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        assert not torch.equal(got.params[0], params[0])  # the steps moved it
+    assert len(compiles) == 1
+    assert [v is not None for v in inner._SCORERS.values()] == [True]  # it did not fail
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: pytest.fail("compiled"))
+    monkeypatch.setattr(inner, "_SCORERS", {})
+    with compiled_scoring(True):
+        inner.student_steps(_student(), [p.detach() for p in _student().parameters()],
+                            batches, 0.1, differentiable=True)
+
+
+@needs_compiler
+@pytest.mark.parametrize("method", ["unrolled", "matching", "implicit", "first-order-tail"])
 def test_compiled_meta_gradient_matches_plain_path(method):
     """One meta-step of the recipe with the real-data side compiled (the scoring for
-    unrolled, the real class gradients for matching): the teacher's gradients are the
-    plain path's to float tolerance."""
+    unrolled and implicit, the real class gradients for matching) and the student's steps
+    without a graph (implicit's T steps, the first-order-tail head, matching's student
+    step): the teacher's gradients are the plain path's to float tolerance."""
     data = make_tiny_set(per_class=6)
     data.images = data.images.to(D)
     real = RealSampler(data)
@@ -125,7 +163,7 @@ def test_compiled_meta_gradient_matches_plain_path(method):
     seen = []
     for plain in (False, True):
         teacher = copy.deepcopy(base)
-        strategy = make_strategy(cfg.method, cfg.meta_config().strategy_config)
+        strategy = make_strategy(cfg.meta_config().strategy, cfg.meta_config().strategy_config)
         for p in teacher.parameters():
             p.grad = None
         params = [p for p in teacher.parameters() if p.requires_grad]
@@ -142,7 +180,7 @@ def test_compiled_meta_gradient_matches_plain_path(method):
     assert len(seen[0]) == len(seen[1]) > 0
     for fast, plain in zip(*seen, strict=True):
         torch.testing.assert_close(fast, plain, rtol=1e-7, atol=1e-10)
-    if method == "unrolled":
+    if method != "matching":  # the scoring and the steps without a graph
         assert any(v is not None for v in inner._SCORERS.values())
 
 
@@ -159,7 +197,7 @@ def test_the_metered_step_takes_the_eager_real_side(monkeypatch):
     itself: the meter measures the eager path (a compiled graph saves other tensors)."""
     monkeypatch.setattr(torch, "compile", lambda module, **kw: ("compiled", module))
     cfg = recipe_config("matching", inner_steps=2, batch_size=20, compile=True)
-    strategy = make_strategy(cfg.method, cfg.meta_config().strategy_config)
+    strategy = make_strategy(cfg.meta_config().strategy, cfg.meta_config().strategy_config)
     net = _student()
     with SavedTensorMeter():
         assert strategy._fast(lambda m: m, net) is net
