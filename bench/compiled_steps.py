@@ -1,9 +1,10 @@
-"""The student's steps without a graph, compiled or eager: CPU seconds per GTN meta-step with
-``--compile`` (``distill.inner.compiled_scoring``) where the steps that need no graph
-(implicit's T steps, the first-order-tail head, matching's student step, the recomputing
-forward pass of unrolled) take the compiled loss and gradient, against the same run with those
-steps eager (``compiled_scoring(steps=False)``: the real-data side and instance norm's second
-derivative still compiled). Both in one process, alternating, one thread; the median of
+"""The student's steps without a graph and the generator, compiled or eager: CPU seconds per
+GTN meta-step with ``--compile`` (``distill.inner.compiled_scoring``) where the steps that need
+no graph (implicit's T steps, the first-order-tail head, matching's student step, the
+recomputing forward pass of unrolled) take the compiled loss and gradient and the generator
+runs compiled (``distill.inner.compiled_call``), against the same run with both eager
+(``compiled_scoring(steps=False)``: the real-data side and instance norm's second derivative
+still compiled). Both in one process, alternating, one thread; the median of
 ``--repeats`` meta-steps after a warm-up (and the compilations).
 
 Settings: ``mnist-t10`` (bench/metastep.py's: T = 10, batch 32, its student and generator) and
@@ -45,9 +46,10 @@ PEER = {"inner_steps": 8, "batch_size": 100, "curriculum": "none", "student": "c
         "inner_lr": 0.02, "inner_momentum": 0.5, "real_batch": 128, "neumann_terms": 3,
         "match_real_per_class": 256}
 METHODS = {"implicit recipe": ("implicit", {}), "first-order-tail recipe": ("first-order-tail", {}),
-           "matching recipe": ("matching", {}),
+           "matching recipe": ("matching", {}), "unrolled recipe": ("unrolled", {}),
            "unrolled recipe recomputed": ("unrolled", {"recompute": True})}
-PEER_METHODS = {"implicit, mixed term from 1 batch": ("implicit", {"mixed_sample": 1}),
+PEER_METHODS = {"unrolled": ("unrolled", {}),
+                "implicit, mixed term from 1 batch": ("implicit", {"mixed_sample": 1}),
                 "matching, 256 real images per class": ("matching", {})}
 VARIANTS = ("steps compiled", "steps eager")
 
@@ -99,14 +101,16 @@ def run_cell(setting: str, name: str, repeats: int, data: object) -> dict:
 
 def write(out: Path, tag: str, rows: list[dict], meta: dict) -> None:
     atomic_write_json(out / f"{tag}.json", {"meta": meta, "rows": rows})
-    lines = ["# The student's steps without a graph: compiled against eager, within `--compile`",
+    lines = ["# The student's steps without a graph and the generator: compiled against eager, "
+             "within `--compile`",
              "", f"Command: `{meta['command']}`", "",
              f"CPU: {meta['cpu']}; {meta['threads']} thread; median CPU s of {meta['repeats']} "
              "meta-steps after a warm-up (and the compilations), the two variants alternating "
              "in one process. Both compile the real-data side and instance norm's second "
              "derivative; *steps compiled* also computes the student's steps that need no graph "
              "(implicit's T steps, the first-order-tail head, matching's student step, the "
-             "recomputing forward pass) with the compiled loss and gradient. mnist-t10: "
+             "recomputing forward pass) with the compiled loss and gradient, and runs the "
+             "generator compiled. mnist-t10: "
              "bench/metastep.py's setting (T = 10, batch 32, each method's recipe); peer-t8: "
              "bench/gtn_reference.py's (T = 8, batch 100, DC's width-32 ConvNet, no recipe).",
              "", "| setting | method | steps compiled CPU s | steps eager CPU s | "

@@ -32,6 +32,8 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import types
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,8 +49,8 @@ from .memory import saved_tensor_hooks_active
 from .models import fast_path, fused_norm_derivatives
 from .teacher import Batch
 
-__all__ = ["InnerState", "Rate", "compiled_scoring", "forward", "load_params", "per_step",
-           "rate_list", "real_loss", "score_chunk", "student_steps"]
+__all__ = ["InnerState", "Rate", "compiled_call", "compiled_scoring", "forward", "load_params",
+           "per_step", "rate_list", "real_loss", "score_chunk", "student_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ def score_chunk(model: nn.Module, images: torch.Tensor) -> int | None:
 
 
 _COMPILE = [False]
-_COMPILE_STEPS = [True]  # compiled_scoring(steps=...): the student's steps without a graph
+_COMPILE_STEPS = [True]  # compiled_scoring(steps=...): steps without a graph, the generator
 #: (architecture, loss, device) -> compiled ``score(params, x, y)``; ``None``: it failed once
 _SCORERS: dict[tuple, Callable[..., torch.Tensor] | None] = {}
 
@@ -129,7 +131,8 @@ def compiled_scoring(on: bool = True, steps: bool = True) -> Iterator[None]:
     (:func:`student_steps` with ``differentiable=False``: implicit's T steps, the
     first-order-tail head, matching's student step, the recomputing forward pass) take the
     same compiled loss and gradient (width-32 ConvNet, 100 MNIST images, 1 thread: 77 -> 42
-    ms); ``steps=False`` keeps them eager (``bench/compiled_steps.py`` compares the two).
+    ms), and a GTN's generator runs compiled (:func:`compiled_call`); ``steps=False`` keeps
+    both eager (``bench/compiled_steps.py`` compares the two).
     Instance norm's second derivative (the inner loop's double backward) is compiled too
     (:func:`distill.models.fused_norm_derivatives`)."""
     was, was_steps = _COMPILE[0], _COMPILE_STEPS[0]
@@ -139,6 +142,47 @@ def compiled_scoring(on: bool = True, steps: bool = True) -> Iterator[None]:
             yield
     finally:
         _COMPILE[0], _COMPILE_STEPS[0] = was, was_steps
+
+
+def compiled_call(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    """``module(*args)``; within :func:`compiled_scoring` on the fast path, for a module in
+    training mode outside the memory meter's hooks, through a ``torch.compile``-d call of
+    its own (one graph per input shape and grad mode; inductor's on-disk cache serves a
+    second module of the same architecture). For modules differentiated once (a GTN's
+    generator: every meta-gradient reaches it first-order): same values and gradients up to
+    float rounding, batch-norm statistics updated as eagerly. A compilation that fails logs
+    one warning; that type stays eager."""
+    if not (_COMPILE[0] and _COMPILE_STEPS[0] and fast_path() and module.training) or \
+            saved_tensor_hooks_active():
+        return cast(torch.Tensor, module(*args))
+    kind = type(module)
+    if _CALLS.get(kind, True) is not None:
+        compiled = _CALLS_OF.get(module)
+        if compiled is None:
+            # a copy of _call's code per module: torch.compile keeps its graphs (and its
+            # recompilation limit) per code object, and each module calls with its own
+            # variants (grad mode, learned or fresh noise, batch shapes)
+            code = _call.__code__.replace(co_name=f"_call_{kind.__name__}")
+            fn = types.FunctionType(code, _call.__globals__, code.co_name)
+            compiled = _CALLS_OF[module] = torch.compile(fn, dynamic=False)
+        try:
+            return cast(torch.Tensor, compiled(module, *args))
+        except Exception as exc:  # noqa: BLE001 - a compiler failure: stay eager
+            log.warning("torch.compile of %s failed (%s); continuing eagerly", kind.__name__,
+                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            _CALLS[kind] = None
+    return cast(torch.Tensor, module(*args))
+
+
+def _call(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    return cast(torch.Tensor, module(*args))
+
+
+#: module type -> ``None`` where its compilation failed once (:func:`compiled_call`)
+_CALLS: dict[type, None] = {}
+#: module -> its compiled call
+_CALLS_OF: weakref.WeakKeyDictionary[nn.Module, Callable[..., torch.Tensor]] = \
+    weakref.WeakKeyDictionary()
 
 
 def _scorer_key(model: nn.Module, loss_fn: LossFn, device: torch.device) -> tuple:

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from distill.data import DatasetInfo
+from distill.inner import compiled_call
 from distill.teacher import Batch, StepChoice, Teacher
 
 __all__ = ["GeneratorConfig", "Generator", "GeneratorTeacher", "CURRICULA", "GeneratorError"]
@@ -203,7 +204,7 @@ class GeneratorTeacher(Teacher):
             z = self.noise.reshape(-1, nd)[idx]
             labels = self.batch_labels.repeat(self.steps)[idx] if self.label_logits is None \
                 else F.softmax(self.label_logits.reshape(-1, self.num_classes)[idx], 1)
-        return self.generator(z, labels), labels
+        return compiled_call(self.generator, z, labels), labels
 
     def curriculum_batches(self, generator: torch.Generator) -> list[Batch]:
         """The T (images, targets) batches of one meta-iteration."""
@@ -225,7 +226,7 @@ class GeneratorTeacher(Teacher):
         z = torch.randn(n, self.generator.config.noise_dim, generator=generator)
         z = z.to(self.log_lr.device)
         y = torch.full((n,), c, dtype=torch.int64, device=z.device)
-        return self.generator(z, y), y
+        return compiled_call(self.generator, z, y), y
 
     def class_batches(self, generator: torch.Generator, n: int | None = None) -> list[Batch]:
         """``n`` images of every class, made in ONE forward pass and split by class.
@@ -240,7 +241,7 @@ class GeneratorTeacher(Teacher):
         z = torch.randn(n * k, self.generator.config.noise_dim, generator=generator)
         z = z.to(self.log_lr.device)
         y = torch.arange(k, device=z.device).repeat_interleave(n)
-        x = self.generator(z, y)
+        x = compiled_call(self.generator, z, y)
         return [(x[c * n:(c + 1) * n], y[c * n:(c + 1) * n]) for c in range(k)]
 
     def batch(self, size: int | None, generator: torch.Generator) -> Batch:
@@ -249,7 +250,7 @@ class GeneratorTeacher(Teacher):
         z = torch.randn(n, self.generator.config.noise_dim, generator=generator)
         z = z.to(self.log_lr.device)
         y = (torch.arange(n) % self.num_classes).to(z.device)
-        return self.generator(z, y), y
+        return compiled_call(self.generator, z, y), y
 
     @torch.no_grad()
     def sample(self, per_class: int, generator: torch.Generator

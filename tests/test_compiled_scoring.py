@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -202,3 +203,69 @@ def test_the_metered_step_takes_the_eager_real_side(monkeypatch):
     with SavedTensorMeter():
         assert strategy._fast(lambda m: m, net) is net
     assert strategy._fast(lambda m: m, net) == ("compiled", net)
+
+
+def _generator_pair(seed: int = 0):
+    """Two identical float64 GTN generators (MNIST-shaped, small) and a batch for them."""
+    info = make_tiny_set(per_class=2).info
+    cfg = GeneratorConfig(noise_dim=5, width_fc=12, width_conv=4)
+    gen = make_teacher(info, recipe_config("unrolled", batch_size=20, generator=cfg),
+                       seed=seed).generator.to(D)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(20, 5, generator=g, dtype=D)
+    return gen, copy.deepcopy(gen), z, torch.arange(20) % 10
+
+
+def _forward_backward(gen, z, y, compiled: bool):
+    w = torch.linspace(-1, 1, 20 * 28 * 28, dtype=D).view(20, 1, 28, 28)
+    with compiled_scoring(compiled):
+        x = inner.compiled_call(gen, z, y)
+    grads = torch.autograd.grad((x * w).sum(), list(gen.parameters()))
+    return [x.detach(), *grads, *[b.clone() for b in gen.buffers()]]
+
+
+@needs_compiler
+def test_the_generator_compiled_is_the_generator(monkeypatch):
+    """compiled_call within compiled_scoring: a GTN generator's images, its parameters'
+    gradients and its batch-norm statistics are the eager module's (float64), for two fresh
+    generators."""
+    monkeypatch.setattr(inner, "_CALLS", {})
+    monkeypatch.setattr(inner, "_CALLS_OF", weakref.WeakKeyDictionary())
+    compiles = _count_compiles(monkeypatch)
+    for seed in (0, 1):
+        gen, twin, z, y = _generator_pair(seed)
+        got = _forward_backward(gen, z, y, compiled=True)
+        want = _forward_backward(twin, z, y, compiled=False)
+        for a, b in zip(got, want, strict=True):  # (a bias before batch norm: ~1e-13, 0)
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert len(compiles) == 2 and not inner._CALLS  # one per generator, none failed
+
+
+def test_the_generator_stays_eager_where_it_must(monkeypatch, caplog):
+    monkeypatch.setattr(inner, "_CALLS", {})
+    monkeypatch.setattr(inner, "_CALLS_OF", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: pytest.fail("compiled"))
+    gen, _, z, y = _generator_pair()
+    with compiled_scoring(True):
+        gen.eval()  # sampling: eval mode
+        inner.compiled_call(gen, z, y)
+        gen.train()
+        with SavedTensorMeter():  # the memory meter's hooks
+            inner.compiled_call(gen, z, y)
+        with plain_path():
+            inner.compiled_call(gen, z, y)
+    with compiled_scoring(True, steps=False):  # bench/compiled_steps.py's eager side
+        inner.compiled_call(gen, z, y)
+    inner.compiled_call(gen, z, y)  # outside compiled_scoring
+
+    def fail(*a, **k):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fail)
+    want = _forward_backward(copy.deepcopy(gen), z, y, compiled=False)
+    with caplog.at_level(logging.WARNING, logger="distill.inner"):
+        got = _forward_backward(gen, z, y, compiled=True)
+        again = _forward_backward(copy.deepcopy(gen), z, y, compiled=True)
+    assert all(torch.equal(a, b) for a, b in zip(got[:1], want[:1], strict=True))
+    assert torch.equal(again[0], want[0])
+    assert len([r for r in caplog.records if "no compiler here" in r.getMessage()]) == 1
