@@ -209,10 +209,11 @@ def _sample_generator(seed: int) -> torch.Generator:
                    "constant memory) [default: tesla].")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="Compute the real-data side (the scoring of unrolled and implicit, "
-                   "matching's real gradients) with torch.compile: the same result up to float "
-                   "rounding, about 0.7x the CPU time of an unrolled meta-step, after one "
-                   "compilation (about 25 s on a 2-core CPU). For runs of hundreds of "
-                   "meta-iterations.")
+                   "matching's real gradients), the student's steps that need no graph, the "
+                   "generator and instance norm's second derivative with torch.compile: the "
+                   "same result up to float rounding, about 0.7-0.9x the CPU time of an eager "
+                   "meta-step, after compilations of about 25 s each on a 2-core CPU. For "
+                   "runs of hundreds of meta-iterations.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=_BARE.checkpoint_every,
               show_default=True,
               help="Write OUT/checkpoint.pt every N meta-iterations (what --resume continues "
