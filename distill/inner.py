@@ -152,11 +152,9 @@ def compiled_call(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
     generator: every meta-gradient reaches it first-order): same values and gradients up to
     float rounding, batch-norm statistics updated as eagerly. A compilation that fails logs
     one warning; that type stays eager."""
-    if not (_COMPILE[0] and _COMPILE_STEPS[0] and fast_path() and module.training) or \
-            saved_tensor_hooks_active():
-        return cast(torch.Tensor, module(*args))
     kind = type(module)
-    if _CALLS.get(kind, True) is not None:
+    if _compiling_steps() and module.training and kind not in _FAILED_CALLS and \
+            not saved_tensor_hooks_active():
         compiled = _CALLS_OF.get(module)
         if compiled is None:
             # a copy of _call's code per module: torch.compile keeps its graphs (and its
@@ -168,9 +166,8 @@ def compiled_call(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
         try:
             return cast(torch.Tensor, compiled(module, *args))
         except Exception as exc:  # noqa: BLE001 - a compiler failure: stay eager
-            log.warning("torch.compile of %s failed (%s); continuing eagerly", kind.__name__,
-                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-            _CALLS[kind] = None
+            _compile_failed(kind.__name__, exc)
+            _FAILED_CALLS.add(kind)
     return cast(torch.Tensor, module(*args))
 
 
@@ -178,8 +175,8 @@ def _call(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
     return cast(torch.Tensor, module(*args))
 
 
-#: module type -> ``None`` where its compilation failed once (:func:`compiled_call`)
-_CALLS: dict[type, None] = {}
+#: module types whose compilation failed once (:func:`compiled_call`): they stay eager
+_FAILED_CALLS: set[type] = set()
 #: module -> its compiled call
 _CALLS_OF: weakref.WeakKeyDictionary[nn.Module, Callable[..., torch.Tensor]] = \
     weakref.WeakKeyDictionary()
@@ -215,10 +212,16 @@ def _compiled_scorer(model: nn.Module, loss_fn: LossFn, device: torch.device,
     return _SCORERS[key]
 
 
-def _compile_failed(key: tuple | None, exc: Exception) -> None:
-    """Log one warning for a failed compilation and keep that architecture eager."""
-    log.warning("torch.compile of the student's loss and gradient failed (%s); continuing "
-                "eagerly", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+def _compiling_steps() -> bool:
+    """Within compiled_scoring(steps=True) on the fast path: compile the steps without a
+    graph and the generator."""
+    return _COMPILE[0] and _COMPILE_STEPS[0] and fast_path()
+
+
+def _compile_failed(what: str, exc: Exception, key: tuple | None = None) -> None:
+    """Log one warning for a failed compilation of ``what``; a scorer's ``key`` stays eager."""
+    log.warning("torch.compile of %s failed (%s); continuing eagerly", what,
+                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
     if key is not None:
         _SCORERS[key] = None
 
@@ -264,7 +267,7 @@ class _ScoredLoss(torch.autograd.Function):
                     try:
                         loss, got = _score_piece(compiled, leaves, x, y, wanted, scale)
                     except Exception as exc:  # noqa: BLE001 - a compiler failure: stay eager
-                        _compile_failed(key, exc)
+                        _compile_failed("the student's loss and gradient", exc, key)
                         compiled = None
                 if compiled is None:
                     loss, got = _score_piece(eager, leaves, x, y, wanted, scale)
@@ -387,8 +390,7 @@ def student_steps(model: nn.Module, params: Sequence[torch.Tensor], batches: Ite
     step_losses: list[torch.Tensor] = []
     # steps without a graph take the compiled loss and gradient within compiled_scoring()
     key = _scorer_key(model, loss_fn, params[0].device) \
-        if _COMPILE[0] and _COMPILE_STEPS[0] and fast_path() and not differentiable and params \
-        else None
+        if params and not differentiable and _compiling_steps() else None
     compiled = _compiled_scorer(model, loss_fn, params[0].device, key) if key else None
     for t, ((x, y), lr, mu) in enumerate(zip(batches, per_step(lrs), per_step(momentum))):
         leaves = params if differentiable else [p.detach().requires_grad_() for p in params]
@@ -399,7 +401,7 @@ def student_steps(model: nn.Module, params: Sequence[torch.Tensor], batches: Ite
                     loss, grads = _score_piece(compiled, leaves, x.detach(), y.detach(),
                                                [True] * len(leaves), None)
                 except Exception as exc:  # noqa: BLE001 - a compiler failure: stay eager
-                    _compile_failed(key, exc)
+                    _compile_failed("the student's loss and gradient", exc, key)
                     compiled = None
             if loss is None:
                 loss = loss_fn(functional_call(model, dict(zip(names, leaves)), (x,)), y)

@@ -229,7 +229,7 @@ def test_the_generator_compiled_is_the_generator(monkeypatch):
     """compiled_call within compiled_scoring: a GTN generator's images, its parameters'
     gradients and its batch-norm statistics are the eager module's (float64), for two fresh
     generators."""
-    monkeypatch.setattr(inner, "_CALLS", {})
+    monkeypatch.setattr(inner, "_FAILED_CALLS", set())
     monkeypatch.setattr(inner, "_CALLS_OF", weakref.WeakKeyDictionary())
     compiles = _count_compiles(monkeypatch)
     for seed in (0, 1):
@@ -238,11 +238,11 @@ def test_the_generator_compiled_is_the_generator(monkeypatch):
         want = _forward_backward(twin, z, y, compiled=False)
         for a, b in zip(got, want, strict=True):  # (a bias before batch norm: ~1e-13, 0)
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
-    assert len(compiles) == 2 and not inner._CALLS  # one per generator, none failed
+    assert len(compiles) == 2 and not inner._FAILED_CALLS  # one per generator, none failed
 
 
 def test_the_generator_stays_eager_where_it_must(monkeypatch, caplog):
-    monkeypatch.setattr(inner, "_CALLS", {})
+    monkeypatch.setattr(inner, "_FAILED_CALLS", set())
     monkeypatch.setattr(inner, "_CALLS_OF", weakref.WeakKeyDictionary())
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: pytest.fail("compiled"))
     gen, _, z, y = _generator_pair()
