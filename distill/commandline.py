@@ -151,7 +151,9 @@ def write_run(out: Path, command: str, config: dict, results: dict) -> None:
 # ------------------------------------------------------------------ progress
 class StatusTask:
     """Progress as one plain status line every ``interval`` seconds (and one at the end): what a
-    log file gets instead of bars when stderr is not a terminal."""
+    log file gets instead of bars when stderr is not a terminal. The ETA extrapolates the
+    rate since the first update, so a slow start (data loading, ``torch.compile``'s first
+    compilation) does not inflate it; the line of that first update has none."""
 
     def __init__(self, description: str, total: int, interval: float,
                  echo: Callable[[str], None], clock: Callable[[], float] = time.monotonic
@@ -161,10 +163,13 @@ class StatusTask:
         self.done = 0
         self.start = self.last = clock()
         self.shown = -1
+        self.first: tuple[float, int] | None = None  # (time, done) at the first update
 
     def update(self, n: int = 1) -> None:
         self.done += n
         now = self.clock()
+        if self.first is None:
+            self.first = (now, self.done)
         if now - self.last >= self.interval:
             self.show(now)
 
@@ -176,8 +181,9 @@ class StatusTask:
         if self.total:
             line += f" ({100 * self.done / self.total:.0f} %)"
         line += f", {_duration(elapsed)} elapsed"
-        if 0 < self.done < self.total:
-            line += f", ETA {_duration(elapsed / self.done * (self.total - self.done))}"
+        if self.first is not None and self.first[1] < self.done < self.total:
+            rate = (now - self.first[0]) / (self.done - self.first[1])
+            line += f", ETA {_duration(rate * (self.total - self.done))}"
         self.echo(line)
 
 

@@ -174,9 +174,11 @@ def _pool_init(has_shared: bool, shared: Any, threads: int, keep_freed: bool = F
     import signal
 
     from .allocator import keep_freed_memory
+    from .devices import silence_cuda_home_warning
 
     if keep_freed:  # as the process that started the sweep (distill.allocator)
         keep_freed_memory()
+    silence_cuda_home_warning()  # as the CLI's process: a worker's first torch.compile logs it
 
     # Ctrl-C reaches the whole process group: the driver stops the pool (no traceback from
     # every worker); finished items are in the cache already

@@ -363,6 +363,23 @@ def test_status_lines_off_a_terminal():
                      "matching: 9/10 (90 %), 1m30s elapsed, ETA 10s"]
 
 
+def test_status_eta_leaves_a_slow_start_out():
+    """A first step of 80 s (compilation), then 10 s each: the ETA is 10 s per step left, and
+    the line of the first update, which has no rate yet, shows none."""
+    from distill.commandline import StatusTask
+
+    now = [0.0]
+    lines: list[str] = []
+    t = StatusTask("cells", 10, 30.0, lines.append, clock=lambda: now[0])
+    for i in range(10):
+        now[0] += 80.0 if i == 0 else 10.0
+        t.update()
+    assert lines == ["cells: 1/10 (10 %), 1m20s elapsed",
+                     "cells: 4/10 (40 %), 1m50s elapsed, ETA 1m00s",
+                     "cells: 7/10 (70 %), 2m20s elapsed, ETA 30s",
+                     "cells: 10/10 (100 %), 2m50s elapsed"]
+
+
 def test_progress_in_a_log_is_status_lines_not_bare_words(tmp_path, monkeypatch):
     """stderr is not a terminal under CliRunner: each task ends in one status line."""
     import distill.data

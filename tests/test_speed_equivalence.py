@@ -131,6 +131,15 @@ def test_real_loss_in_pieces_matches_and_refuses_a_second_derivative(monkeypatch
         torch.autograd.grad(first.sum(), params[:1])
 
 
+def test_scoring_pieces_are_equal_where_a_divisor_is_near():
+    net = build_model("convnet:width=16,depth=2,first_pad=1", 1, 10, (28, 28))
+    # 4 MiB / (16 x 28 x 28 x 4 bytes) = 83 images: 512 -> 8 pieces of 64, 128 -> 2 of 64
+    assert inner.score_chunk(net, torch.zeros(512, 1, 28, 28)) == 64
+    assert inner.score_chunk(net, torch.zeros(128, 1, 28, 28)) == 64
+    assert inner.score_chunk(net, torch.zeros(83 * 3 + 1, 1, 28, 28)) == 50  # 250: 5 x 50
+    assert inner.score_chunk(net, torch.zeros(167, 1, 28, 28)) == 83  # a prime: as before
+
+
 def test_scoring_pieces_are_whole_batches_for_batch_norm():
     net = _student(spec="convnet:width=4,norm=batch")
     assert inner.score_chunk(net, torch.zeros(100, 1, 12, 12)) is None
