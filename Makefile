@@ -57,7 +57,8 @@ test-gpu: install
 # meta-iterations each) and by student accuracy at T = 10 after 300 meta-iterations (demo
 # budget; its scored cells' real-data side compiled on MNIST, eager on CIFAR-10, where the
 # compilation costs more than it saves in 300 meta-iterations); cells in 2 processes; on an
-# idle 2-core AMD EPYC from a fresh clone, install included: 8 min (MNIST), 11 (demo-cifar10).
+# idle 2-core AMD EPYC from a fresh clone, install included: 8-11 min (MNIST; the VM's speed
+# varies by day), 11 (demo-cifar10).
 # Downloads the data through torchvision unless GTNKIT_DATA points at a root that holds it.
 DEMO_COMPARE := gtn compare --budget demo --methods unrolled,first-order-tail,matching \
 	--inner-steps 8,16,32,64 --executor local --workers 2 --download --force
