@@ -31,6 +31,7 @@ from .workitems import (
     _call,
     _one_line,
     log,
+    start_worker,
 )
 
 __all__ = ["RayExecutor"]
@@ -41,10 +42,7 @@ def _ray_item(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, 
     """A Ray task: ``box`` holds the sweep's shared ObjectRef (not resolved by Ray, so this
     worker process fetches it once per sweep, not once per item); ``keep_freed``: the
     driver's allocator setting (:mod:`distill.allocator`), taken by the worker process."""
-    from .allocator import keep_freed_memory, kept
-
-    if keep_freed and not kept():
-        keep_freed_memory()
+    start_worker(keep_freed)
     shared = _NOTHING
     if box:
         import ray

@@ -165,13 +165,9 @@ def compiled_call(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
     if _compiling_steps() and module.training and kind not in _FAILED_CALLS and \
             not saved_tensor_hooks_active():
         compiled = _CALLS_OF.get(module)
-        if compiled is None:
-            # a copy of _call's code per module: torch.compile keeps its graphs (and its
-            # recompilation limit) per code object, and each module calls with its own
-            # variants (grad mode, learned or fresh noise, batch shapes)
-            code = _call.__code__.replace(co_name=f"_call_{kind.__name__}")
-            fn = types.FunctionType(code, _call.__globals__, code.co_name)
-            compiled = _CALLS_OF[module] = torch.compile(fn, dynamic=False)
+        if compiled is None:  # each module calls with its own variants (grad mode,
+            # learned or fresh noise, batch shapes)
+            compiled = _CALLS_OF[module] = _compile_own(_call, f"_call_{kind.__name__}")
         try:
             return cast(torch.Tensor, compiled(module, *args))
         except Exception as exc:  # noqa: BLE001 - a compiler failure: stay eager
@@ -182,6 +178,16 @@ def compiled_call(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
 
 def _call(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
     return cast(torch.Tensor, module(*args))
+
+
+def _compile_own(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``torch.compile(fn)`` on a copy of ``fn`` with a code object of its own: dynamo keeps
+    its graphs and its recompilation limit (8) per code object, so functions made from one
+    definition (a nested function, :func:`_call`) would otherwise share them, and past the
+    limit every further variant would run eagerly."""
+    code = fn.__code__.replace(co_name=name)
+    own = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    return torch.compile(own, dynamic=False)
 
 
 #: module types whose compilation failed once (:func:`compiled_call`): they stay eager
@@ -217,7 +223,7 @@ def _compiled_scorer(model: nn.Module, loss_fn: LossFn, device: torch.device,
                   ) -> torch.Tensor:
             return loss_fn(functional_call(template, dict(zip(names, params)), (x,)), y)
 
-        _SCORERS[key] = torch.compile(score, dynamic=False)
+        _SCORERS[key] = _compile_own(score, f"_score_{type(model).__name__}_{len(_SCORERS)}")
     return _SCORERS[key]
 
 

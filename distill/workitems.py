@@ -170,15 +170,23 @@ def _call(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
             torch.set_num_threads(before)
 
 
+def start_worker(keep_freed: bool) -> None:
+    """What a worker process (a local pool's or Ray's) sets as the process that started the
+    sweep did: glibc keeping freed memory where the driver's did (:mod:`distill.allocator`),
+    and torch's CUDA_HOME warning silenced (a worker's first ``torch.compile`` logs it).
+    Idempotent."""
+    from .allocator import keep_freed_memory, kept
+    from .devices import silence_cuda_home_warning
+
+    if keep_freed and not kept():
+        keep_freed_memory()
+    silence_cuda_home_warning()
+
+
 def _pool_init(has_shared: bool, shared: Any, threads: int, keep_freed: bool = False) -> None:
     import signal
 
-    from .allocator import keep_freed_memory
-    from .devices import silence_cuda_home_warning
-
-    if keep_freed:  # as the process that started the sweep (distill.allocator)
-        keep_freed_memory()
-    silence_cuda_home_warning()  # as the CLI's process: a worker's first torch.compile logs it
+    start_worker(keep_freed)
 
     # Ctrl-C reaches the whole process group: the driver stops the pool (no traceback from
     # every worker); finished items are in the cache already
